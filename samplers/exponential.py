@@ -1,0 +1,220 @@
+"""Shared exponential-integrator pieces: phi functions, Taylor coefficients, step combinations and noise.
+
+Notation (DPM-Solver, Lu et al. 2022; DPM-Solver++, Lu et al. 2022b): a step goes from s to t with
+h = lambda_t - lambda_s > 0.  With the data prediction D (x0) the probability-flow ODE has the exact solution
+(DPM-Solver++ Eq. 9)
+
+    x_t = (sigma_t / sigma_s) x_s + alpha_t * integral_0^h e^{-(h - tau)} D(lambda_s + tau) dtau,
+
+and expanding D in a Taylor series in lambda gives
+
+    x_t = (sigma_t / sigma_s) x_s + alpha_t * sum_k psi_{k+1}(h) D^{(k)}(lambda_s),
+    psi_k(h) = integral_0^h e^{-(h - tau)} tau^{k-1} / (k-1)! dtau = h^k sum_j (-h)^j / (k + j)!.
+
+psi_1 = 1 - e^{-h}, psi_2 = h - 1 + e^{-h}, psi_{k+1} = h^k / k! - psi_k.  The noise-prediction form
+(DPM-Solver Eq. 3.7) is
+
+    x_t = (alpha_t / alpha_s) x_s - sigma_t * sum_k phi_{k+1}(h) eps^{(k)}(lambda_s),
+    phi_k(h) = integral_0^h e^{(h - tau)} tau^{k-1} / (k-1)! dtau = (-1)^k psi_k(-h).
+
+Everything here is scalar float64 math on Python floats; the tensor work is a handful of axpy operations.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def psi(k: int, h: float) -> float:
+    """psi_k(h) = integral_0^h e^{-(h - tau)} tau^{k-1}/(k-1)! dtau, for any real h (k >= 1).
+
+    Uses the power series h^k * sum_j (-h)^j/(k+j)! for |h| < 1 (no cancellation for small steps) and the
+    recurrence psi_{k+1} = h^k/k! - psi_k otherwise.  h = +inf gives psi_1 = 1 (a step to sigma = 0).
+    """
+    if k < 1:
+        raise ValueError(f"psi needs k >= 1, got {k}")
+    if h == math.inf:
+        if k == 1:
+            return 1.0
+        raise ValueError("psi_k(inf) diverges for k > 1: a step to sigma = 0 must be first order")
+    if abs(h) < 1.0:
+        term = h ** k / math.factorial(k)
+        total = term
+        j = 0
+        while abs(term) > 1e-18 * abs(total) and j < 60:
+            j += 1
+            term *= -h / (k + j)
+            total += term
+        return total
+    value = -math.expm1(-h)
+    for m in range(1, k):
+        value = h ** m / math.factorial(m) - value
+    return value
+
+
+def phi(k: int, h: float) -> float:
+    """phi_k(h) = integral_0^h e^{(h - tau)} tau^{k-1}/(k-1)! dtau (noise-prediction coefficients)."""
+    return (-1) ** k * psi(k, -h)
+
+
+def divided_differences(lams, values):
+    """Newton divided differences of ``values`` (tensors) at the points ``lams`` (floats).
+
+    Returns [f[l0], f[l0, l1], f[l0, l1, l2], ...] with l0 = lams[0] the newest point.  The Taylor derivative
+    estimate at l0 is D^{(m)} ~ m! f[l0..lm] plus terms that the caller's interpolant accounts for.
+    """
+    table = list(values)
+    out = [table[0]]
+    n = len(table)
+    for level in range(1, n):
+        table = [(table[j] - table[j + 1]) / (lams[j] - lams[j + level]) for j in range(n - level)]
+        out.append(table[0])
+    return out
+
+
+def taylor_derivatives(lams, values):
+    """Derivatives D^{(m)}(l0), m = 0..n-1, of the polynomial through (lams[j], values[j]), newest first.
+
+    For n points the interpolant is p(l) = sum_m f[l0..lm] prod_{j<m}(l - lj).  Its Taylor coefficients at l0
+    are computed exactly (not just the leading divided difference), so a k-step formula is exact for
+    polynomials of degree k - 1 and has local error O(h^{k+1}).
+    """
+    n = len(values)
+    dd = divided_differences(lams, values)
+    # Expand prod_{j<m} (l - lj) around l0 as a polynomial in u = l - l0: coefficients c[m][p].
+    derivs = [None] * n
+    poly = [1.0]  # prod over j < 0 is 1
+    coeffs = [list(poly)]
+    for m in range(1, n):
+        shift = lams[0] - lams[m - 1]  # (l - l_{m-1}) = u + (l0 - l_{m-1})
+        new = [0.0] * (len(poly) + 1)
+        for p, c in enumerate(poly):
+            new[p + 1] += c
+            new[p] += c * shift
+        poly = new
+        coeffs.append(list(poly))
+    for p in range(n):
+        acc = None
+        for m in range(p, n):
+            c = coeffs[m][p]
+            if c == 0.0:
+                continue
+            term = dd[m] * c
+            acc = term if acc is None else acc + term
+        derivs[p] = (acc if acc is not None else dd[0] * 0) * math.factorial(p)
+    return derivs
+
+
+def data_prediction_step(x, table, i, derivatives, scale=None):
+    """x_{i+1} from x_i by the Taylor-expanded data-prediction integrator (DPM-Solver++ Eq. 9-10).
+
+    ``derivatives`` = [D, D', D'', ...] at lambda_i; only as many terms as given are used.  ``scale`` is an
+    optional extra factor on each psi term (the SDE solvers pass their own).
+    """
+    h = table.h[i]
+    ratio = table.sigma[i + 1] / table.sigma[i]
+    out = x * ratio
+    alpha_t = table.alpha[i + 1]
+    for k, d in enumerate(derivatives):
+        out = out + d * (alpha_t * psi(k + 1, h))
+    return out
+
+
+def noise_prediction_step(x, table, i, derivatives):
+    """x_{i+1} from x_i by the Taylor-expanded noise-prediction integrator (DPM-Solver Eq. 3.7).
+
+    ``derivatives`` = [eps, eps', ...] at lambda_i.
+    """
+    h = table.h[i]
+    out = x * (table.alpha[i + 1] / table.alpha[i])
+    sigma_t = table.sigma[i + 1]
+    for k, e in enumerate(derivatives):
+        out = out - e * (sigma_t * phi(k + 1, h))
+    return out
+
+
+def first_order_data_step(x, denoised, sigma_s, sigma_t, alpha_t, h):
+    """DDIM / DPM-Solver++1: x_t = (sigma_t/sigma_s) x_s + alpha_t (1 - e^{-h}) D_s.  Handles h = +-inf."""
+    if sigma_t == 0:
+        return denoised * alpha_t
+    return x * (sigma_t / sigma_s) + denoised * (alpha_t * -math.expm1(-h))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Noise
+# ----------------------------------------------------------------------------------------------------------------
+
+def batch_seeds(extra_args, batch_size: int, seed=None):
+    """One seed per sample: an explicit ``seed`` argument, else ``extra_args["seed"]`` (ComfyUI passes one), else a
+    random one.  An int seed s gives sample i the seed s + i (the WebUI's convention), so a sample's noise does not
+    depend on the batch size; a list gives each sample its own seed, so it does not depend on the position either.
+    """
+    if seed is None and extra_args:
+        seed = extra_args.get("seed")
+    if seed is None:
+        seed = int(torch.randint(0, 2 ** 31 - 1, []).item())
+    if isinstance(seed, (list, tuple)):
+        if len(seed) != batch_size:
+            raise ValueError(f"got {len(seed)} seeds for a batch of {batch_size}")
+        return [int(s) for s in seed]
+    return [int(seed) + j for j in range(batch_size)]
+
+
+class BrownianNoise:
+    """Seeded Brownian-tree noise, one tree per sample (torchsde's BrownianTree, as k-diffusion uses).
+
+    ``noise(sigma_s, sigma_t)`` returns (W(t) - W(s)) / sqrt(|t - s|) in "time" t = sigma, a standard normal per
+    element, and the same value for the same interval whatever the step sizes around it: the property that makes
+    SDE solvers converge as the step count grows.  Trees live on the latent's device (``cpu=True`` keeps them on
+    the CPU, which ComfyUI's non-"_gpu" samplers do; CPU and GPU trees give different noise).
+    """
+
+    def __init__(self, x, sigma_min, sigma_max, seeds, cpu=False):
+        import torchsde
+
+        self.device = x.device
+        self.dtype = x.dtype
+        tree_device = torch.device("cpu") if cpu else x.device
+        self.t0, self.t1 = float(sigma_min), float(sigma_max)
+        tree_dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+        w0 = torch.zeros_like(x[0], dtype=tree_dtype, device=tree_device)
+        self.trees = [torchsde.BrownianTree(self.t0, w0, self.t1, entropy=int(s)) for s in seeds]
+
+    def __call__(self, sigma_s, sigma_t):
+        lo, hi = sorted((float(sigma_s), float(sigma_t)))
+        lo = max(lo, self.t0)
+        hi = min(hi, self.t1)
+        w = torch.stack([tree(lo, hi) for tree in self.trees])
+        return (w / math.sqrt(max(hi - lo, 1e-30))).to(self.device, self.dtype)
+
+
+class GaussianNoise:
+    """Independent standard normal increments, one generator per sample seeded from the sample's seed."""
+
+    def __init__(self, x, seeds, cpu=False):
+        self.shape = x.shape[1:]
+        self.device = x.device
+        self.dtype = x.dtype
+        gen_device = torch.device("cpu") if cpu else x.device
+        self.gen_device = gen_device
+        self.generators = [torch.Generator(device=gen_device).manual_seed(int(s)) for s in seeds]
+
+    def __call__(self, sigma_s, sigma_t):
+        w = torch.stack([torch.randn(self.shape, generator=g, device=self.gen_device) for g in self.generators])
+        return w.to(self.device, self.dtype)
+
+
+NOISE_TYPES = ("brownian", "gaussian")
+
+
+def make_noise(x, sigmas, extra_args, noise_type="brownian", seed=None, cpu=False):
+    """A noise sampler for an SDE solver: ``noise(sigma_s, sigma_t)`` returns a standard normal like x."""
+    if noise_type not in NOISE_TYPES:
+        raise ValueError(f"noise_type must be one of {NOISE_TYPES}, got {noise_type!r}")
+    seeds = batch_seeds(extra_args, x.shape[0], seed)
+    if noise_type == "gaussian":
+        return GaussianNoise(x, seeds, cpu=cpu)
+    s = torch.as_tensor(sigmas).detach().to("cpu", torch.float64)
+    positive = s[s > 0]
+    return BrownianNoise(x, positive.min().item(), positive.max().item(), seeds, cpu=cpu)

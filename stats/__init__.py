@@ -1,0 +1,1 @@
+"""Host-free DPM-Solver-v3 empirical model statistics (EMS): estimation, files and cache."""
