@@ -1,0 +1,188 @@
+"""The "DPM-Solver-v3" tab: compute the empirical model statistics (EMS) of the loaded checkpoint.
+
+How it runs: a txt2img job of one batch whose sampler is an ``EMSJob`` instead of a solver.  The WebUI builds the
+conditioning, loads the model and wraps it in its own CFG denoiser exactly as for an image, then calls the job
+like a sampler.  The job draws K samples of the model at the chosen CFG (``stats.generate_x0``), estimates the EMS on
+them (``stats.estimate_ems``) and stores them for the checkpoint (``EMSStore``); the first batch of samples comes
+back as the job's images, a preview of the data the EMS describe.  Progress goes to ``shared.state``; "Interrupt"
+stops it (the WebUI's CFG denoiser raises inside the next model call) and nothing is stored.
+
+Cost: K x (x0 steps) model calls for the samples plus (N + 1) x K JVP rows (about 2-3 forward passes each) for the
+statistics.  Forward AD needs an attention implementation with forward-mode derivatives; otherwise the estimator
+falls back to finite differences (logged).  On Forge, eps models map sigma to an integer timestep, which the
+estimator detects and refuses (dD/dlambda would be 0).
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+from . import registration, settings
+from .ems_store import checkpoint_sha256, sigma_digest
+
+logger = logging.getLogger("dpm_solver_nodes")
+
+X0_STEPS = 50
+FLOW_SIGMA_CAP = 0.999
+
+
+class FixedBatchModel:
+    """Calls the WebUI's CFG denoiser, whose conditioning is for exactly ``batch`` rows, with any number of rows:
+    chunks of ``batch``, the last padded by repeating its final row (the prompt is the same for every row)."""
+
+    def __init__(self, model, batch):
+        self.model, self.batch = model, int(batch)
+
+    def __call__(self, x, sigma, **extra_args):
+        outputs = []
+        for lo in range(0, x.shape[0], self.batch):
+            xs, ss = x[lo:lo + self.batch], sigma[lo:lo + self.batch]
+            rows = xs.shape[0]
+            if rows < self.batch:
+                xs = torch.cat([xs, xs[-1:].expand(self.batch - rows, *xs.shape[1:])])
+                ss = torch.cat([ss, ss[-1:].expand(self.batch - rows)])
+            outputs.append(self.model(xs, ss, **extra_args)[:rows])
+        return torch.cat(outputs)
+
+
+class EMSJob:
+    """A WebUI sampler function (``KDiffusionSampler(job, sd_model)``) that computes and stores EMS.
+
+    After the call, ``result`` is the EMS, ``path`` the file and ``key`` the cache key (all None if it failed).
+    """
+
+    def __init__(self, store, *, N, K, reduction, seed=0, x0_steps=X0_STEPS, jvp="auto", progress=None,
+                 should_stop=None):
+        if reduction not in settings.REDUCTION_CHOICES:
+            raise ValueError(f"reduction must be one of {settings.REDUCTION_CHOICES}, got {reduction!r}")
+        self.store, self.N, self.K, self.reduction = store, int(N), int(K), reduction
+        self.seed, self.x0_steps, self.jvp = int(seed), int(x0_steps), jvp
+        self.progress, self.should_stop = progress, should_stop
+        self.result = self.path = self.key = None
+
+    def __call__(self, model, x, sigmas=None, extra_args=None, callback=None, disable=None):
+        from ...stats import estimate_ems
+        from ...stats.estimate import generate_x0
+
+        kind = registration.detect_model_kind(model)
+        table = registration.model_sigmas(model)
+        sd_model = registration.checkpoint_of(model)
+        if table is None or sd_model is None:
+            raise ValueError("DPM-Solver-v3 EMS: the loaded model exposes no sigma table")
+        model_hash = checkpoint_sha256(sd_model, compute=True)
+        if model_hash is None:
+            raise ValueError("DPM-Solver-v3 EMS: the loaded checkpoint has no file hash (is a checkpoint loaded?)")
+        sigma_min, sigma_max = float(table[0]), float(table[-1])
+        if kind == "flow":
+            sigma_max = min(sigma_max, FLOW_SIGMA_CAP)
+        batch = x.shape[0]
+        model_fixed = FixedBatchModel(model, batch)
+        p = getattr(model, "p", None)
+        cfg = float(getattr(p, "cfg_scale", 1.0))
+        x0 = generate_x0(model_fixed, tuple(x.shape[1:]), self.K, sigma_max, sigma_min, kind, steps=self.x0_steps,
+                         seed=self.seed, extra_args=extra_args, batch_size=batch, dtype=torch.float32,
+                         device=x.device)
+        digest = sigma_digest(table)
+        metadata = {"model_hash": model_hash, "model_name": getattr(getattr(sd_model, "sd_checkpoint_info", None),
+                                                                     "model_name", ""),
+                    "model_kind": kind, "cfg": cfg, "guidance": "guided", "sigma_digest": digest,
+                    "x0_source": f"dpmpp_2m {self.x0_steps} steps", "host": "webui",
+                    "prompt": str(getattr(p, "prompt", ""))[:200]}
+        ems = estimate_ems(model_fixed, x0, sigma_min, sigma_max, model_kind=kind, N=self.N, K=self.K,
+                           reduction=self.reduction, jvp=self.jvp, batch_size=batch, seed=self.seed,
+                           extra_args=extra_args, progress=self.progress, should_stop=self.should_stop,
+                           metadata=metadata)
+        key = self.store.make_key(model_hash, kind, digest, cfg, tuple(x.shape[1:]), self.N, self.K, self.reduction,
+                                  sigma_min, sigma_max)
+        self.path = self.store.put(key, ems)
+        self.result, self.key = ems, key
+        logger.info("DPM-Solver-v3: EMS stored in %s", self.path)
+        return x0[:batch].to(x.dtype)
+
+
+def run_in_webui(store, prompt, negative_prompt, cfg_scale, width, height, batch_size, seed):
+    """Run an ``EMSJob`` through the WebUI's txt2img processing with the current EMS settings; returns a message."""
+    from modules import processing, sd_samplers_common, sd_samplers_kdiffusion, shared
+    from modules.shared import state
+
+    opts = shared.opts
+    N = settings.get(opts, "dpm_solver_ems_grid")
+    K = settings.get(opts, "dpm_solver_ems_samples")
+    reduction = settings.get(opts, "dpm_solver_ems_reduction")
+    batch_size = max(1, int(batch_size))
+    K = int(math.ceil(K / batch_size) * batch_size)
+
+    def progress(done, total):
+        state.sampling_steps, state.sampling_step = total, done
+        state.textinfo = f"DPM-Solver-v3 EMS: {done}/{total} sample evaluations"
+
+    job = EMSJob(store, N=N, K=K, reduction=reduction, seed=int(seed), progress=progress,
+                 should_stop=lambda: bool(state.interrupted))
+
+    def function(model, x, sigmas=None, extra_args=None, callback=None, disable=None):
+        return job(model, x, sigmas, extra_args, callback, disable)
+
+    def sample(conditioning, unconditional_conditioning, seeds, subseeds, subseed_strength, prompts):
+        sampler = sd_samplers_kdiffusion.KDiffusionSampler(function, p.sd_model)
+        sampler.config = sd_samplers_common.SamplerData("DPM-Solver-v3 EMS", None, [], {})
+        p.sampler = sampler
+        x = p.rng.next()
+        return sampler.sample(p, x, conditioning, unconditional_conditioning,
+                              image_conditioning=p.txt2img_image_conditioning(x))
+
+    p = processing.StableDiffusionProcessingTxt2Img(
+        sd_model=shared.sd_model, prompt=prompt, negative_prompt=negative_prompt, cfg_scale=float(cfg_scale),
+        width=int(width), height=int(height), batch_size=batch_size, n_iter=1, steps=1, seed=int(seed),
+        sampler_name=_any_sampler_name(), do_not_save_samples=True, do_not_save_grid=True)
+    p.sample = sample
+    try:
+        processed = processing.process_images(p)
+    finally:
+        p.close()
+    if job.result is None:
+        return None, "EMS not computed (interrupted or failed); nothing was stored."
+    return processed.images, (f"EMS stored: {job.path}\n{job.result!r}\ncfg {cfg_scale:g}, N {N}, K {K}, {reduction}, "
+                              f"checkpoint {job.key['fingerprint'][:10]}")
+
+
+def _any_sampler_name():
+    """A valid sampler name for the job's processing object (its sampler is replaced by the job)."""
+    from modules import sd_samplers
+
+    return sd_samplers.all_samplers[0].name
+
+
+def build(store):
+    """The gradio block of the tab."""
+    import gradio as gr
+    from modules import call_queue
+
+    with gr.Blocks(analytics_enabled=False) as block:
+        gr.Markdown("Compute DPM-Solver-v3's empirical model statistics (EMS) for the **loaded checkpoint**. "
+                    "Grid size, sample count and reduction come from Settings -> DPM-Solver. The DPM-Solver-v3 "
+                    "sampler then uses them automatically at the nearest CFG.")
+        with gr.Row():
+            prompt = gr.Textbox(label="Prompt (empty: unconditional data)", lines=2)
+            negative = gr.Textbox(label="Negative prompt", lines=2)
+        with gr.Row():
+            cfg = gr.Slider(1.0, 30.0, value=7.0, step=0.5, label="CFG scale (compute EMS at the CFG you sample at)")
+            width = gr.Slider(64, 2048, value=512, step=8, label="Width")
+            height = gr.Slider(64, 2048, value=512, step=8, label="Height")
+        with gr.Row():
+            batch = gr.Slider(1, 64, value=4, step=1, label="Batch size (memory only)")
+            seed = gr.Number(value=0, precision=0, label="Seed")
+            button = gr.Button("Compute EMS", variant="primary")
+        gallery = gr.Gallery(label="Samples the EMS were computed on", columns=4)
+        status = gr.Textbox(label="Status", lines=4, interactive=False)
+        info = gr.HTML()
+
+        def compute(*args):
+            images, message = run_in_webui(store, *args)
+            return images, message, ""
+
+        # wrap_gradio_gpu_call: queue lock, shared.state begin/end, errors and timing shown in the last output
+        button.click(fn=call_queue.wrap_gradio_gpu_call(compute, extra_outputs=[None, ""]),
+                     inputs=[prompt, negative, cfg, width, height, batch, seed], outputs=[gallery, status, info])
+    return block

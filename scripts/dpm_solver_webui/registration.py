@@ -1,0 +1,302 @@
+"""Register the catalog's samplers with the AUTOMATIC1111 / Forge / reForge WebUI and run them.
+
+How the WebUI calls a k-diffusion style sampler (docs/hosts.md 3.3): ``KDiffusionSampler(func, sd_model)`` calls
+``func(model_wrap_cfg, x, extra_args=..., disable=False, callback=..., **injected)`` where ``injected`` is chosen
+by the parameter names of ``func`` (``sigmas``, ``n``, ``sigma_min``/``sigma_max``, ``eta``, ...) and by the
+sampler's options (``brownian_noise`` -> ``noise_sampler``, ``solver_type: "heun"`` -> ``solver_type``).  So the
+function registered here shows exactly the parameters its catalog entry accepts (``__signature__``), rejects any
+other injected keyword with a TypeError naming it, and fills in ``model_kind`` (from the loaded model), the entry's
+fixed options and, for DPM-Solver-v3, the settings and the checkpoint's EMS.
+
+Registration (``register``) is idempotent: "Reload UI" re-executes the scripts but not ``modules.sd_samplers``, so
+an entry already registered by us is replaced in place and every label appears once.  Forge has
+``sd_samplers.add_sampler``; A1111 and reForge need ``all_samplers`` + ``all_samplers_map`` + ``set_samplers()``.
+A label already taken by another sampler is registered as "<label> (dpm-solver-nodes)" instead.
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+
+from . import catalog, settings
+
+logger = logging.getLogger("dpm_solver_nodes")
+
+MARKER = "dpm_solver_nodes"          # key in SamplerData.options marking our entries
+CLASH_SUFFIX = " (dpm-solver-nodes)"
+INJECTED_DEFAULTS = {"noise_sampler": None, "eta": 1.0, "s_noise": 1.0}
+
+
+class UnsupportedModelError(ValueError):
+    """The loaded model's parameterization cannot be sampled by these solvers."""
+
+
+# ---- the model ---------------------------------------------------------------------------------------------------
+
+def denoiser_wrap(model):
+    """The WebUI's k-diffusion denoiser behind the CFG denoiser ``model`` (``CompVis(V)Denoiser``, ``SD3Denoiser`` or
+    Forge's ``ForgeScheduleLinker``), or None."""
+    return getattr(model, "inner_model", None)
+
+
+def detect_model_kind(model) -> str:
+    """"eps" or "flow" for the model the WebUI passes to a sampler; UnsupportedModelError otherwise.
+
+    Forge: the predictor's ``prediction_type``: "const" is flow, "epsilon", "v_prediction" and "edm" are sampled in
+    k-diffusion sigma ("eps").  A1111 / reForge: ``is_sd3`` is flow (rectified flow), ``parameterization`` "eps" or
+    "v" (SD1.x, SD2.x, SDXL, and their v-prediction versions) is "eps".
+    """
+    wrap = denoiser_wrap(model)
+    predictor = getattr(wrap, "predictor", None)
+    if predictor is not None:
+        prediction_type = getattr(predictor, "prediction_type", None)
+        if prediction_type == "const":
+            return "flow"
+        if prediction_type in ("epsilon", "eps", "v_prediction", "edm"):
+            return "eps"
+        raise UnsupportedModelError(
+            f"dpm-solver-nodes cannot sample this model: its predictor {type(predictor).__name__} has "
+            f"prediction_type {prediction_type!r} (supported: epsilon, v_prediction, edm, const)")
+    sd_model = getattr(wrap, "inner_model", None)
+    if sd_model is None:
+        raise UnsupportedModelError(
+            "dpm-solver-nodes cannot tell the loaded model's parameterization: the sampler's model has no "
+            "inner denoiser (is a checkpoint loaded?)")
+    if getattr(sd_model, "is_sd3", False):
+        return "flow"
+    parameterization = getattr(sd_model, "parameterization", None)
+    if parameterization in ("eps", "v"):
+        return "eps"
+    raise UnsupportedModelError(
+        f"dpm-solver-nodes cannot sample this model: parameterization {parameterization!r} of "
+        f"{type(sd_model).__name__} (supported: eps and v-prediction SD1.x/SD2.x/SDXL, SD3 flow; flow models in Forge)")
+
+
+def model_sigmas(model):
+    """The model's discrete sigma table (ascending), or None."""
+    sigmas = getattr(denoiser_wrap(model), "sigmas", None)
+    return sigmas if sigmas is not None and getattr(sigmas, "ndim", 0) == 1 and len(sigmas) > 1 else None
+
+
+def half_sigma(model, model_kind):
+    """The corrector's "half" boundary: sigma at the middle of the model's timestep range (SD: t = 0.5, index 499,
+    sigma 1.612886), 0.5 for flow models."""
+    if model_kind == "flow":
+        return 0.5
+    table = model_sigmas(model)
+    if table is None:
+        return None
+    return float(table[(len(table) - 1) // 2])
+
+
+def checkpoint_of(model):
+    """The loaded WebUI model object behind the sampler's ``model`` (``shared.sd_model``), or None."""
+    return getattr(denoiser_wrap(model), "inner_model", None)
+
+
+# ---- options -----------------------------------------------------------------------------------------------------
+
+def corrector_options(choice, cfg_scale):
+    """(use_corrector, half) for the corrector setting.  "Automatic": on below CFG 5, off from 5 up (the official
+    SD script's ``use_corrector = scale < 5``; docs/dpm_solver_v3.md 4.3)."""
+    if choice == "On":
+        return True, None
+    if choice == "Off":
+        return False, None
+    if choice == "Noisy half":
+        return True, "noisy"
+    if choice == "Clean half":
+        return True, "clean"
+    return (cfg_scale is None or cfg_scale < 5), None
+
+
+class Host:
+    """What a sampler run needs from the WebUI, so tests can substitute it.
+
+    opts: ``shared.opts`` (or any object with the settings as attributes).
+    find_ems: ``find_ems(model, x, model_kind, cfg_scale) -> (EMS or None, description)``.
+    """
+
+    def __init__(self, opts=None, find_ems=None):
+        self._opts = opts
+        self.find_ems = find_ems or (lambda model, x, model_kind, cfg_scale: (None, "none"))
+
+    @property
+    def opts(self):
+        if self._opts is not None:
+            return self._opts
+        from modules import shared  # the WebUI's; only reached inside the WebUI
+
+        return shared.opts
+
+
+DEFAULT_HOST = Host()   # the WebUI's; the entry script points its find_ems at the EMS store
+
+
+def v3_options(model, x, model_kind, p, host):
+    """DPM-Solver-v3 keyword options from the settings and the EMS, and the infotext fields that reproduce them."""
+    opts = host.opts
+    order = settings.get(opts, "dpm_solver_v3_order")
+    corrector = settings.get(opts, "dpm_solver_v3_corrector")
+    use_ems = settings.get(opts, "dpm_solver_v3_use_ems")
+    cfg_scale = getattr(p, "cfg_scale", None)
+    use_corrector, half = corrector_options(corrector, cfg_scale)
+    ems, description = host.find_ems(model, x, model_kind, cfg_scale) if use_ems else (None, "off")
+    options = {"ems": ems, "order": order, "use_corrector": use_corrector, "half": half}
+    boundary = half_sigma(model, model_kind)
+    if half is not None and boundary is not None:
+        options["half_sigma"] = boundary
+    infotext = {"DPM-Solver-v3 order": order, "DPM-Solver-v3 corrector": corrector,
+                "DPM-Solver-v3 use EMS": use_ems, "DPM-Solver-v3 EMS": description}
+    return options, infotext
+
+
+def rng_noise_sampler(p, x):
+    """SDE noise from the WebUI's per-image seeded generator, used when the WebUI passes no ``noise_sampler``
+    (setting "no_dpmpp_sde_batch_determinism"): the same source its built-in samplers then use."""
+    rng = getattr(p, "rng", None)
+    if rng is None or not hasattr(rng, "next"):
+        return None
+    return lambda sigma, sigma_next: rng.next().to(x.device, x.dtype)
+
+
+def run_entry(entry, model, x, sigmas, extra_args, callback, disable, injected, host):
+    """Run ``entry``'s sampler for the WebUI."""
+    from ...samplers import SAMPLERS
+
+    kind = detect_model_kind(model)
+    kwargs = dict(entry.fixed, model_kind=kind)
+    p = getattr(model, "p", None)
+    infotext = {}
+    if entry.stochastic:
+        noise_sampler = injected.get("noise_sampler") or rng_noise_sampler(p, x)
+        if noise_sampler is not None:
+            kwargs["noise_sampler"] = noise_sampler
+        elif p is not None and getattr(p, "all_seeds", None):
+            iteration, batch = getattr(p, "iteration", 0), x.shape[0]
+            kwargs["seed"] = [int(s) for s in p.all_seeds[iteration * batch:(iteration + 1) * batch]]
+        for name in ("eta", "s_noise"):
+            if name in injected:
+                kwargs[name] = float(injected[name])
+    if entry.uses_ems:
+        options, infotext = v3_options(model, x, kind, p, host)
+        kwargs.update(options)
+    if p is not None and infotext and hasattr(p, "extra_generation_params"):
+        p.extra_generation_params.update(infotext)
+    sampler = SAMPLERS[entry.sampler]
+    return sampler(model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable, **kwargs)
+
+
+def build_sampler_function(entry, host=None):
+    """The function registered for ``entry``: its signature shows ``model, x, sigmas, extra_args, callback,
+    disable`` plus ``entry.accepts`` and nothing else, so the WebUI injects only those."""
+    host = host or Host()
+    accepts = tuple(entry.accepts)
+    positional = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    parameters = [inspect.Parameter("model", positional), inspect.Parameter("x", positional),
+                  inspect.Parameter("sigmas", positional, default=None),
+                  inspect.Parameter("extra_args", positional, default=None),
+                  inspect.Parameter("callback", positional, default=None),
+                  inspect.Parameter("disable", positional, default=None)]
+    parameters += [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=INJECTED_DEFAULTS[name])
+                   for name in accepts]
+
+    def sample(model, x, sigmas=None, extra_args=None, callback=None, disable=None, **injected):
+        unexpected = sorted(set(injected) - set(accepts))
+        if unexpected:
+            raise TypeError(f"{entry.label}: unexpected parameters {unexpected} from the WebUI "
+                            f"(this sampler takes {list(accepts) or 'none'} besides sigmas)")
+        if sigmas is None:
+            raise ValueError(f"{entry.label}: the WebUI passed no sigmas")
+        return run_entry(entry, model, x, sigmas, extra_args, callback, disable, injected, host)
+
+    sample.__signature__ = inspect.Signature(parameters)
+    sample.__name__ = sample.__qualname__ = f"sample_{entry.sampler}_webui"
+    sample.__doc__ = f"{entry.label}: {entry.description}"
+    sample.entry = entry
+    return sample
+
+
+# ---- registration ------------------------------------------------------------------------------------------------
+
+def is_ours(data) -> bool:
+    options = getattr(data, "options", None) or {}
+    return bool(options.get(MARKER))
+
+
+def sampler_data(entry, function, label, sd_samplers_common, sd_samplers_kdiffusion):
+    options = dict(entry.options)
+    options[MARKER] = entry.label
+    kdiffusion = sd_samplers_kdiffusion
+
+    def constructor(sd_model, function=function):
+        return kdiffusion.KDiffusionSampler(function, sd_model)
+
+    return sd_samplers_common.SamplerData(label, constructor, [entry.alias], options)
+
+
+def register(entries, functions, sd_samplers, sd_samplers_common, sd_samplers_kdiffusion):
+    """Add (or, after Reload UI, replace) one sampler per entry; returns the labels registered.
+
+    ``functions[entry.label]`` is the function built by ``build_sampler_function``.
+    """
+    registered = []
+    for entry in entries:
+        function = functions[entry.label]
+        label = entry.label
+        existing = sd_samplers.all_samplers_map.get(label)
+        if existing is not None and not is_ours(existing):
+            label = entry.label + CLASH_SUFFIX
+            existing = sd_samplers.all_samplers_map.get(label)
+            if existing is not None and not is_ours(existing):
+                logger.warning("dpm-solver-nodes: sampler names %r and %r are both taken; %s not added",
+                               entry.label, label, entry.label)
+                continue
+            logger.info("dpm-solver-nodes: %r is taken by another sampler; registered as %r", entry.label, label)
+        data = sampler_data(entry, function, label, sd_samplers_common, sd_samplers_kdiffusion)
+        if "s_noise" in entry.accepts:
+            sd_samplers_kdiffusion.sampler_extra_params[function] = ["s_noise"]
+        if existing is not None:
+            _replace(sd_samplers, data)
+        elif hasattr(sd_samplers, "add_sampler"):           # Forge
+            sd_samplers.add_sampler(data)
+        else:                                               # A1111, reForge
+            sd_samplers.all_samplers.append(data)
+            sd_samplers.all_samplers_map = {s.name: s for s in sd_samplers.all_samplers}
+        registered.append(label)
+    sd_samplers.all_samplers_map = {s.name: s for s in sd_samplers.all_samplers}
+    sd_samplers.set_samplers()
+    cached = getattr(sd_samplers, "get_sampler_and_scheduler", None)
+    if hasattr(cached, "cache_clear"):                      # functools.cache'd in A1111 >= 1.9
+        cached.cache_clear()
+    return registered
+
+
+def _replace(sd_samplers, data):
+    for index, current in enumerate(sd_samplers.all_samplers):
+        if current.name == data.name:
+            sd_samplers.all_samplers[index] = data
+
+
+def setup(host=None, modules=None):
+    """Register every catalog entry with the running WebUI; returns the labels.  ``modules`` = (sd_samplers,
+    sd_samplers_common, sd_samplers_kdiffusion) for tests, the WebUI's own otherwise."""
+    if modules is None:
+        from modules import sd_samplers, sd_samplers_common, sd_samplers_kdiffusion
+
+        modules = (sd_samplers, sd_samplers_common, sd_samplers_kdiffusion)
+    functions = _functions(host)
+    return register(catalog.ENTRIES, functions, *modules)
+
+
+_FUNCTIONS = {}
+
+
+def _functions(host):
+    """One function object per label for the life of the process when the default host is used (stable across
+    Reload UI, so the WebUI's ``sampler_extra_params`` keeps one key per sampler); fresh ones for a given host."""
+    if host is not None:
+        return {entry.label: build_sampler_function(entry, host) for entry in catalog.ENTRIES}
+    if not _FUNCTIONS:
+        _FUNCTIONS.update({entry.label: build_sampler_function(entry, DEFAULT_HOST) for entry in catalog.ENTRIES})
+    return _FUNCTIONS

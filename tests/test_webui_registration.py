@@ -1,0 +1,439 @@
+"""WebUI adapter contract on a stub ``modules`` package (runs everywhere; the real WebUI is in
+tests/test_webui_integration.py).
+
+The stub reproduces the few WebUI pieces the adapter touches, as they are in A1111 v1.10.1 / Forge dfdcbab6:
+``sd_samplers`` (all_samplers, all_samplers_map, set_samplers, samplers_map, a functools.cache'd
+get_sampler_and_scheduler; Forge adds add_sampler), ``SamplerData``, ``KDiffusionSampler`` and
+``sampler_extra_params``.  The samplers run for real on the analytic Gaussian mixture.
+"""
+import collections
+import functools
+import importlib
+import inspect
+import os
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+
+from dpm_solver_nodes.analytic.gaussian_mixture import GaussianMixture
+from dpm_solver_nodes.samplers import SAMPLERS, sample_dpmpp_2m, sample_dpmpp_2m_sde
+
+catalog = importlib.import_module("dpm_solver_nodes.scripts.dpm_solver_webui.catalog")
+registration = importlib.import_module("dpm_solver_nodes.scripts.dpm_solver_webui.registration")
+settings = importlib.import_module("dpm_solver_nodes.scripts.dpm_solver_webui.settings")
+ems_store = importlib.import_module("dpm_solver_nodes.scripts.dpm_solver_webui.ems_store")
+ems_tab = importlib.import_module("dpm_solver_nodes.scripts.dpm_solver_webui.ems_tab")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A1111 v1.10.1 modules/sd_schedulers.py: names and labels; a sampler label ending in " <one of these>" is split
+# into sampler + scheduler by get_sampler_and_scheduler (infotext paste, API).
+A1111_SCHEDULERS = ("automatic", "Automatic", "uniform", "Uniform", "karras", "Karras", "exponential", "Exponential",
+                    "polyexponential", "Polyexponential", "sgm_uniform", "SGM Uniform", "kl_optimal", "KL Optimal",
+                    "align_your_steps", "Align Your Steps", "simple", "Simple", "normal", "Normal", "ddim", "DDIM",
+                    "beta", "Beta")
+NEVER_INJECTED = {"n", "sigma_min", "sigma_max", "sigma_sched", "solver_type", "s_churn", "s_tmin", "s_tmax"}
+
+
+# ---- stub WebUI ----------------------------------------------------------------------------------------------------
+
+def make_stub_webui(forge=False, existing=()):
+    SamplerDataTuple = collections.namedtuple("SamplerData", ["name", "constructor", "aliases", "options"])
+
+    class SamplerData(SamplerDataTuple):
+        def total_steps(self, steps):
+            return steps * 2 if self.options.get("second_order", False) else steps
+
+    common = types.SimpleNamespace(SamplerData=SamplerData)
+
+    class KDiffusionSampler:
+        def __init__(self, funcname, sd_model):
+            self.func, self.sd_model = funcname, sd_model
+
+    kdiffusion = types.SimpleNamespace(KDiffusionSampler=KDiffusionSampler, sampler_extra_params={})
+    sd = types.SimpleNamespace()
+    sd.all_samplers = [SamplerData(name, None, [], {}) for name in ("DPM++ 2M", "Euler") + tuple(existing)]
+    sd.all_samplers_map = {s.name: s for s in sd.all_samplers}
+    sd.samplers_map = {}
+    sd.set_samplers_calls = 0
+
+    def set_samplers():
+        sd.set_samplers_calls += 1
+        sd.samplers = sd.all_samplers
+        sd.samplers_map.clear()
+        for sampler in sd.all_samplers:
+            sd.samplers_map[sampler.name.lower()] = sampler.name
+            for alias in sampler.aliases:
+                sd.samplers_map[alias.lower()] = sampler.name
+
+    @functools.cache
+    def get_sampler_and_scheduler(name, scheduler):
+        return sd.all_samplers_map.get(name, sd.all_samplers[0]).name, scheduler
+
+    sd.set_samplers = set_samplers
+    sd.get_sampler_and_scheduler = get_sampler_and_scheduler
+    if forge:
+        sd.add_sampler_calls = []
+
+        def add_sampler(sampler):
+            sd.add_sampler_calls.append(sampler.name)
+            if sampler.name not in [x.name for x in sd.all_samplers]:
+                sd.all_samplers.append(sampler)
+                sd.all_samplers_map = {x.name: x for x in sd.all_samplers}
+                set_samplers()
+
+        sd.add_sampler = add_sampler
+    set_samplers()
+    return sd, common, kdiffusion
+
+
+class Options:
+    def __init__(self, **values):
+        self.__dict__.update(values)
+
+
+def labels_of(sd):
+    return [s.name for s in sd.all_samplers]
+
+
+# ---- registration --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("forge", [False, True], ids=["a1111", "forge"])
+def test_registration_adds_each_label_once_and_reload_replaces_in_place(forge):
+    sd, common, kd = make_stub_webui(forge=forge)
+    sd.get_sampler_and_scheduler("DPM-Solver-v3", None)            # cached before registration: must be cleared
+    host = registration.Host(opts=Options())
+    first = registration.setup(host, modules=(sd, common, kd))
+    assert first == [entry.label for entry in catalog.ENTRIES]
+    assert sd.get_sampler_and_scheduler("DPM-Solver-v3", None)[0] == "DPM-Solver-v3"
+    order = labels_of(sd)
+    second = registration.setup(host, modules=(sd, common, kd))   # "Reload UI"
+    assert second == first
+    assert labels_of(sd) == order and len(order) == len(set(order))
+    assert set(sd.all_samplers_map) == set(order)
+    for entry in catalog.ENTRIES:
+        assert sd.samplers_map[entry.alias] == entry.label
+        assert sd.all_samplers_map[entry.label].options[registration.MARKER] == entry.label
+    if forge:   # Forge: new entries through add_sampler, replacements in place
+        assert sd.add_sampler_calls == first
+    assert sd.set_samplers_calls >= 2
+
+
+def test_label_taken_by_another_sampler_gets_suffix():
+    sd, common, kd = make_stub_webui(existing=("DPM++ 3M",))
+    labels = registration.setup(registration.Host(opts=Options()), modules=(sd, common, kd))
+    assert "DPM++ 3M" not in labels and "DPM++ 3M (dpm-solver-nodes)" in labels
+    assert not registration.is_ours(sd.all_samplers_map["DPM++ 3M"])
+    assert labels_of(sd).count("DPM++ 3M") == 1
+
+
+def test_labels_do_not_collide_with_builtins_or_scheduler_suffixes():
+    builtin = {"DPM++ 2M", "DPM++ SDE", "DPM++ 2M SDE", "DPM++ 2M SDE Heun", "DPM++ 2S a", "DPM++ 3M SDE",
+               "DPM fast", "DPM adaptive", "DPM2", "DPM2 a"}
+    labels = [entry.label for entry in catalog.ENTRIES]
+    assert len(labels) == len(set(labels)) and not builtin & set(labels)
+    aliases = [entry.alias for entry in catalog.ENTRIES]
+    assert len(aliases) == len(set(aliases))
+    for label in labels:
+        assert not any(label.endswith(" " + name) for name in A1111_SCHEDULERS), label
+
+
+def test_constructor_builds_the_webui_sampler_class_and_s_noise_is_registered():
+    sd, common, kd = make_stub_webui()
+    registration.setup(registration.Host(opts=Options()), modules=(sd, common, kd))
+    data = sd.all_samplers_map["DPM-Solver++ 2M SDE"]
+    sampler = data.constructor("model")
+    assert isinstance(sampler, kd.KDiffusionSampler) and sampler.sd_model == "model"
+    assert kd.sampler_extra_params[sampler.func] == ["s_noise"]
+    assert sd.all_samplers_map["DPM++ 2S (dpm-solver-nodes)"].options["second_order"] is True
+    assert data.options["brownian_noise"] is True and "solver_type" not in data.options
+
+
+# ---- injected-parameter hygiene ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("entry", catalog.ENTRIES, ids=lambda e: e.label)
+def test_signature_shows_only_intended_parameters(entry):
+    function = registration.build_sampler_function(entry, registration.Host(opts=Options()))
+    parameters = set(inspect.signature(function).parameters)
+    assert set(catalog.BASE_PARAMETERS) <= parameters
+    assert not parameters & NEVER_INJECTED
+    assert ("noise_sampler" in parameters) == entry.stochastic == bool(entry.options.get("brownian_noise"))
+    assert ("eta" in parameters) == ("s_noise" in parameters) == entry.stochastic
+    with pytest.raises(TypeError, match="unexpected parameters"):
+        function(None, torch.zeros(1, 8), torch.tensor([1.0, 0.0]), n=12)
+
+
+@pytest.mark.parametrize("entry", catalog.ENTRIES, ids=lambda e: e.label)
+def test_fixed_and_injected_options_exist_on_the_sampler(entry):
+    accepted = set(inspect.signature(SAMPLERS[entry.sampler]).parameters)
+    expected = set(entry.fixed) | {"model_kind"} | set(entry.accepts)
+    if entry.uses_ems:
+        expected |= {"ems", "order", "use_corrector", "half", "half_sigma"}
+    assert expected <= accepted, expected - accepted
+
+
+# ---- model kind ----------------------------------------------------------------------------------------------------
+
+def cfg_model(inner_sd_model=None, predictor=None, p=None, sigmas=None):
+    """The object the WebUI passes as ``model``: CFG denoiser -> k-diffusion wrap -> sd_model."""
+    wrap = types.SimpleNamespace(inner_model=inner_sd_model, sigmas=sigmas)
+    if predictor is not None:
+        wrap.predictor = predictor
+    return types.SimpleNamespace(inner_model=wrap, p=p)
+
+
+@pytest.mark.parametrize("prediction_type, kind", [("epsilon", "eps"), ("v_prediction", "eps"), ("edm", "eps"),
+                                                   ("const", "flow")])
+def test_model_kind_forge_predictor(prediction_type, kind):
+    model = cfg_model(predictor=types.SimpleNamespace(prediction_type=prediction_type))
+    assert registration.detect_model_kind(model) == kind
+
+
+@pytest.mark.parametrize("attributes, kind", [({"parameterization": "eps"}, "eps"), ({"parameterization": "v"}, "eps"),
+                                              ({"parameterization": "eps", "is_sdxl": True}, "eps"),
+                                              ({"is_sd3": True, "parameterization": "eps"}, "flow")])
+def test_model_kind_a1111(attributes, kind):
+    assert registration.detect_model_kind(cfg_model(types.SimpleNamespace(**attributes))) == kind
+
+
+def test_unsupported_models_are_refused_clearly():
+    with pytest.raises(registration.UnsupportedModelError, match="parameterization 'x0'"):
+        registration.detect_model_kind(cfg_model(types.SimpleNamespace(parameterization="x0")))
+    with pytest.raises(registration.UnsupportedModelError, match="prediction_type 'x0'"):
+        registration.detect_model_kind(cfg_model(predictor=types.SimpleNamespace(prediction_type="x0")))
+    with pytest.raises(registration.UnsupportedModelError, match="is a checkpoint loaded"):
+        registration.detect_model_kind(types.SimpleNamespace(inner_model=None))
+
+
+# ---- running -------------------------------------------------------------------------------------------------------
+
+MIXTURE = GaussianMixture.random(dim=8, components=3, seed=3)
+
+
+class WebUIModel:
+    """The GMM's exact denoiser behind the WebUI's object chain (``model.inner_model.inner_model``)."""
+
+    def __init__(self, kind="eps", p=None):
+        self.kind = kind
+        sd_model = types.SimpleNamespace(parameterization="eps", is_sd3=False)
+        predictor = types.SimpleNamespace(prediction_type="const") if kind == "flow" else None
+        self.inner_model = types.SimpleNamespace(inner_model=sd_model, sigmas=torch.linspace(0.03, 14.6, 1000))
+        if predictor is not None:
+            self.inner_model.predictor = predictor
+        self.p = p
+        self.calls = 0
+
+    def __call__(self, x, sigma, **extra_args):
+        self.calls += 1
+        return MIXTURE.denoise(x, sigma, self.kind)
+
+
+def karras(n, sigma_min=0.03, sigma_max=14.6, rho=7.0):
+    ramp = torch.linspace(0, 1, n, dtype=torch.float64)
+    sigmas = (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    return torch.cat([sigmas, sigmas.new_zeros(1)])
+
+
+def registered_functions(opts=None, find_ems=None):
+    host = registration.Host(opts=opts or Options(), find_ems=find_ems)
+    return {entry.label: registration.build_sampler_function(entry, host) for entry in catalog.ENTRIES}
+
+
+def test_wrapped_2m_equals_the_direct_call_for_eps_and_flow():
+    functions = registered_functions()
+    x = torch.randn(2, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    for kind, sigmas in (("eps", karras(10)), ("flow", torch.linspace(1.0, 0.0, 11, dtype=torch.float64))):
+        model = WebUIModel(kind)
+        start = x * (sigmas[0] if kind == "eps" else 1.0)
+        wrapped = functions["DPM++ 2M (dpm-solver-nodes)"](model, start, sigmas=sigmas, extra_args={}, disable=True)
+        direct = sample_dpmpp_2m(MIXTURE.denoiser(kind), start, sigmas, disable=True, model_kind=kind)
+        assert torch.equal(wrapped, direct), kind
+
+
+def test_sde_takes_noise_from_the_injected_noise_sampler():
+    functions = registered_functions()
+    sigmas = karras(8)
+    x = torch.randn(2, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * sigmas[0]
+    requests = []
+
+    def noise_sampler(sigma, sigma_next):
+        requests.append((float(sigma), float(sigma_next)))
+        return torch.full_like(x, 0.5)
+
+    out = functions["DPM-Solver++ 2M SDE"](WebUIModel(), x, sigmas=sigmas, extra_args={}, disable=True,
+                                           noise_sampler=noise_sampler, eta=0.7, s_noise=1.0)
+    direct = sample_dpmpp_2m_sde(MIXTURE.denoiser(), x, sigmas, disable=True, noise_sampler=lambda s, t: torch.full_like(
+        x, 0.5), eta=0.7, solver_type="midpoint")
+    assert torch.equal(out, direct)
+    assert len(requests) == len(sigmas) - 2   # every step but the final denoise draws noise
+
+
+def test_sde_without_noise_sampler_uses_the_webui_rng():
+    draws = []
+
+    class RNG:
+        def next(self):
+            draws.append(1)
+            return torch.zeros(2, 8)
+
+    p = types.SimpleNamespace(rng=RNG(), extra_generation_params={})
+    sigmas = karras(6)
+    x = torch.randn(2, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(2)) * sigmas[0]
+    out = registered_functions()["DPM-Solver++ 1 SDE"](WebUIModel(p=p), x, sigmas=sigmas, extra_args={},
+                                                       disable=True, noise_sampler=None)
+    assert torch.isfinite(out).all() and len(draws) == len(sigmas) - 2
+
+
+def test_v3_options_and_infotext_fields():
+    seen = {}
+
+    def find_ems(model, x, kind, cfg):
+        seen.update(kind=kind, cfg=cfg)
+        return None, "none"
+
+    p = types.SimpleNamespace(cfg_scale=7.0, extra_generation_params={})
+    opts = Options(dpm_solver_v3_order=3, dpm_solver_v3_corrector="Noisy half", dpm_solver_v3_use_ems=True)
+    sigmas = karras(12)
+    x = torch.randn(2, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(4)) * sigmas[0]
+    out = registered_functions(opts, find_ems)["DPM-Solver-v3"](WebUIModel(p=p), x, sigmas=sigmas, extra_args={},
+                                                                disable=True)
+    assert torch.isfinite(out).all() and seen == {"kind": "eps", "cfg": 7.0}
+    assert p.extra_generation_params == {"DPM-Solver-v3 order": 3, "DPM-Solver-v3 corrector": "Noisy half",
+                                         "DPM-Solver-v3 use EMS": True, "DPM-Solver-v3 EMS": "none"}
+    options, _ = registration.v3_options(WebUIModel(p=p), x, "eps", p, registration.Host(opts=opts,
+                                                                                          find_ems=find_ems))
+    assert options["half"] == "noisy" and options["half_sigma"] == pytest.approx(
+        float(torch.linspace(0.03, 14.6, 1000)[499]))
+    # infotext names are the settings' infotext names, so pasting the PNG's parameters restores the settings
+    infotext_names = {s.infotext for s in settings.SETTINGS if s.infotext}
+    assert set(p.extra_generation_params) - {"DPM-Solver-v3 EMS"} == infotext_names
+
+
+@pytest.mark.parametrize("choice, cfg, expected", [("Automatic", 3.0, (True, None)), ("Automatic", 7.5, (False, None)),
+                                                   ("On", 9.0, (True, None)), ("Off", 1.0, (False, None)),
+                                                   ("Clean half", 7.0, (True, "clean"))])
+def test_corrector_setting(choice, cfg, expected):
+    assert registration.corrector_options(choice, cfg) == expected
+
+
+def test_settings_defaults_and_validation():
+    assert settings.get(None, "dpm_solver_v3_order") == 2
+    assert settings.get(Options(dpm_solver_v3_order=9), "dpm_solver_v3_order") == 3
+    assert settings.get(Options(dpm_solver_ems_reduction="bogus"), "dpm_solver_ems_reduction") == "per_channel"
+    assert settings.ems_folder(Options(), "/models") == os.path.join("/models", "dpm_solver_v3_ems")
+    added = {}
+    shared = types.SimpleNamespace(OptionInfo=lambda *a, **k: (a, k),
+                                   opts=types.SimpleNamespace(add_option=lambda key, info: added.update({key: info})))
+    settings.add_settings(shared)
+    assert set(added) == set(settings.SETTINGS_BY_KEY)
+    assert added["dpm_solver_v3_order"][1]["infotext"] == "DPM-Solver-v3 order"
+
+
+# ---- EMS store -----------------------------------------------------------------------------------------------------
+
+def test_ems_store_nearest_cfg_and_identity(tmp_path):
+    from dpm_solver_nodes.stats import EMS
+
+    store = ems_store.EMSStore(lambda: str(tmp_path))
+    lambdas = torch.linspace(-3, 4, 11, dtype=torch.float64)
+    table = torch.linspace(0.03, 14.6, 1000)
+    digest = ems_store.sigma_digest(table)
+    for cfg in (3.0, 7.0):
+        ems = EMS.degenerate(lambdas, channels=4)
+        ems = EMS(ems.lambdas, ems.l * (1 + cfg / 100), ems.s, ems.b, metadata={"cfg": cfg})
+        store.put(store.make_key("ab" * 32, "eps", digest, cfg, (4, 8, 8), 10, 16, "per_channel", 0.03, 14.6), ems)
+    found, description = store.find("ab" * 32, "eps", digest, 6.0, 10, 16, "per_channel", (4, 64, 64))
+    assert found is not None and found.metadata["cfg"] == "7.0" and description.startswith("abababab")
+    assert store.find("cd" * 32, "eps", digest, 6.0, 10, 16, "per_channel", (4, 8, 8))[0] is None
+    assert store.find("ab" * 32, "flow", digest, 6.0, 10, 16, "per_channel", (4, 8, 8))[0] is None
+    assert store.find("ab" * 32, "eps", ems_store.sigma_digest(table * 2), 6.0, 10, 16, "per_channel",
+                      (4, 8, 8))[0] is None
+    assert store.find("ab" * 32, "eps", digest, 6.0, 20, 16, "per_channel", (4, 8, 8))[0] is None
+    assert ems_store.sigma_digest(table) == ems_store.sigma_digest(table.double())
+
+
+def test_fixed_batch_model_matches_direct_calls():
+    calls = []
+
+    def model(x, sigma, **extra):
+        calls.append(x.shape[0])
+        return x * sigma[:, None] + extra["offset"]
+
+    fixed = ems_tab.FixedBatchModel(model, 3)
+    x, sigma = torch.randn(7, 5), torch.rand(7)
+    assert torch.allclose(fixed(x, sigma, offset=1.0), x * sigma[:, None] + 1.0)
+    assert calls == [3, 3, 3]
+
+
+# ---- install.py and loading ------------------------------------------------------------------------------------------
+
+def test_install_py_does_nothing_outside_the_webui(tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "install.py")], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert result.returncode == 0 and "nothing to do" in result.stdout
+
+
+def test_install_py_installs_only_what_is_missing(tmp_path):
+    (tmp_path / "launch.py").write_text(
+        "calls = []\n"
+        "def is_installed(name):\n    return name != 'torchsde'\n"
+        "def run_pip(command, desc=None):\n    print('PIP', command)\n")
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "install.py")], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert result.returncode == 0 and result.stdout.strip().splitlines() == ["PIP install torchsde"]
+
+
+ENTRY_SCRIPT_RUN = r"""
+import collections, importlib.util, json, sys, types
+
+SamplerData = collections.namedtuple("SamplerData", ["name", "constructor", "aliases", "options"])
+callbacks = []
+modules = types.ModuleType("modules"); modules.__path__ = []
+sd = types.ModuleType("modules.sd_samplers")
+sd.all_samplers = [SamplerData("DPM++ 2M", None, [], {})]
+sd.all_samplers_map = {s.name: s for s in sd.all_samplers}
+sd.set_samplers = lambda: None
+common = types.ModuleType("modules.sd_samplers_common"); common.SamplerData = SamplerData
+kd = types.ModuleType("modules.sd_samplers_kdiffusion"); kd.sampler_extra_params = {}
+kd.KDiffusionSampler = lambda func, model: (func, model)
+cb = types.ModuleType("modules.script_callbacks")
+for hook in ("on_ui_settings", "on_model_loaded", "on_ui_tabs"):
+    setattr(cb, hook, lambda fn, name=None, hook=hook: callbacks.append(hook))
+for name, module in (("modules", modules), ("modules.sd_samplers", sd), ("modules.sd_samplers_common", common),
+                     ("modules.sd_samplers_kdiffusion", kd), ("modules.script_callbacks", cb)):
+    sys.modules[name] = module
+    setattr(modules, name.split(".")[-1], module)
+
+def execute():  # as modules/script_loading.load_module does
+    spec = importlib.util.spec_from_file_location("dpm_solver_nodes_webui.py", sys.argv[1])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+first = execute()
+second = execute()   # Reload UI
+print(json.dumps({"registered": second.REGISTERED, "names": [s.name for s in sd.all_samplers],
+                  "package_path": list(sys.modules["dpm_solver_nodes"].__path__),
+                  "top_level_samplers": "samplers" in sys.modules, "callbacks": callbacks}))
+"""
+
+
+def test_entry_script_loads_the_package_under_its_unique_name_and_reloads(tmp_path):
+    """Executes scripts/dpm_solver_nodes_webui.py twice in a fresh interpreter, as the WebUI's script loader does
+    at start-up and on Reload UI, against minimal ``modules`` stand-ins."""
+    import json
+
+    script = os.path.join(ROOT, "scripts", "dpm_solver_nodes_webui.py")
+    result = subprocess.run([sys.executable, "-c", ENTRY_SCRIPT_RUN, script], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["package_path"] == [ROOT] and not report["top_level_samplers"]
+    labels = [entry.label for entry in catalog.ENTRIES]
+    assert report["registered"] == labels
+    assert report["names"] == ["DPM++ 2M"] + labels
+    assert report["callbacks"] == ["on_ui_settings", "on_model_loaded", "on_ui_tabs"] * 2
+    scripts = [name for name in os.listdir(os.path.join(ROOT, "scripts")) if name.endswith(".py")]
+    assert scripts == ["dpm_solver_nodes_webui.py"]   # the WebUI executes every scripts/*.py
