@@ -240,7 +240,7 @@ def test_adaptive_matches_k_diffusion(order):
 def test_adaptive_reaches_tolerance(mixture_name, model_kind, sigma_start, order):
     """Max per-sample relative error vs the exact ODE is within 2 x rtol and falls with rtol.
 
-    Measured at rtol 1e-3 (atol 1e-4): 7.7e-5 .. 1.4e-3 (the worst: plain flow from sigma = 1, order 2).  A flow
+    Measured at rtol 1e-3 (atol 1e-4): 5.5e-5 .. 1.4e-3 (the worst: plain flow from sigma = 1, order 2).  A flow
     run from sigma = 1 enters at 0.99 with a Heun step in e^lambda; a DDIM entry left a 1e-3 floor.
     """
     model = MIXTURES[mixture_name].denoiser(model_kind)
