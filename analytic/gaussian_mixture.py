@@ -154,7 +154,7 @@ def reference_solution(model, x, sigma_start, sigma_end, model_kind="eps", rtol=
 
     Integrates dx/dt = x - D(x, e^t) in t = log sigma in VE coordinates (flow latents are mapped by
     x_ve = x / (1 - sigma), sigma_ve = sigma / (1 - sigma)).  ``sigma_end = 0`` returns the limit D(x(sigma), sigma)
-    for sigma -> 0, evaluated at sigma = 1e-6 * sigma_start (the denoiser is smooth there for v_k > 0).
+    for sigma -> 0, evaluated at sigma_ve = 1e-6 * min(sigma_ve_start, 1) (the denoiser is smooth there for v_k > 0).
     A flow start at sigma = 1 uses the exact first step to sigma_ve = 1e6.
     """
     from scipy.integrate import solve_ivp
@@ -179,7 +179,7 @@ def reference_solution(model, x, sigma_start, sigma_end, model_kind="eps", rtol=
     else:
         s_ve_start = sigma_start
         x_ve = xf
-    s_ve_end = s_ve_start * 1e-6 if to_zero else to_ve(sigma_end)
+    s_ve_end = 1e-6 * min(s_ve_start, 1.0) if to_zero else to_ve(sigma_end)
 
     n = x_ve.shape[0]
 
