@@ -97,6 +97,9 @@ class FlowSchedule(NoiseSchedule):
             return 0.0
         if lam == -math.inf:
             return 1.0
+        if lam > 0:  # e^-lambda / (1 + e^-lambda): no overflow for large lambda
+            e = math.exp(-lam)
+            return e / (1.0 + e)
         return 1.0 / (1.0 + math.exp(lam)) if lam > -700 else 1.0
 
     def sigma_max_allowed(self):
