@@ -1,21 +1,306 @@
-"""PLACEHOLDER: being written; replaced before landing."""
-def sample_dpm_solver_sde_1(*args, **kwargs):
-    raise NotImplementedError("sample_dpm_solver_sde_1 is not written yet")
+"""SDE solvers of DPM-Solver++ (Lu et al. 2022b, arXiv 2211.01095, Sec. 5): SDE-DPM-Solver-1 and -2M (noise
+prediction), SDE-DPM-Solver++1, ++(2M) and a third-order-drift ++(3M).
+
+All of them discretise one family of reverse diffusion SDEs with the same marginals as the probability-flow ODE,
+written in lambda = log(alpha_t / sigma_t) for y = x / alpha_t (VE coordinates, sigma_y = e^{-lambda}):
+
+    dy = (1 + eta) (D - y) dlambda + sqrt(2 eta) e^{-lambda} dw_lambda,
+
+``eta`` is the amount of noise (Karras et al.'s churn beta): eta = 1 is the paper's diffusion SDE (Eq. 10), eta = 0
+the ODE.  With kappa = 1 + eta the variation-of-constants solution over a step s -> t, h = lambda_t - lambda_s,
+(Prop. 5.1 for eta = 1) is, in data prediction (the "++" solvers)
+
+    x_t = (sigma_t / sigma_s) e^{-eta h} x_s + alpha_t sum_k kappa^{-k} psi_{k+1}(kappa h) D^{(k)}(lambda_s)
+          + sigma_t sqrt(1 - e^{-2 eta h}) z,
+
+and in noise prediction (eps = (x - alpha D) / sigma)
+
+    x_t = (alpha_t / alpha_s) x_s - sigma_t kappa sum_k phi_{k+1}(h) eps^{(k)}(lambda_s)
+          + sigma_t sqrt(eta (e^{2h} - 1)) z,
+
+with psi_k, phi_k from exponential.py.  At eta = 1 the first-order terms are the paper's SDE-DPM-Solver++1
+(alpha_t (1 - e^{-2h}) D) and SDE-DPM-Solver-1 (-2 sigma_t (e^h - 1) eps); the ++ form is ComfyUI's flow-aware
+k-diffusion sampler, the noise-prediction form is diffusers' ``sde-dpmsolver``.  At eta = 0 both reduce to the ODE
+solvers (DPM-Solver++ and DPM-Solver).  z is a standard normal from the noise source: by default a per-sample
+Brownian tree (``exponential.BrownianNoise``) queried on [sigma_t, sigma_s], so refining the steps refines one fixed
+Brownian path and the solvers converge strongly (order 1: the noise enters additively).
+
+A step into sigma = 0 returns D (first order, no noise, as k-diffusion).  A flow model's step out of sigma = 1
+(lambda = -inf) is the data-prediction first-order step, x_t = alpha_t D + sigma_t z for eta > 0: the
+noise-prediction coefficients are infinite there.
+"""
+from __future__ import annotations
+
+import math
+
+from .common import SamplerRun, check_choice, check_nonnegative
+from .exponential import NOISE_TYPES, batch_seeds, make_noise, phi, psi, taylor_derivatives
+
+SOLVER_TYPES_2M_SDE = ("midpoint", "heun")
+NOISE_DEVICES = ("latent", "cpu")
 
 
-def sample_dpm_solver_sde_2m(*args, **kwargs):
-    raise NotImplementedError("sample_dpm_solver_sde_2m is not written yet")
+# ----------------------------------------------------------------------------------------------------------------
+# Options and noise
+# ----------------------------------------------------------------------------------------------------------------
+
+def _check_sde_options(eta, s_noise, noise_type, noise_sampler, seed, noise_device):
+    eta = check_nonnegative("eta", eta)
+    s_noise = check_nonnegative("s_noise", s_noise)
+    check_choice("noise_type", noise_type, NOISE_TYPES)
+    check_choice("noise_device", noise_device, NOISE_DEVICES)
+    if noise_sampler is not None and not callable(noise_sampler):
+        raise ValueError(f"noise_sampler must be a callable noise_sampler(sigma, sigma_next), got {noise_sampler!r}")
+    seeds = seed if isinstance(seed, (list, tuple)) else [seed]
+    if seed is not None and any(isinstance(s, bool) or not isinstance(s, int) for s in seeds):
+        raise ValueError(f"seed must be an int or a list of ints (one per sample), got {seed!r}")
+    return eta, s_noise
 
 
-def sample_dpmpp_2m_sde(*args, **kwargs):
-    raise NotImplementedError("sample_dpmpp_2m_sde is not written yet")
+class _Noise:
+    """z for step i: the host's ``noise_sampler(sigmas[i], sigmas[i + 1])`` (called with the sigma tensors, as
+    k-diffusion does) or our own source, built on first use (a run with eta = 0 never builds one)."""
+
+    def __init__(self, run, x, noise_sampler, noise_type, seed, noise_device, needed):
+        self.run, self.x, self.sampler = run, x, noise_sampler
+        self.noise_type, self.cpu = noise_type, noise_device == "cpu"
+        # Seeds are resolved (and a seed list checked against the batch) before the first model call.
+        self.seed = batch_seeds(run.extra_args, x.shape[0], seed) if needed and noise_sampler is None else None
+        self.own = None
+
+    def __call__(self, i):
+        run = self.run
+        if self.sampler is not None:
+            return self.sampler(run.sigmas[i], run.sigmas[i + 1]).to(self.x.dtype)
+        if self.own is None:
+            self.own = make_noise(self.x, run.table.sigmas, run.extra_args, self.noise_type, self.seed, cpu=self.cpu)
+        return self.own(run.table.sigmas[i], run.table.sigmas[i + 1]).to(self.x.dtype)
 
 
-def sample_dpmpp_3m_sde(*args, **kwargs):
-    raise NotImplementedError("sample_dpmpp_3m_sde is not written yet")
+def _setup(model, x, sigmas, extra_args, callback, disable, model_kind, final_step, eta, s_noise, noise_type,
+           noise_sampler, seed, noise_device):
+    eta, s_noise = _check_sde_options(eta, s_noise, noise_type, noise_sampler, seed, noise_device)
+    run = SamplerRun(model, x, sigmas, extra_args, callback, disable, model_kind=model_kind, final_step=final_step)
+    x = run.start(x)
+    noise = _Noise(run, x, noise_sampler, noise_type, seed, noise_device, needed=eta > 0 and s_noise > 0)
+    return run, x, eta, s_noise, noise
 
 
-def sample_dpmpp_sde_1(*args, **kwargs):
-    raise NotImplementedError("sample_dpmpp_sde_1 is not written yet")
+# ----------------------------------------------------------------------------------------------------------------
+# Steps
+# ----------------------------------------------------------------------------------------------------------------
+
+def _data_sde_step(x, run, i, derivatives, eta, s_noise, noise, midpoint=None):
+    """x_t = (sigma_t/sigma_s) e^{-eta h} x_s + alpha_t sum_k kappa^{-k} psi_{k+1}(kappa h) D^{(k)} + noise.
+
+    ``midpoint`` = (difference, factor) with factor * difference = h D' (estimated) takes the weight
+    alpha_t psi_1(kappa h) / 2 instead of the Taylor weight (the paper's SDE-DPM-Solver++(2M), k-diffusion's
+    "midpoint").  A step into sigma = 0 returns D.
+    """
+    t = run.table
+    if t.sigma[i + 1] == 0:
+        return derivatives[0] * t.alpha[i + 1]
+    h, kappa, alpha_t = t.h[i], 1.0 + eta, t.alpha[i + 1]
+    decay = math.exp(-eta * h) if eta > 0 else 1.0  # eta = 0 and h = inf (flow sigma = 1) gives 1, not nan
+    out = x * (t.sigma[i + 1] / t.sigma[i] * decay)
+    for k, d in enumerate(derivatives):
+        out.add_(d, alpha=alpha_t * (psi(k + 1, kappa * h) / kappa ** k))
+    if midpoint is not None:
+        difference, factor = midpoint
+        out.add_(difference, alpha=alpha_t * 0.5 * psi(1, kappa * h) * factor)
+    if eta > 0 and s_noise > 0:
+        out.add_(noise(i), alpha=t.sigma[i + 1] * math.sqrt(-math.expm1(-2 * eta * h)) * s_noise)
+    return out
 
 
+def _noise_sde_step(x, run, i, derivatives, eta, s_noise, noise, midpoint=None):
+    """x_t = (alpha_t/alpha_s) x_s - sigma_t kappa sum_k phi_{k+1}(h) eps^{(k)} + sigma_t sqrt(eta (e^{2h}-1)) z.
+
+    ``midpoint`` = (difference, factor) with factor * difference = h eps' takes the weight sigma_t kappa phi_1(h) / 2
+    (the paper's SDE-DPM-Solver-2M, diffusers' "midpoint").  Only for finite h (the callers send the other steps to
+    ``_data_sde_step``).
+    """
+    t = run.table
+    h, kappa, sigma_t = t.h[i], 1.0 + eta, t.sigma[i + 1]
+    out = x * (t.alpha[i + 1] / t.alpha[i])
+    for k, e in enumerate(derivatives):
+        out.add_(e, alpha=-sigma_t * kappa * phi(k + 1, h))
+    if midpoint is not None:
+        difference, factor = midpoint
+        out.add_(difference, alpha=-sigma_t * kappa * 0.5 * phi(1, h) * factor)
+    if eta > 0 and s_noise > 0:
+        out.add_(noise(i), alpha=sigma_t * math.sqrt(eta * math.expm1(2 * h)) * s_noise)
+    return out
+
+
+def _noise_prediction(x, run, i, denoised):
+    """eps = (x - alpha_s D) / sigma_s at sigmas[i]."""
+    t = run.table
+    return (x - denoised * t.alpha[i]) / t.sigma[i]
+
+
+_OPTIONS_DOC = """
+    Common options of the SDE solvers:
+      model_kind: "eps" (VP/VE, x = x0 + sigma n) or "flow" (x = (1 - sigma) x0 + sigma n).
+      eta: noise amount, >= 0.  1 is the paper's reverse diffusion SDE, 0 the probability-flow ODE (the solver then
+        equals its ODE counterpart), values between interpolate (Karras et al.'s churn).
+      s_noise: factor on the injected noise (k-diffusion's s_noise; 1 is the SDE).
+      noise_type: "brownian" (default; a Brownian tree per sample: the noise of an interval is fixed, so more steps
+        converge to one path and results change smoothly with the step count) or "gaussian" (fresh normal draws per
+        step, like the ancestral samplers).
+      noise_sampler: a callable ``noise_sampler(sigma, sigma_next)`` returning standard normal noise like x; when
+        given (the WebUI injects its seeded one under this name) it replaces noise_type/seed/noise_device.
+      seed: int s (sample j gets s + j) or one int per sample; None uses extra_args["seed"] (ComfyUI), else random.
+        Every sample draws from its own seed, so an image does not change with the batch size.
+      noise_device: "latent" (default: noise made on the latent's device) or "cpu" (trees/generators on the CPU,
+        ComfyUI's non-"_gpu" behaviour; CPU and GPU noise differ).
+      final_step: "denoise" (a trailing 0 in sigmas returns D) or "stop" (return x at the last positive sigma).
+"""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Samplers
+# ----------------------------------------------------------------------------------------------------------------
+
+def sample_dpmpp_sde_1(model, x, sigmas, extra_args=None, callback=None, disable=None, *, model_kind="eps",
+                       eta=1.0, s_noise=1.0, noise_type="brownian", noise_sampler=None, seed=None,
+                       noise_device="latent", final_step="denoise"):
+    """SDE-DPM-Solver++1 (Sec. 5): x_t = (sigma_t/sigma_s) e^{-h} x_s + alpha_t (1 - e^{-2h}) D_s
+    + sigma_t sqrt(1 - e^{-2h}) z at eta = 1; stochastic DDIM with its noise level (Sec. 6.1), DDIM at eta = 0.
+    """
+    run, x, eta, s_noise, noise = _setup(model, x, sigmas, extra_args, callback, disable, model_kind, final_step,
+                                         eta, s_noise, noise_type, noise_sampler, seed, noise_device)
+    for i in run.range():
+        denoised = run.denoise(x, i)
+        run.report(x, i, denoised)
+        x = _data_sde_step(x, run, i, [denoised], eta, s_noise, noise)
+    return run.finish(x)
+
+
+def sample_dpm_solver_sde_1(model, x, sigmas, extra_args=None, callback=None, disable=None, *, model_kind="eps",
+                            eta=1.0, s_noise=1.0, noise_type="brownian", noise_sampler=None, seed=None,
+                            noise_device="latent", final_step="denoise"):
+    """SDE-DPM-Solver-1 (Sec. 5), noise prediction: x_t = (alpha_t/alpha_s) x_s - 2 sigma_t (e^h - 1) eps_s
+    + sigma_t sqrt(e^{2h} - 1) z at eta = 1 (DDPM's ancestral step in lambda); DDIM at eta = 0.
+    """
+    run, x, eta, s_noise, noise = _setup(model, x, sigmas, extra_args, callback, disable, model_kind, final_step,
+                                         eta, s_noise, noise_type, noise_sampler, seed, noise_device)
+    for i in run.range():
+        denoised = run.denoise(x, i)
+        run.report(x, i, denoised)
+        if run.table.finite_step(i):
+            x = _noise_sde_step(x, run, i, [_noise_prediction(x, run, i, denoised)], eta, s_noise, noise)
+        else:
+            x = _data_sde_step(x, run, i, [denoised], eta, s_noise, noise)
+    return run.finish(x)
+
+
+def sample_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, *, model_kind="eps",
+                        eta=1.0, s_noise=1.0, noise_type="brownian", noise_sampler=None, seed=None,
+                        noise_device="latent", final_step="denoise", lower_order_final=None,
+                        solver_type="midpoint"):
+    """SDE-DPM-Solver++(2M) (Sec. 5), the multistep second-order data-prediction SDE solver.
+
+    D' at lambda_s is (D_s - D_prev) / h_prev.  solver_type "midpoint" puts weight alpha_t psi_1(kappa h) / 2 on
+    h D' (the paper's formula; k-diffusion's default), "heun" the exact Taylor weight alpha_t psi_2(kappa h) / kappa
+    on D'.  Both equal k-diffusion's ``sample_dpmpp_2m_sde`` for eps models (tests/test_sde.py) and ComfyUI's
+    flow-aware one.  At eta = 0, "midpoint" is ``sample_dpmpp_2m`` and "heun" is ``sample_dpmpp_2m(solver_type=
+    "taylor")``.  lower_order_final: first-order last step, None = on below 15 steps.
+    """
+    check_choice("solver_type", solver_type, SOLVER_TYPES_2M_SDE)
+    run, x, eta, s_noise, noise = _setup(model, x, sigmas, extra_args, callback, disable, model_kind, final_step,
+                                         eta, s_noise, noise_type, noise_sampler, seed, noise_device)
+    lower_order_final = run.default_lower_order_final(lower_order_final)
+    t = run.table
+    previous = None  # (lambda, D) of the last finite-lambda point
+    for i in run.range():
+        denoised = run.denoise(x, i)
+        run.report(x, i, denoised)
+        history = 1 if previous is None or not math.isfinite(t.lam[i]) else 2
+        if run.order(i, 2, lower_order_final, history) == 1:
+            x = _data_sde_step(x, run, i, [denoised], eta, s_noise, noise)
+        else:
+            h_prev = t.lam[i] - previous[0]
+            if solver_type == "midpoint":
+                midpoint = (denoised - previous[1], t.h[i] / h_prev)
+                x = _data_sde_step(x, run, i, [denoised], eta, s_noise, noise, midpoint=midpoint)
+            else:
+                derivative = (denoised - previous[1]) / h_prev
+                x = _data_sde_step(x, run, i, [denoised, derivative], eta, s_noise, noise)
+        previous = (t.lam[i], denoised) if math.isfinite(t.lam[i]) else None
+    return run.finish(x)
+
+
+def sample_dpm_solver_sde_2m(model, x, sigmas, extra_args=None, callback=None, disable=None, *, model_kind="eps",
+                             eta=1.0, s_noise=1.0, noise_type="brownian", noise_sampler=None, seed=None,
+                             noise_device="latent", final_step="denoise", lower_order_final=None,
+                             solver_type="midpoint"):
+    """SDE-DPM-Solver-2M (Sec. 5), the multistep second-order noise-prediction SDE solver.
+
+    eps' at lambda_s is (eps_s - eps_prev) / h_prev.  solver_type "midpoint" puts weight sigma_t kappa phi_1(h) / 2
+    on h eps' (the paper's formula), "heun" the Taylor weight sigma_t kappa phi_2(h) on eps'; both as diffusers'
+    ``DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver")``.  At eta = 0 it is DPM-Solver's multistep
+    second-order ODE solver.  lower_order_final: first-order last step, None = on below 15 steps.
+    """
+    check_choice("solver_type", solver_type, SOLVER_TYPES_2M_SDE)
+    run, x, eta, s_noise, noise = _setup(model, x, sigmas, extra_args, callback, disable, model_kind, final_step,
+                                         eta, s_noise, noise_type, noise_sampler, seed, noise_device)
+    lower_order_final = run.default_lower_order_final(lower_order_final)
+    t = run.table
+    previous = None  # (lambda, eps) of the last finite-lambda point
+    for i in run.range():
+        denoised = run.denoise(x, i)
+        run.report(x, i, denoised)
+        if not t.finite_step(i):
+            x = _data_sde_step(x, run, i, [denoised], eta, s_noise, noise)
+            previous = None
+            continue
+        eps = _noise_prediction(x, run, i, denoised)
+        history = 1 if previous is None else 2
+        if run.order(i, 2, lower_order_final, history) == 1:
+            x = _noise_sde_step(x, run, i, [eps], eta, s_noise, noise)
+        else:
+            h_prev = t.lam[i] - previous[0]
+            if solver_type == "midpoint":
+                midpoint = (eps - previous[1], t.h[i] / h_prev)
+                x = _noise_sde_step(x, run, i, [eps], eta, s_noise, noise, midpoint=midpoint)
+            else:
+                x = _noise_sde_step(x, run, i, [eps, (eps - previous[1]) / h_prev], eta, s_noise, noise)
+        previous = (t.lam[i], eps)
+    return run.finish(x)
+
+
+def sample_dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, *, model_kind="eps",
+                        eta=1.0, s_noise=1.0, noise_type="brownian", noise_sampler=None, seed=None,
+                        noise_device="latent", final_step="denoise", lower_order_final=None):
+    """SDE-DPM-Solver++(3M): third order in the drift, D, D', D'' from the quadratic through the last three outputs.
+
+    D'' gets its Taylor weight alpha_t psi_3(kappa h) / kappa^2.  k-diffusion's ``sample_dpmpp_3m_sde`` weights
+    d2 = h^2 f[l0, l1, l2] = h^2 D''/2 by psi_3(kappa h) / (kappa h)^2, i.e. half the Taylor D'' term (see
+    ``dpmpp.sample_dpmpp_3m``); with equal histories the two steps differ by exactly that half term (pinned in
+    tests/test_sde.py).  At eta = 0 this is ``sample_dpmpp_3m``.  Warm-up runs orders 1, 2, 3; lower_order_final
+    (None = on below 15 steps) makes the last steps 2, 1.
+    """
+    run, x, eta, s_noise, noise = _setup(model, x, sigmas, extra_args, callback, disable, model_kind, final_step,
+                                         eta, s_noise, noise_type, noise_sampler, seed, noise_device)
+    lower_order_final = run.default_lower_order_final(lower_order_final)
+    t = run.table
+    lams, outputs = [], []  # newest first, finite lambdas only
+    for i in run.range():
+        denoised = run.denoise(x, i)
+        run.report(x, i, denoised)
+        if math.isfinite(t.lam[i]):
+            lams, outputs = [t.lam[i]] + lams[:2], [denoised] + outputs[:2]
+        order = run.order(i, 3, lower_order_final, len(lams))
+        derivatives = [denoised] if order == 1 else taylor_derivatives(lams[:order], outputs[:order])
+        x = _data_sde_step(x, run, i, derivatives, eta, s_noise, noise)
+    return run.finish(x)
+
+
+for _sampler in (sample_dpmpp_sde_1, sample_dpm_solver_sde_1, sample_dpmpp_2m_sde, sample_dpm_solver_sde_2m,
+                 sample_dpmpp_3m_sde):
+    _sampler.__doc__ += _OPTIONS_DOC
+del _sampler
+
+__all__ = ["sample_dpmpp_sde_1", "sample_dpm_solver_sde_1", "sample_dpmpp_2m_sde", "sample_dpm_solver_sde_2m",
+           "sample_dpmpp_3m_sde"]
