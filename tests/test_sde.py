@@ -391,3 +391,17 @@ def test_solver_type_is_checked(sampler):
     else:
         with pytest.raises(ValueError, match="solver_type"):
             sampler(MIXTURE.denoiser("eps"), start(1, 10.0), karras(4), solver_type="euler")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("noise_type", ["brownian", "gaussian"])
+def test_noise_device_on_cuda(noise_type):
+    """Noise is made on the latent's device by default; noise_device="cpu" makes it where a CPU run makes it, so a
+    CUDA run reproduces the CPU result."""
+    model, sigmas = MIXTURE.denoiser("eps"), karras(6)
+    x = start(2, 10.0)
+    cpu = sde.sample_dpmpp_2m_sde(model, x, sigmas, seed=3, noise_type=noise_type)
+    on_cpu_noise = sde.sample_dpmpp_2m_sde(model, x.cuda(), sigmas, seed=3, noise_type=noise_type, noise_device="cpu")
+    on_gpu_noise = sde.sample_dpmpp_2m_sde(model, x.cuda(), sigmas, seed=3, noise_type=noise_type)
+    assert on_cpu_noise.device.type == "cuda" and torch.isfinite(on_gpu_noise).all()
+    torch.testing.assert_close(on_cpu_noise.cpu(), cpu, rtol=1e-10, atol=1e-10)
