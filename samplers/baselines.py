@@ -155,8 +155,10 @@ class _PseudoStepper:
         self.run = run
         self.schedule = run.schedule
 
-    @staticmethod
-    def eps(x, denoised, alpha, sigma):
+    def eps(self, x, denoised, alpha, sigma):
+        """The noise prediction for the latent the model saw (rounded to fp16/bf16 for half-precision latents:
+        eps = (x - alpha D) / sigma would otherwise turn that rounding into an error of size rounding / sigma)."""
+        x = x.to(self.run.input_dtype).to(x.dtype)
         return (x - denoised * alpha) / sigma
 
     def transfer(self, x, eps, sigma_s, alpha_s, sigma_t):
