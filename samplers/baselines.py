@@ -28,8 +28,9 @@ def _run(model, x, sigmas, extra_args, callback, disable, model_kind, final_step
                       threshold_percentile=threshold_percentile, threshold_max=threshold_max)
 
 
-def _ancestral_step(x, denoised, run, i, sigma_noise, noise):
-    """x_t = alpha_t D + sqrt(sigma_t^2 - sigma_noise^2) eps_s + sigma_noise z (DDIM Eq. 12 in host coordinates).
+def _ancestral_step(x, denoised, run, i, sigma_noise, noise, s_noise=1.0):
+    """x_t = alpha_t D + sqrt(sigma_t^2 - sigma_noise^2) eps_s + s_noise sigma_noise z (DDIM Eq. 12, host
+    coordinates).
 
     ``sigma_noise`` is capped at sigma_t; sigma_noise = sigma_t re-noises the prediction, x_t = alpha_t D + sigma_t z.
     """
@@ -41,7 +42,9 @@ def _ancestral_step(x, denoised, run, i, sigma_noise, noise):
     sigma_down = math.sqrt(max(sigma_t ** 2 - sigma_noise ** 2, 0.0))
     h_down = math.log(alpha_t / sigma_down) - t.lam[i] if sigma_down > 0 else math.inf
     x = first_order_data_step(x, denoised, t.sigma[i], sigma_down, alpha_t, h_down)
-    return x + noise(t.sigma[i], sigma_t) * sigma_noise
+    if s_noise == 0:
+        return x
+    return x + noise(t.sigma[i], sigma_t) * (sigma_noise * s_noise)
 
 
 def _noise_sampler(run, x, noise_sampler, seed):
@@ -54,18 +57,14 @@ def _sample_ancestral(run, x, eta, s_noise, noise_sampler, seed):
     """The DDIM/DDPM loop: one model call per step, posterior noise scaled by eta."""
     t = run.table
     x = run.start(x)
-    if eta > 0 and s_noise > 0:
-        unit_noise = _noise_sampler(run, x, noise_sampler, seed)
-        noise = lambda sigma_s, sigma_t: unit_noise(sigma_s, sigma_t) * s_noise  # noqa: E731
-    else:
-        noise = lambda sigma_s, sigma_t: 0.0  # noqa: E731
+    noise = _noise_sampler(run, x, noise_sampler, seed) if eta > 0 and s_noise > 0 else None
     for i in run.range():
         denoised = run.denoise(x, i)
         run.report(x, i, denoised)
         # sigma_eta = eta * sqrt((1 - a_{t-1}) / (1 - a_t)) * sqrt(1 - a_t / a_{t-1}) (DDIM Eq. 16) is, in any
         # schedule's coordinates, eta * sigma_t * sqrt(1 - e^{-2h}).
         sigma_eta = eta * t.sigma[i + 1] * math.sqrt(-math.expm1(-2 * t.h[i])) if eta > 0 else 0.0
-        x = _ancestral_step(x, denoised, run, i, sigma_eta, noise)
+        x = _ancestral_step(x, denoised, run, i, sigma_eta, noise, s_noise)
     return run.finish(x)
 
 
