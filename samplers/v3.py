@@ -45,7 +45,7 @@ WORKSPACE_ELEMENTS = 1 << 21  # float64 elements per scratch buffer (16 MiB)
 _DEFAULT_EMS = None
 _warned_without_ems = False
 _PLAN_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-_PLANS_PER_EMS = 8
+_PLANS_PER_EMS = 4
 _CLAMP_LOGGED: "weakref.WeakSet" = weakref.WeakSet()
 
 
@@ -96,7 +96,6 @@ class _Workspace:
 
     def __init__(self, rows, columns):
         self.chunk = max(1, min(columns, WORKSPACE_ELEMENTS // max(rows, 1)))
-        self.rows = rows
         self.tables = [torch.empty(rows * self.chunk, dtype=torch.float64) for _ in range(3)]
         self.scratch = [torch.empty(self.chunk, dtype=torch.float64) for _ in range(2)]
 
@@ -316,7 +315,7 @@ def _schedule_orders(table, order, lower_order_final, use_corrector, c_pseudo, h
         if lower_order_final:
             p = min(p, steps - i)
         orders[i] = max(p, 1)
-    for i in range(first + 1, steps + 1 if table.sigmas[-1] > 0 else steps):
+    for i in range(first + 1, steps):  # points 1 .. M-1; x_M is returned unevaluated (or is sigma = 0)
         if not use_corrector or (i - 1) not in orders:
             continue
         sigma = table.sigmas[i]
@@ -336,7 +335,7 @@ def _build_plan(ems, table, latent_shape, dtype, device, order, p_pseudo, use_co
     orders, corrector_orders = _schedule_orders(table, order, lower_order_final, use_corrector, c_pseudo, half,
                                                 half_sigma, first)
     stats = _Statistics(ems, latent_shape)
-    finite = [v for v in table.lam if math.isfinite(v)]
+    finite = [v for v in table.lam if math.isfinite(v)] or [float(stats.grid[0])]  # flow sigmas [1, 0]: none
     stats.extend(min(finite), max(finite), refine)
     lams = table.lam
     rows = max((len(stats.nodes(lams[i], lams[i + 1])) for i in orders), default=2)
