@@ -9,15 +9,10 @@ from __future__ import annotations
 
 import math
 
-from .common import SamplerRun, check_choice, check_positive_int
-from .exponential import data_prediction_step, first_order_data_step, psi, taylor_derivatives
+from .common import SamplerRun, check_choice
+from .exponential import data_prediction_step, first_order_data_step, taylor_derivatives
 
 SOLVER_TYPES_2M = ("midpoint", "taylor")
-
-
-def _first_order(x, run, i, denoised):
-    t = run.table
-    return first_order_data_step(x, denoised, t.sigma[i], t.sigma[i + 1], t.alpha[i + 1], t.h[i])
 
 
 def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=None, *, model_kind="eps",
@@ -47,15 +42,13 @@ def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=No
         run.report(x, i, denoised)
         history = 1 if previous is None or not math.isfinite(t.lam[i]) else 2
         if run.order(i, 2, lower_order_final, history) == 1:
-            x = _first_order(x, run, i, denoised)
+            x = data_prediction_step(x, t, i, [denoised])
         else:
-            h, h_prev = t.h[i], t.lam[i] - previous[0]
+            h_prev = t.lam[i] - previous[0]
             if solver_type == "midpoint":
-                d = denoised + (denoised - previous[1]) * (h / (2 * h_prev))
-                x = x * (t.sigma[i + 1] / t.sigma[i]) + d * (t.alpha[i + 1] * psi(1, h))
+                x = data_prediction_step(x, t, i, [denoised], midpoint=(denoised - previous[1], t.h[i] / h_prev))
             else:
-                derivatives = [denoised, (denoised - previous[1]) / h_prev]
-                x = data_prediction_step(x, t, i, derivatives)
+                x = data_prediction_step(x, t, i, [denoised, (denoised - previous[1]) / h_prev])
         previous = (t.lam[i], denoised) if math.isfinite(t.lam[i]) else None
     return run.finish(x)
 
@@ -83,10 +76,7 @@ def sample_dpmpp_3m(model, x, sigmas, extra_args=None, callback=None, disable=No
         if math.isfinite(t.lam[i]):
             lams, outputs = [t.lam[i]] + lams[:2], [denoised] + outputs[:2]
         order = run.order(i, 3, lower_order_final, len(lams))
-        if order == 1:
-            x = _first_order(x, run, i, denoised)
-        else:
-            x = data_prediction_step(x, t, i, taylor_derivatives(lams[:order], outputs[:order]))
+        x = data_prediction_step(x, t, i, taylor_derivatives(lams[:order], outputs[:order]) if order > 1 else [denoised])
     return run.finish(x)
 
 
@@ -109,7 +99,7 @@ def sample_dpmpp_2s(model, x, sigmas, extra_args=None, callback=None, disable=No
         denoised = run.denoise(x, i)
         run.report(x, i, denoised)
         if not t.finite_step(i):
-            x = _first_order(x, run, i, denoised)
+            x = data_prediction_step(x, t, i, [denoised])
             continue
         h = t.h[i]
         lam_mid = t.lam[i] + r * h
@@ -117,8 +107,8 @@ def sample_dpmpp_2s(model, x, sigmas, extra_args=None, callback=None, disable=No
         alpha_mid = float(schedule.alpha(sigma_mid))
         x_mid = first_order_data_step(x, denoised, t.sigma[i], sigma_mid, alpha_mid, r * h)
         denoised_mid = run.denoise(x_mid, i, sigma=sigma_mid)
-        d = denoised * (1 - 1 / (2 * r)) + denoised_mid * (1 / (2 * r))
-        x = x * (t.sigma[i + 1] / t.sigma[i]) + d * (t.alpha[i + 1] * psi(1, h))
+        # (1 - 1/(2r)) D_s + 1/(2r) D_s1 = D_s + (D_s1 - D_s) / (2r): the midpoint form with factor 1/r
+        x = data_prediction_step(x, t, i, [denoised], midpoint=(denoised_mid - denoised, 1 / r))
     return run.finish(x)
 
 

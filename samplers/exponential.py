@@ -106,32 +106,55 @@ def taylor_derivatives(lams, values):
     return derivs
 
 
-def data_prediction_step(x, table, i, derivatives, scale=None):
-    """x_{i+1} from x_i by the Taylor-expanded data-prediction integrator (DPM-Solver++ Eq. 9-10).
+def data_prediction_step(x, table, i, derivatives, eta=0.0, midpoint=None):
+    """x_{i+1} from x_i by the Taylor-expanded data-prediction integrator, ODE (eta = 0) or SDE drift (eta > 0).
 
-    ``derivatives`` = [D, D', D'', ...] at lambda_i; only as many terms as given are used.  ``scale`` is an
-    optional extra factor on each psi term (the SDE solvers pass their own).
+    x_t = (sigma_t/sigma_s) e^{-eta h} x_s + alpha_t sum_k kappa^{-k} psi_{k+1}(kappa h) D^{(k)},  kappa = 1 + eta
+    (DPM-Solver++ Eq. 9-10; with eta = 1 the drift of SDE-DPM-Solver++, Sec. 5).  ``derivatives`` = [D, D', ...] at
+    lambda_i.  ``midpoint`` = (difference, factor), with factor * difference ~ h D', adds it with the weight
+    alpha_t psi_1(kappa h) / 2 instead of the Taylor weight: the paper's (2M) form, k-diffusion's "midpoint".  A step
+    into sigma = 0 returns D.  The SDE noise term is the caller's (``data_prediction_noise_scale``).
     """
-    h = table.h[i]
-    ratio = table.sigma[i + 1] / table.sigma[i]
-    out = x * ratio
     alpha_t = table.alpha[i + 1]
+    if table.sigma[i + 1] == 0:
+        return derivatives[0] * alpha_t
+    h, kappa = table.h[i], 1.0 + eta
+    decay = math.exp(-eta * h) if eta > 0 else 1.0  # eta = 0 with h = inf (flow sigma = 1) gives 1, not nan
+    out = x * (table.sigma[i + 1] / table.sigma[i] * decay)
     for k, d in enumerate(derivatives):
-        out = out + d * (alpha_t * psi(k + 1, h))
+        out.add_(d, alpha=alpha_t * psi(k + 1, kappa * h) / kappa ** k)
+    if midpoint is not None:
+        difference, factor = midpoint
+        out.add_(difference, alpha=alpha_t * 0.5 * psi(1, kappa * h) * factor)
     return out
 
 
-def noise_prediction_step(x, table, i, derivatives):
-    """x_{i+1} from x_i by the Taylor-expanded noise-prediction integrator (DPM-Solver Eq. 3.7).
+def data_prediction_noise_scale(table, i, eta):
+    """Standard deviation of the noise of a data-prediction SDE step: sigma_t sqrt(1 - e^{-2 eta h})."""
+    return table.sigma[i + 1] * math.sqrt(-math.expm1(-2 * eta * table.h[i]))
 
-    ``derivatives`` = [eps, eps', ...] at lambda_i.
+
+def noise_prediction_step(x, table, i, derivatives, eta=0.0, midpoint=None):
+    """x_{i+1} from x_i by the Taylor-expanded noise-prediction integrator, ODE (eta = 0) or SDE drift (eta > 0).
+
+    x_t = (alpha_t/alpha_s) x_s - sigma_t kappa sum_k phi_{k+1}(h) eps^{(k)},  kappa = 1 + eta (DPM-Solver Eq. 3.7;
+    with eta = 1 the drift of SDE-DPM-Solver, DPM-Solver++ Sec. 5).  ``derivatives`` = [eps, eps', ...] at lambda_i.
+    ``midpoint`` = (difference, factor), factor * difference ~ h eps', takes the weight sigma_t kappa phi_1(h) / 2.
+    Finite h only (callers send steps into sigma = 0 or out of a flow model's sigma = 1 to the data form).
     """
-    h = table.h[i]
+    h, kappa, sigma_t = table.h[i], 1.0 + eta, table.sigma[i + 1]
     out = x * (table.alpha[i + 1] / table.alpha[i])
-    sigma_t = table.sigma[i + 1]
     for k, e in enumerate(derivatives):
-        out = out - e * (sigma_t * phi(k + 1, h))
+        out.add_(e, alpha=-sigma_t * kappa * phi(k + 1, h))
+    if midpoint is not None:
+        difference, factor = midpoint
+        out.add_(difference, alpha=-sigma_t * kappa * 0.5 * phi(1, h) * factor)
     return out
+
+
+def noise_prediction_noise_scale(table, i, eta):
+    """Standard deviation of the noise of a noise-prediction SDE step: sigma_t sqrt(eta (e^{2h} - 1))."""
+    return table.sigma[i + 1] * math.sqrt(eta * math.expm1(2 * table.h[i]))
 
 
 def first_order_data_step(x, denoised, sigma_s, sigma_t, alpha_t, h):

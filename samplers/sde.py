@@ -34,7 +34,8 @@ from __future__ import annotations
 import math
 
 from .common import SamplerRun, check_choice, check_nonnegative
-from .exponential import NOISE_TYPES, batch_seeds, make_noise, phi, psi, taylor_derivatives
+from .exponential import (NOISE_TYPES, batch_seeds, data_prediction_noise_scale, data_prediction_step, make_noise,
+                          noise_prediction_noise_scale, noise_prediction_step, taylor_derivatives)
 
 SOLVER_TYPES_2M_SDE = ("midpoint", "heun")
 NOISE_DEVICES = ("latent", "cpu")
@@ -91,45 +92,18 @@ def _setup(model, x, sigmas, extra_args, callback, disable, model_kind, final_st
 # ----------------------------------------------------------------------------------------------------------------
 
 def _data_sde_step(x, run, i, derivatives, eta, s_noise, noise, midpoint=None):
-    """x_t = (sigma_t/sigma_s) e^{-eta h} x_s + alpha_t sum_k kappa^{-k} psi_{k+1}(kappa h) D^{(k)} + noise.
-
-    ``midpoint`` = (difference, factor) with factor * difference = h D' (estimated) takes the weight
-    alpha_t psi_1(kappa h) / 2 instead of the Taylor weight (the paper's SDE-DPM-Solver++(2M), k-diffusion's
-    "midpoint").  A step into sigma = 0 returns D.
-    """
-    t = run.table
-    if t.sigma[i + 1] == 0:
-        return derivatives[0] * t.alpha[i + 1]
-    h, kappa, alpha_t = t.h[i], 1.0 + eta, t.alpha[i + 1]
-    decay = math.exp(-eta * h) if eta > 0 else 1.0  # eta = 0 and h = inf (flow sigma = 1) gives 1, not nan
-    out = x * (t.sigma[i + 1] / t.sigma[i] * decay)
-    for k, d in enumerate(derivatives):
-        out.add_(d, alpha=alpha_t * (psi(k + 1, kappa * h) / kappa ** k))
-    if midpoint is not None:
-        difference, factor = midpoint
-        out.add_(difference, alpha=alpha_t * 0.5 * psi(1, kappa * h) * factor)
-    if eta > 0 and s_noise > 0:
-        out.add_(noise(i), alpha=t.sigma[i + 1] * math.sqrt(-math.expm1(-2 * eta * h)) * s_noise)
+    """``data_prediction_step`` (drift) plus sigma_t sqrt(1 - e^{-2 eta h}) s_noise z; a step into 0 returns D."""
+    out = data_prediction_step(x, run.table, i, derivatives, eta=eta, midpoint=midpoint)
+    if eta > 0 and s_noise > 0 and run.table.sigma[i + 1] > 0:
+        out.add_(noise(i), alpha=data_prediction_noise_scale(run.table, i, eta) * s_noise)
     return out
 
 
 def _noise_sde_step(x, run, i, derivatives, eta, s_noise, noise, midpoint=None):
-    """x_t = (alpha_t/alpha_s) x_s - sigma_t kappa sum_k phi_{k+1}(h) eps^{(k)} + sigma_t sqrt(eta (e^{2h}-1)) z.
-
-    ``midpoint`` = (difference, factor) with factor * difference = h eps' takes the weight sigma_t kappa phi_1(h) / 2
-    (the paper's SDE-DPM-Solver-2M, diffusers' "midpoint").  Only for finite h (the callers send the other steps to
-    ``_data_sde_step``).
-    """
-    t = run.table
-    h, kappa, sigma_t = t.h[i], 1.0 + eta, t.sigma[i + 1]
-    out = x * (t.alpha[i + 1] / t.alpha[i])
-    for k, e in enumerate(derivatives):
-        out.add_(e, alpha=-sigma_t * kappa * phi(k + 1, h))
-    if midpoint is not None:
-        difference, factor = midpoint
-        out.add_(difference, alpha=-sigma_t * kappa * 0.5 * phi(1, h) * factor)
+    """``noise_prediction_step`` (drift) plus sigma_t sqrt(eta (e^{2h} - 1)) s_noise z; finite h only."""
+    out = noise_prediction_step(x, run.table, i, derivatives, eta=eta, midpoint=midpoint)
     if eta > 0 and s_noise > 0:
-        out.add_(noise(i), alpha=sigma_t * math.sqrt(eta * math.expm1(2 * h)) * s_noise)
+        out.add_(noise(i), alpha=noise_prediction_noise_scale(run.table, i, eta) * s_noise)
     return out
 
 
