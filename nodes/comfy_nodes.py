@@ -1,0 +1,165 @@
+"""ComfyUI V1 node classes: one SAMPLER node per ``options.SAMPLER_NODES`` entry, and the EMS compute / load / save
+nodes.  Imported only inside ComfyUI (see nodes/__init__.py)."""
+from __future__ import annotations
+
+import logging
+import os
+
+import comfy.samplers
+import folder_paths
+
+from . import comfy_ems, ems_store
+from .comfy_sampling import comfy_sampler_function, register_dropdown_samplers
+from .options import CATEGORY, NODE_PREFIX, SAMPLER_NODES
+
+logger = logging.getLogger("dpm_solver_nodes")
+
+EMS_CATEGORY = "sampling/custom_sampling/dpm_solver_v3"
+REDUCTIONS = ("per_channel", "scalar", "per_element")
+JVP_MODES = ("auto", "forward", "finite_difference")
+
+
+def sampler_node_class(spec):
+    """A V1 node class for a ``SamplerNodeSpec``: widgets -> options -> KSAMPLER(our function, options)."""
+
+    def input_types(cls):
+        types = {"required": dict(spec.widgets)}
+        if spec.optional:
+            types["optional"] = dict(spec.optional)
+        return types
+
+    def get_sampler(self, ems=None, **widgets):
+        name, options = spec.build(**widgets)
+        if ems is not None:
+            options["ems"] = ems
+        return (comfy.samplers.KSAMPLER(comfy_sampler_function(name), options),)
+
+    return type(spec.node_id, (), {
+        "INPUT_TYPES": classmethod(input_types),
+        "RETURN_TYPES": ("SAMPLER",),
+        "FUNCTION": "get_sampler",
+        "CATEGORY": CATEGORY,
+        "DESCRIPTION": spec.description,
+        "get_sampler": get_sampler,
+    })
+
+
+class ComputeEMS:
+    """Estimate DPM-Solver-v3 EMS for a model at one cfg, store them in models/dpm_solver_v3_ems, and return them.
+
+    Reuses a stored file made with the same model fingerprint and settings instead of recomputing; the KSampler
+    'dpmsolver_v3' entry and the DPM-Solver-v3 node find stored EMS by fingerprint without being wired to this node.
+    """
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL",),
+            "positive": ("CONDITIONING", {"tooltip": "prompts whose samples the statistics describe"}),
+            "negative": ("CONDITIONING",),
+            "cfg": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
+                              "tooltip": "EMS depend on the guidance scale: use the cfg you sample with"}),
+            "width": ("INT", {"default": 512, "min": 64, "max": 4096, "step": 8,
+                              "tooltip": "image width of the generated samples (per_element EMS fit only it)"}),
+            "height": ("INT", {"default": 512, "min": 64, "max": 4096, "step": 8}),
+            "grid_size": ("INT", {"default": 100, "min": 4, "max": 2000,
+                                  "tooltip": "N: log-SNR grid cells (50-250; matters below ~10 steps)"}),
+            "sample_count": ("INT", {"default": 128, "min": 2, "max": 8192,
+                                     "tooltip": "K: samples per grid node (matters most; the paper uses 1024)"}),
+            "reduction": (list(REDUCTIONS), {"default": "per_channel",
+                                             "tooltip": "per_channel works at every resolution"}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff}),
+        }, "optional": {
+            "x0_steps": ("INT", {"default": 20, "min": 2, "max": 500,
+                                 "tooltip": "DPM-Solver++(2M) steps used to generate the samples"}),
+            "batch_size": ("INT", {"default": 4, "min": 1, "max": 256, "tooltip": "samples per model call (memory)"}),
+            "guidance": (list(comfy_ems.GUIDANCE_MODES), {
+                "default": "guided", "tooltip": "guided: EMS of the CFG denoiser (the ODE that is solved); "
+                                                "uncond: of the negative-prompt network (the paper's reading)"}),
+            "jvp": (list(JVP_MODES), {"default": "auto", "tooltip": "auto: forward AD, finite differences if the "
+                                                                   "model does not support it"}),
+            "filename_prefix": ("STRING", {"default": "ems"}),
+            "recompute": ("BOOLEAN", {"default": False, "tooltip": "ignore a stored file with the same settings"}),
+        }}
+
+    RETURN_TYPES = ("EMS",)
+    RETURN_NAMES = ("ems",)
+    FUNCTION = "compute"
+    CATEGORY = EMS_CATEGORY
+    DESCRIPTION = __doc__
+
+    def compute(self, model, positive, negative, cfg, width, height, grid_size, sample_count, reduction, seed,
+                x0_steps=20, batch_size=4, guidance="guided", jvp="auto", filename_prefix="ems", recompute=False):
+        ems, path, source, seconds = comfy_ems.compute_or_load(
+            model, positive, negative, cfg, width, height, grid_size, sample_count, reduction, seed, x0_steps,
+            batch_size, guidance, jvp, filename_prefix, recompute)
+        info = {"file": os.path.basename(path), "source": source, "seconds": round(seconds, 3),
+                "fingerprint": ems.metadata.get("fingerprint", "")}
+        return {"ui": {"ems": [info]}, "result": (ems,)}
+
+
+class LoadEMS:
+    """Load EMS from models/dpm_solver_v3_ems (files written by 'DPM-Solver-v3 EMS compute' or 'save')."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"ems_name": (folder_paths.get_filename_list(ems_store.FOLDER_NAME),)}}
+
+    RETURN_TYPES = ("EMS",)
+    RETURN_NAMES = ("ems",)
+    FUNCTION = "load"
+    CATEGORY = EMS_CATEGORY
+    DESCRIPTION = __doc__
+
+    @classmethod
+    def IS_CHANGED(cls, ems_name):
+        path = folder_paths.get_full_path(ems_store.FOLDER_NAME, ems_name)
+        return os.path.getmtime(path) if path else ""
+
+    def load(self, ems_name):
+        from ..stats import load_ems
+
+        path = folder_paths.get_full_path(ems_store.FOLDER_NAME, ems_name)
+        if path is None:
+            raise ValueError(f"EMS file {ems_name!r} not found in models/{ems_store.FOLDER_NAME}")
+        return (load_ems(path),)
+
+
+class SaveEMS:
+    """Save EMS under a chosen name in models/dpm_solver_v3_ems (for the loader, or to share)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"ems": ("EMS",), "filename": ("STRING", {"default": "my_model_cfg7.5"})}}
+
+    RETURN_TYPES = ()
+    FUNCTION = "save"
+    OUTPUT_NODE = True
+    CATEGORY = EMS_CATEGORY
+    DESCRIPTION = __doc__
+
+    def save(self, ems, filename):
+        stem = ems_store.safe_stem(filename[:-len(ems_store.EXTENSION)] if filename.endswith(ems_store.EXTENSION)
+                                   else filename)
+        path = os.path.join(ems_store.write_folder(folder_paths), stem + ems_store.EXTENSION)
+        ems.save(path)
+        return {"ui": {"ems": [{"file": os.path.basename(path)}]}}
+
+
+def build_mappings():
+    """Register the EMS folder and the dropdown entries; return (NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS)."""
+    ems_store.register_folder(folder_paths)
+    register_dropdown_samplers()
+    classes, names = {}, {}
+    for spec in SAMPLER_NODES:
+        classes[spec.node_id] = sampler_node_class(spec)
+        names[spec.node_id] = spec.display_name
+    for node_id, cls, title in ((NODE_PREFIX + "ComputeEMS", ComputeEMS, "DPM-Solver-v3 EMS compute"),
+                                (NODE_PREFIX + "LoadEMS", LoadEMS, "DPM-Solver-v3 EMS load"),
+                                (NODE_PREFIX + "SaveEMS", SaveEMS, "DPM-Solver-v3 EMS save")):
+        classes[node_id] = cls
+        names[node_id] = title
+    return classes, names
+
+
+__all__ = ["build_mappings", "sampler_node_class", "ComputeEMS", "LoadEMS", "SaveEMS"]

@@ -1,0 +1,127 @@
+"""ComfyUI sampler functions over ``samplers``: model-kind detection at call time, the v3 EMS lookup, and the
+KSampler / KSamplerSelect dropdown entries (docs/hosts.md 1.2-1.3).
+
+Imported only inside ComfyUI.
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+from .. import samplers as library
+from .model_kind import find_attribute, model_kind_of_sampler_model
+from .options import DROPDOWN_SAMPLERS
+
+logger = logging.getLogger("dpm_solver_nodes")
+
+_logged_once = set()
+
+
+def log_once(key, level, message, *args):
+    if key in _logged_once:
+        return
+    _logged_once.add(key)
+    logger.log(level, message, *args)
+
+
+def comfy_sampler_function(name):
+    """``fn(model, x, sigmas, extra_args, callback, disable, **options)`` for ComfyUI's KSAMPLER: reads
+    ``model_kind`` from the sampled model's model_sampling, then calls ``samplers.SAMPLERS[name]``."""
+    if name == "dpm_solver_v3":
+        return sample_dpm_solver_v3
+    function = library.SAMPLERS[name]
+
+    def sample(model, x, sigmas, extra_args=None, callback=None, disable=None, **options):
+        kind = model_kind_of_sampler_model(model)
+        return function(model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable,
+                        model_kind=kind, **options)
+
+    sample.__name__ = f"sample_{name}"
+    sample.__doc__ = function.__doc__
+    return sample
+
+
+# ---- DPM-Solver-v3: EMS of the model being sampled ----------------------------------------------------------------
+
+def find_cached_ems(model, kind):
+    """The EMS stored for the model a sampler is running (found by fingerprint, nearest cfg), or None."""
+    from . import comfy_ems
+    from .fingerprint import model_fingerprint
+    from ..stats import load_ems
+
+    patcher = find_attribute(model, "model_patcher")
+    if patcher is None:
+        log_once(("no-patcher",), logging.WARNING,
+                 "DPM-Solver-v3: cannot identify the sampled model (no model_patcher); using the degenerate EMS")
+        return None
+    fingerprint = model_fingerprint(patcher)
+    cfg = find_attribute(model, "cfg")
+    path = comfy_ems.index().for_model(fingerprint, cfg)
+    if path is None:
+        log_once(("missing", fingerprint), logging.WARNING,
+                 "DPM-Solver-v3: no EMS stored for this model (fingerprint %s) in models/%s; sampling with the "
+                 "degenerate EMS (l = 1, s = b = 0, equivalent to DPM-Solver++). Compute them once with the "
+                 "'DPM-Solver-v3 EMS compute' node (DPMSolverNodes_ComputeEMS).",
+                 fingerprint[:16], comfy_ems.FOLDER_NAME)
+        return None
+    try:
+        ems = load_ems(path, expect={"model_kind": kind})
+    except ValueError as error:
+        log_once(("bad", path), logging.WARNING, "DPM-Solver-v3: ignoring EMS file %s (%s); using the degenerate "
+                                                 "EMS", path, error)
+        return None
+    ems_cfg = ems.metadata.get("cfg")
+    try:
+        differs = cfg is not None and ems_cfg is not None and not math.isclose(float(ems_cfg), float(cfg),
+                                                                               rel_tol=1e-6)
+    except ValueError:
+        differs = False
+    if differs:
+        log_once(("cfg", path, float(cfg)), logging.WARNING,
+                 "DPM-Solver-v3: EMS %s were computed at cfg %s, sampling at cfg %s; EMS depend on the guidance "
+                 "scale, compute them at this cfg for the best result", path, ems_cfg, cfg)
+    else:
+        log_once(("using", path), logging.INFO, "DPM-Solver-v3: using EMS %s", path)
+    return ems
+
+
+def sample_dpm_solver_v3(model, x, sigmas, extra_args=None, callback=None, disable=None, ems=None, **options):
+    """DPM-Solver-v3 for ComfyUI: ``ems`` given (node input) or the EMS cached for the sampled model, else the
+    degenerate EMS (logged once per model)."""
+    kind = model_kind_of_sampler_model(model)
+    if ems is None:
+        ems = find_cached_ems(model, kind)
+    return library.sample_dpm_solver_v3(model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable,
+                                        ems=ems, model_kind=kind, **options)
+
+
+# ---- KSampler dropdown -------------------------------------------------------------------------------------------
+
+def _dropdown_function(sampler, fixed):
+    function = comfy_sampler_function(sampler)
+
+    def sample(model, x, sigmas, extra_args=None, callback=None, disable=None, **options):
+        return function(model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable,
+                        **{**fixed, **options})
+
+    return sample
+
+
+def register_dropdown_samplers(comfy_samplers=None, k_diffusion_sampling=None):
+    """Add the DROPDOWN_SAMPLERS entries to KSampler/KSamplerSelect: ``sample_<name>`` on
+    comfy.k_diffusion.sampling (which ``ksampler(name)`` resolves) and the names appended in place to
+    KSAMPLER_NAMES and SAMPLER_NAMES (KSampler.SAMPLERS is the same list object).  Idempotent; never reloads a
+    module and never rebinds a list (docs/hosts.md 1.3)."""
+    if comfy_samplers is None:
+        import comfy.samplers as comfy_samplers
+    if k_diffusion_sampling is None:
+        import comfy.k_diffusion.sampling as k_diffusion_sampling
+    for name, (sampler, fixed) in DROPDOWN_SAMPLERS.items():
+        setattr(k_diffusion_sampling, "sample_" + name, _dropdown_function(sampler, fixed))
+        for names in (comfy_samplers.KSAMPLER_NAMES, comfy_samplers.SAMPLER_NAMES):
+            if name not in names:
+                names.append(name)
+    return list(DROPDOWN_SAMPLERS)
+
+
+__all__ = ["comfy_sampler_function", "sample_dpm_solver_v3", "register_dropdown_samplers", "find_cached_ems"]

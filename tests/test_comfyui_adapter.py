@@ -1,0 +1,404 @@
+"""Unit tests of the ComfyUI adapter's host-free parts (no ComfyUI needed): widget -> option mapping against the
+real sampler signatures and results, model-kind detection, the dropdown registration rules, the model fingerprint
+and the EMS file index.  The adapter against a real ComfyUI is tests/test_comfyui_integration.py."""
+from __future__ import annotations
+
+import inspect
+import math
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+
+from dpm_solver_nodes import samplers
+from dpm_solver_nodes.analytic.gaussian_mixture import GaussianMixture, reference_solution, sample_noise
+from dpm_solver_nodes.nodes import comfy_sampling, ems_store, fingerprint, model_kind, options
+from dpm_solver_nodes.stats import EMS
+
+
+# ---- model_sampling-like classes with ComfyUI's hierarchy (comfy/model_sampling.py, v0.3.64) ----------------------
+
+def _parameterizations():
+    module = types.SimpleNamespace()
+
+    class EPS:
+        pass
+
+    class V_PREDICTION(EPS):
+        pass
+
+    class EDM(V_PREDICTION):
+        pass
+
+    class X0(EPS):
+        pass
+
+    class IMG_TO_IMG(X0):
+        pass
+
+    class CONST:
+        pass
+
+    class COSMOS_RFLOW:
+        pass
+
+    class ModelSamplingDiscrete(torch.nn.Module):
+        def __init__(self, sigmas=None):
+            super().__init__()
+            sigmas = torch.linspace(0.03, 14.6, 1000) if sigmas is None else sigmas
+            self.register_buffer("sigmas", sigmas.float())
+
+    class ModelSamplingDiscreteFlow(torch.nn.Module):
+        def __init__(self, shift=1.0):
+            super().__init__()
+            self.shift = shift
+            t = torch.arange(1, 1001) / 1000
+            self.register_buffer("sigmas", shift * t / (1 + (shift - 1) * t))
+
+    for cls in (EPS, V_PREDICTION, EDM, X0, IMG_TO_IMG, CONST, COSMOS_RFLOW, ModelSamplingDiscrete,
+                ModelSamplingDiscreteFlow):
+        setattr(module, cls.__name__, cls)
+    return module
+
+
+P = _parameterizations()
+
+
+def _sampling(base, kind, **kwargs):
+    # ComfyUI builds these the same way: class ModelSampling(sampling_base, sampling_type)
+    return type("ModelSampling", (base, kind), {})(**kwargs)
+
+
+@pytest.mark.parametrize("kind_name, expected", [
+    ("EPS", "eps"), ("V_PREDICTION", "eps"), ("EDM", "eps"), ("X0", "eps"), ("IMG_TO_IMG", "eps"),
+    ("CONST", "flow")])
+def test_model_kind_from_parameterization(kind_name, expected):
+    ms = _sampling(P.ModelSamplingDiscrete, getattr(P, kind_name))
+    assert model_kind.detect_model_kind(ms, P) == expected
+
+
+def test_sd15_with_model_sampling_sd3_is_flow():
+    # an EPS checkpoint patched with ModelSamplingSD3 arrives as (ModelSamplingDiscreteFlow, CONST)
+    assert model_kind.detect_model_kind(_sampling(P.ModelSamplingDiscreteFlow, P.CONST, shift=3.0), P) == "flow"
+
+
+def test_unsupported_parameterization_is_refused_by_name():
+    with pytest.raises(ValueError, match="COSMOS_RFLOW"):
+        model_kind.detect_model_kind(_sampling(P.ModelSamplingDiscrete, P.COSMOS_RFLOW), P)
+    with pytest.raises(ValueError, match="no model_sampling"):
+        model_kind.detect_model_kind(None, P)
+
+
+def test_model_kind_read_through_the_sampler_wrapper_chain():
+    ms = _sampling(P.ModelSamplingDiscreteFlow, P.CONST)
+    base = types.SimpleNamespace(model_sampling=ms)
+    guider = types.SimpleNamespace(inner_model=base, cfg=5.0)
+    wrapper = types.SimpleNamespace(inner_model=guider)  # KSamplerX0Inpaint -> CFGGuider -> BaseModel
+    assert model_kind.model_kind_of_sampler_model(wrapper, P) == "flow"
+    assert model_kind.find_attribute(wrapper, "cfg") == 5.0
+
+
+# ---- option mapping -------------------------------------------------------------------------------------------
+
+def _bind(name, opts):
+    function = samplers.SAMPLERS[name]
+    parameters = inspect.signature(function).parameters
+    assert not any(p.kind is p.VAR_KEYWORD for p in parameters.values()), f"{name} is still a stub"
+    inspect.signature(function).bind(None, None, None, model_kind="eps", **opts)
+
+
+@pytest.mark.parametrize("spec", options.SAMPLER_NODES, ids=lambda s: s.node_id)
+def test_every_node_maps_its_widgets_to_real_sampler_options(spec):
+    assert spec.node_id.startswith(options.NODE_PREFIX)
+    name, opts = spec.build(**options.widget_defaults(spec))
+    _bind(name, opts)
+    # every choice of every combo maps to options the sampler accepts
+    for widget, (kind, _config) in spec.widgets.items():
+        if isinstance(kind, list):
+            for choice in kind:
+                name, opts = spec.build(**{**options.widget_defaults(spec), widget: choice})
+                _bind(name, opts)
+
+
+@pytest.mark.parametrize("entry", sorted(options.DROPDOWN_SAMPLERS))
+def test_dropdown_entries_name_real_samplers(entry):
+    assert entry.startswith(options.DROPDOWN_PREFIX)
+    name, fixed = options.DROPDOWN_SAMPLERS[entry]
+    _bind(name, fixed)
+
+
+def _library_defaults(name):
+    return {k: p.default for k, p in inspect.signature(samplers.SAMPLERS[name]).parameters.items()
+            if p.kind is p.KEYWORD_ONLY}
+
+
+@pytest.mark.parametrize("node_id", ["DPMSolverNodes_DPMSolverV3", "DPMSolverNodes_DPMSolverPP2M",
+                                     "DPMSolverNodes_DPMSolverPP3M", "DPMSolverNodes_DPMSolverAdaptive"])
+def test_node_defaults_equal_the_dropdown_entry(node_id):
+    """The dropdown entry runs the library defaults; the node's default widgets must mean the same options."""
+    spec = next(s for s in options.SAMPLER_NODES if s.node_id == node_id)
+    name, opts = spec.build(**options.widget_defaults(spec))
+    defaults = _library_defaults(name)
+    assert {k: v for k, v in opts.items() if defaults[k] != v} == {}
+
+
+def test_option_values_and_bad_choices():
+    v3 = next(s for s in options.SAMPLER_NODES if s.node_id == "DPMSolverNodes_DPMSolverV3")
+    widgets = options.widget_defaults(v3)
+    assert v3.build(**{**widgets, "corrector_region": "noisy half"})[1]["half"] == "noisy"
+    assert v3.build(**{**widgets, "corrector_region": "clean half"})[1]["half"] == "clean"
+    with pytest.raises(ValueError, match="corrector_region"):
+        v3.build(**{**widgets, "corrector_region": "middle"})
+    sde = next(s for s in options.SAMPLER_NODES if s.node_id == "DPMSolverNodes_DPMSolverSDE")
+    widgets = options.widget_defaults(sde)
+    assert sde.build(**{**widgets, "noise_device": "gpu"})[1]["noise_device"] == "latent"
+    with pytest.raises(ValueError, match="solver"):
+        sde.build(**{**widgets, "solver": "euler"})
+    pp2m = next(s for s in options.SAMPLER_NODES if s.node_id == "DPMSolverNodes_DPMSolverPP2M")
+    widgets = options.widget_defaults(pp2m)
+    assert [pp2m.build(**{**widgets, "lower_order_final": v})[1]["lower_order_final"] for v in ("auto", "on", "off")] \
+        == [None, True, False]
+    assert "threshold_percentile" not in pp2m.build(**widgets)[1]
+    assert pp2m.build(**{**widgets, "thresholding": True})[1]["threshold_percentile"] == 0.995
+
+
+ODE_NODES = ["DPMSolverNodes_DPMSolver", "DPMSolverNodes_DPMSolverPP2S", "DPMSolverNodes_DPMSolverPP2M",
+             "DPMSolverNodes_DPMSolverPP3M", "DPMSolverNodes_DDIM", "DPMSolverNodes_PNDM",
+             "DPMSolverNodes_DPMSolverV3", "DPMSolverNodes_DPMSolverAdaptive"]
+
+
+def _node_error(name, opts, kind, steps):
+    mixture = GaussianMixture.random(dim=8, components=5, seed=1)
+    denoiser = mixture.denoiser(kind)
+    if kind == "eps":
+        sigmas = torch.cat([torch.exp(torch.linspace(math.log(20.0), math.log(0.02), steps)), torch.zeros(1)])
+    else:
+        sigmas = torch.cat([torch.linspace(0.999, 0.02, steps), torch.zeros(1)])
+    x = sample_noise(4, (8,), seed=3) * (sigmas[0] if kind == "eps" else 1.0)
+    reference = reference_solution(denoiser, x, float(sigmas[0]), 0.0, model_kind=kind)
+    result = samplers.SAMPLERS[name](denoiser, x, sigmas.double(), disable=True, model_kind=kind, **opts)
+    assert torch.isfinite(result).all()
+    return float((result - reference).norm() / reference.norm())
+
+
+@pytest.mark.parametrize("kind", ["eps", "flow"])
+@pytest.mark.parametrize("node_id", ODE_NODES)
+def test_node_defaults_solve_the_ode(node_id, kind):
+    """Each ODE node with its default widgets, called as the adapter calls it, converges to the DOP853 solution of
+    the exact Gaussian mixture's ODE on both model kinds (measured: 12 -> 24 steps cuts the error 2.5-14x; the
+    adaptive solver ignores the step count and stays at its tolerance)."""
+    spec = next(s for s in options.SAMPLER_NODES if s.node_id == node_id)
+    name, opts = spec.build(**options.widget_defaults(spec))
+    coarse, fine = _node_error(name, opts, kind, 12), _node_error(name, opts, kind, 24)
+    assert fine < 0.05, f"{node_id} ({kind}): relative error {fine:.3g} at 24 steps"
+    if name != "dpm_solver_adaptive":
+        assert fine < 0.5 * coarse, f"{node_id} ({kind}): no convergence, {coarse:.3g} -> {fine:.3g}"
+
+
+# ---- dropdown registration (docs/hosts.md 1.3) ------------------------------------------------------------------
+
+def _fake_comfy_lists():
+    ksampler_names = ["euler", "dpmpp_2m"]
+    sampler_names = ksampler_names + ["ddim", "uni_pc", "uni_pc_bh2"]  # a copy, as in comfy/samplers.py
+    module = types.SimpleNamespace(KSAMPLER_NAMES=ksampler_names, SAMPLER_NAMES=sampler_names)
+    module.KSampler = types.SimpleNamespace(SAMPLERS=sampler_names)
+    return module, types.SimpleNamespace()
+
+
+def test_dropdown_registration_in_place_and_idempotent():
+    comfy_samplers, k_sampling = _fake_comfy_lists()
+    lists = (comfy_samplers.KSAMPLER_NAMES, comfy_samplers.SAMPLER_NAMES)
+    comfy_sampling.register_dropdown_samplers(comfy_samplers, k_sampling)
+    comfy_sampling.register_dropdown_samplers(comfy_samplers, k_sampling)
+    assert (comfy_samplers.KSAMPLER_NAMES, comfy_samplers.SAMPLER_NAMES) == lists  # never rebound
+    assert comfy_samplers.KSAMPLER_NAMES is lists[0] and comfy_samplers.SAMPLER_NAMES is lists[1]
+    for name in options.DROPDOWN_SAMPLERS:
+        assert comfy_samplers.SAMPLER_NAMES.count(name) == 1
+        assert comfy_samplers.KSAMPLER_NAMES.count(name) == 1
+        assert callable(getattr(k_sampling, "sample_" + name))
+    assert name in comfy_samplers.KSampler.SAMPLERS  # the combo list object sees the entries
+    assert comfy_samplers.SAMPLER_NAMES[:5] == ["euler", "dpmpp_2m", "ddim", "uni_pc", "uni_pc_bh2"]
+
+
+@pytest.fixture
+def fake_comfy_model_sampling(monkeypatch):
+    comfy = types.ModuleType("comfy")
+    module = types.ModuleType("comfy.model_sampling")
+    for name in ("EPS", "V_PREDICTION", "EDM", "X0", "CONST", "COSMOS_RFLOW"):
+        setattr(module, name, getattr(P, name))
+    comfy.model_sampling = module
+    monkeypatch.setitem(sys.modules, "comfy", comfy)
+    monkeypatch.setitem(sys.modules, "comfy.model_sampling", module)
+
+
+@pytest.mark.parametrize("kind", ["eps", "flow"])
+def test_dropdown_function_reads_model_kind_and_equals_library_call(fake_comfy_model_sampling, kind):
+    mixture = GaussianMixture.random(dim=8, components=3, seed=2)
+    denoiser = mixture.denoiser(kind)
+    ms = _sampling(P.ModelSamplingDiscreteFlow if kind == "flow" else P.ModelSamplingDiscrete,
+                   P.CONST if kind == "flow" else P.EPS)
+
+    class Wrapper:  # KSamplerX0Inpaint -> CFGGuider -> BaseModel
+        inner_model = types.SimpleNamespace(inner_model=types.SimpleNamespace(model_sampling=ms))
+
+        def __call__(self, x, sigma, **extra):
+            return denoiser(x, sigma)
+
+    comfy_samplers, k_sampling = _fake_comfy_lists()
+    comfy_sampling.register_dropdown_samplers(comfy_samplers, k_sampling)
+    sigmas = torch.tensor([0.9, 0.5, 0.2, 0.05, 0.0] if kind == "flow" else [14.0, 3.0, 0.8, 0.1, 0.0],
+                          dtype=torch.float64)
+    x = sample_noise(2, (8,), seed=5)
+    ours = k_sampling.sample_dpmsolver_pp_3m(Wrapper(), x, sigmas, extra_args={}, disable=True)
+    direct = samplers.sample_dpmpp_3m(denoiser, x, sigmas, disable=True, model_kind=kind)
+    assert torch.equal(ours, direct)
+    if kind == "flow":  # model_kind matters, so reading it right is tested
+        assert not torch.allclose(ours, samplers.sample_dpmpp_3m(denoiser, x, sigmas, disable=True, model_kind="eps"))
+
+
+# ---- fingerprint ----------------------------------------------------------------------------------------------
+
+class _LatentFormat:
+    latent_channels = 4
+
+
+class _Config:
+    pass
+
+
+class _Base(torch.nn.Module):
+    def __init__(self, seed=0, channels=4, width=16):
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        self.diffusion_model = torch.nn.Sequential(*[torch.nn.Linear(width, width, bias=False) for _ in range(40)])
+        with torch.no_grad():
+            for p in self.diffusion_model.parameters():
+                p.copy_(torch.randn(p.shape, generator=generator))
+        self.latent_format = _LatentFormat()
+        self.latent_format.latent_channels = channels
+        self.model_config = _Config()
+        self.model_sampling = _sampling(P.ModelSamplingDiscrete, P.EPS)
+
+
+class _Patcher:
+    """The parts of comfy.model_patcher.ModelPatcher the fingerprint reads."""
+
+    def __init__(self, base):
+        self.model = base
+        self.patches = {}
+        self.backup = {}
+        self.object_patches = {}
+
+    def get_model_object(self, name):
+        return self.object_patches.get(name, getattr(self.model, name))
+
+
+def _fp(patcher):
+    return fingerprint.model_fingerprint(patcher)
+
+
+def test_fingerprint_stable_for_equal_models_and_across_processes():
+    a, b = _fp(_Patcher(_Base(seed=0))), _fp(_Patcher(_Base(seed=0)))
+    assert a == b and len(a) == 32
+    code = ("import sys; sys.path.insert(0, 'tests'); import conftest; "
+            "from test_comfyui_adapter import _fp, _Patcher, _Base; print(_fp(_Patcher(_Base(seed=0))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(
+        __import__("pathlib").Path(__file__).resolve().parents[1]), timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == a
+
+
+def test_fingerprint_changes_with_weights_channels_and_model_sampling():
+    reference = _fp(_Patcher(_Base(seed=0)))
+    assert _fp(_Patcher(_Base(seed=1))) != reference
+    base = _Base(seed=0)
+    first = sorted(fingerprint.base_weights(_Patcher(base)))[0]  # sampled: every 16th name in sorted order
+    with torch.no_grad():
+        dict(base.named_parameters())[first].view(-1)[0] += 1e-2
+    assert _fp(_Patcher(base)) != reference
+    assert _fp(_Patcher(_Base(seed=0, channels=16))) != reference
+    assert _fp(_Patcher(_Base(seed=0, width=17))) != reference
+    patcher = _Patcher(_Base(seed=0))  # zero-terminal-SNR-like change of the sigma table
+    sigmas = torch.linspace(0.03, 14.6, 1000)
+    sigmas[-1] = 4096.0
+    patcher.object_patches["model_sampling"] = _sampling(P.ModelSamplingDiscrete, P.EPS, sigmas=sigmas)
+    assert _fp(patcher) != reference
+    patcher.object_patches["model_sampling"] = _sampling(P.ModelSamplingDiscrete, P.V_PREDICTION)
+    assert _fp(patcher) != reference  # same sigmas, other parameterization
+    shifted = [_Patcher(_Base(seed=0)) for _ in range(2)]
+    for p, shift in zip(shifted, (1.0, 3.0)):
+        p.object_patches["model_sampling"] = _sampling(P.ModelSamplingDiscreteFlow, P.CONST, shift=shift)
+    assert len({_fp(shifted[0]), _fp(shifted[1]), reference}) == 3
+
+
+def _lora(base, key, strength, seed):
+    generator = torch.Generator().manual_seed(seed)
+    weight = dict(base.named_parameters())[key]
+    up, down = torch.randn(weight.shape[0], 2, generator=generator), torch.randn(2, weight.shape[1],
+                                                                                  generator=generator)
+    adapter = types.SimpleNamespace(weights=(up, down, None, None, None, None))
+    return [(strength, adapter, 1.0, None, None)]
+
+
+def test_fingerprint_changes_with_lora_patches_and_strength():
+    key = "diffusion_model.5.weight"
+    reference = _fp(_Patcher(_Base(seed=0)))
+    fingerprints = set()
+    for strength, seed in ((1.0, 0), (0.5, 0), (1.0, 1)):
+        patcher = _Patcher(_Base(seed=0))
+        patcher.patches[key] = _lora(patcher.model, key, strength, seed)
+        fingerprints.add(_fp(patcher))
+    assert len(fingerprints) == 3 and reference not in fingerprints
+
+
+def test_fingerprint_ignores_in_place_patching_and_dtype():
+    """ComfyUI patches LoRAs into the weights while a model is loaded and keeps the originals in ``backup``; the
+    fingerprint must be the same before and during sampling, and for an fp16 load of the same weights."""
+    patcher = _Patcher(_Base(seed=0))
+    key = [k for k in sorted(fingerprint.base_weights(patcher)) if k.endswith("weight")][0]
+    assert sorted(fingerprint.base_weights(patcher)).index(key) % fingerprint.WEIGHT_EVERY == 0  # sampled
+    patcher.patches[key] = _lora(patcher.model, key, 1.0, 0)
+    before = _fp(patcher)
+    weight = dict(patcher.model.named_parameters())[key]
+    patcher.backup[key] = types.SimpleNamespace(weight=weight.detach().clone(), inplace_update=True)
+    with torch.no_grad():
+        weight += 0.5
+    assert _fp(patcher) == before
+    half = _Patcher(_Base(seed=0).half())
+    assert _fp(half) == _fp(_Patcher(_Base(seed=0)))
+
+
+# ---- EMS files --------------------------------------------------------------------------------------------------
+
+def _ems_file(folder, name, fingerprint_value, cfg, key="k"):
+    ems = EMS.degenerate(torch.linspace(-2.6, 3.5, 5), channels=4)
+    ems.metadata.update({"fingerprint": fingerprint_value, "cfg": repr(cfg), "cache_key": key, "model_kind": "eps"})
+    return ems.save(folder / name)
+
+
+def test_ems_index_finds_by_fingerprint_nearest_cfg_and_cache_key(tmp_path):
+    (tmp_path / "sub").mkdir()
+    _ems_file(tmp_path, "a.safetensors", "fp1", 7.5, key="key-a")
+    _ems_file(tmp_path / "sub", "b.safetensors", "fp1", 4.0, key="key-b")
+    _ems_file(tmp_path, "c.safetensors", "fp2", 7.5, key="key-c")
+    (tmp_path / "broken.safetensors").write_bytes(b"not a safetensors file")
+    index = ems_store.EMSIndex(lambda: [str(tmp_path), str(tmp_path / "missing")])
+    assert index.for_model("fp1", 7.0).endswith("a.safetensors")
+    assert index.for_model("fp1", 5.0).endswith("b.safetensors")
+    assert index.for_model("fp2", 1.0).endswith("c.safetensors")
+    assert index.for_model("fp3", 7.5) is None
+    assert index.by_cache_key("key-b").endswith("b.safetensors")
+    assert index.by_cache_key("nope") is None
+    _ems_file(tmp_path, "a.safetensors", "fp9", 7.5, key="key-a")  # rewritten file: header re-read
+    assert index.for_model("fp1", 7.0).endswith("b.safetensors")
+
+
+def test_cache_key_and_file_names():
+    settings = {"fingerprint": "f", "cfg": 7.5, "N": 100}
+    assert ems_store.cache_key(settings) == ems_store.cache_key(dict(reversed(settings.items())))
+    assert ems_store.cache_key(settings) != ems_store.cache_key({**settings, "cfg": 7.0})
+    assert ems_store.safe_stem("../../etc/passwd") == "etc_passwd"
+    assert ems_store.safe_stem("") == "ems"
+    assert ems_store.file_name("sd15 cfg7.5", "0123456789abcdef0123") == "sd15_cfg7.5-0123456789abcdef.safetensors"
