@@ -1,0 +1,518 @@
+"""Estimating a model's empirical model statistics (EMS) for DPM-Solver-v3 (Zheng et al. 2023, Eq. 5 and 11).
+
+Coordinates: everything is computed in VE coordinates, x~ = x0 + sigma~ z, lambda = -log sigma~.  Eps models use
+the host's x and sigma as they are; flow models (x = (1 - sigma) x0 + sigma z) use sigma~ = sigma / (1 - sigma),
+x~ = x / (1 - sigma), so D~(x~, sigma~) = D((1 - sigma) x~, sigma) with sigma = sigma~ / (1 + sigma~).
+
+The one-pass estimator (docs/dpm_solver_v3.md section 3.1).  At each of the N + 1 grid nodes (uniform in lambda,
+index 0 the noisiest) and for each sample x0_k, with Gaussian noise z and a Rademacher probe v:
+
+    x = x0 + sigma~ z,   D = D~(x, sigma~),
+    u = v * (dD/dx) v                      Hutchinson: E[u] = diag of the Jacobian, l = 1 - E[u]
+    D' = dD/dlambda along (dx, dlambda) = (D - x, 1)   one JVP of (x, lambda) -> D~(x, e^-lambda)
+
+and float64 moments are accumulated per statistic element with Chan's pairwise updates: the means of u, x, D, D'
+and the centred co-moments C_xx, C_xD, C_xD', C_DD, C_DD'.  Afterwards, with a = 1 - l and m = dl/dlambda (central
+differences, then a moving average of +-``smooth`` nodes, section 3.3),
+
+    f = a x - D,   f' = -(m + a) x + a D - D'
+    Var f = a^2 C_xx - 2a C_xD + C_DD
+    Cov(f, f') = -a(m + a) C_xx + (a^2 + m + a) C_xD - a C_xD' - a C_DD + C_DD'
+    s = Cov(f, f') / Var f   (s = 0 where Var f is below a relative floor: constant f, e.g. a single Gaussian)
+    b = E f' - s E f
+
+which is the element-wise least-squares fit f' ~ s f + b of the paper (Eq. 11).  Reductions ("per_channel",
+"scalar") pool the observations of all elements of a channel (or of the latent) into the same moments, so l is the
+pooled mean and s, b the pooled least-squares fit about the pooled means (section 3.4).
+
+Monte-Carlo standard errors: the K samples are split into ``error_groups`` contiguous groups whose moments are kept
+apart; l, s, b are recomputed with each group left out and the jackknife variance
+(G - 1)/G * sum_g (theta_(-g) - mean theta_(-g))^2 gives the standard errors in ``EMS.standard_errors`` ("l", "s",
+"b").  The jackknife propagates the noise of l through m = dl/dlambda into s and b.
+
+Cost in model evaluations (one "row" is one sample through the model):
+    forward AD:          (N + 1) * K * (n_probes + 1) JVP rows  (a JVP row costs about 2-3 forward rows)
+    finite differences:  (N + 1) * K * (3 + 2 * n_probes) forward rows
+plus 10 forward rows for the quantised-timestep check.  N = 100, K = 256 and forward AD is 51,712 JVP rows.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import math
+import time
+
+import torch
+
+from ..samplers.common import NonFiniteError
+from ..samplers.schedule import check_model_kind
+from .ems import EMS
+
+logger = logging.getLogger("dpm_solver_nodes")
+
+ESTIMATOR_VERSION = "1"
+REDUCTIONS = ("per_element", "per_channel", "scalar")
+JVP_BACKENDS = ("auto", "forward", "finite_difference")
+DEFAULT_N = 100
+DEFAULT_BATCH_SIZE = 8
+DEFAULT_SMOOTH = 5
+DEFAULT_ERROR_GROUPS = 8
+RELATIVE_VARIANCE_FLOOR = 1e-10
+
+# moments kept per (group, node, statistic element)
+MEAN_NAMES = ("u", "x", "D", "Ddot")
+COMOMENT_PAIRS = (("x", "x"), ("x", "D"), ("x", "Ddot"), ("D", "D"), ("D", "Ddot"))
+
+
+class EstimationInterrupted(RuntimeError):
+    """Raised when ``should_stop()`` returns True; ``.state`` (an ``EstimationState``) resumes the run."""
+
+    def __init__(self, state):
+        super().__init__(f"EMS estimation interrupted at node {state.node} of {state.settings['N'] + 1}, "
+                         f"{state.samples_done} samples into it; pass exception.state as resume_state to continue")
+        self.state = state
+
+
+@dataclasses.dataclass
+class EstimationState:
+    """Partial sums of an interrupted (or finished) ``estimate_ems`` run.
+
+    Any exception raised inside the estimation loop (``EstimationInterrupted``, an exception from ``progress`` or
+    ``should_stop``, an out-of-memory error) carries the state as ``exception.estimation_state`` (and
+    ``EstimationInterrupted.state``).  Pass it back as ``resume_state`` with the same model, x0 and settings to
+    continue; ``batch_size`` and the JVP back-end may change.  Picklable (``torch.save``).
+
+    Fields: ``settings`` (what the run depends on; checked on resume), ``node`` (the node in progress),
+    ``samples_done`` (samples of that node already accumulated), ``count`` (G, N + 1) observation counts,
+    ``means`` (4, G, N + 1, P), ``comoments`` (5, G, N + 1, P) float64 on the CPU, ``backend`` (the JVP back-end
+    in use), ``forward_rows`` / ``jvp_rows`` (model evaluations so far), ``seconds`` (time spent).
+    """
+
+    settings: dict
+    node: int
+    samples_done: int
+    count: torch.Tensor
+    means: torch.Tensor
+    comoments: torch.Tensor
+    backend: str
+    forward_rows: int = 0
+    jvp_rows: int = 0
+    seconds: float = 0.0
+
+    @property
+    def finished(self) -> bool:
+        return self.node > self.settings["N"]
+
+
+def _stat_layout(latent_shape, reduction):
+    """(stat_shape, P, r): the statistics' shape, elements per sample in it, observations pooled into each."""
+    channels, rest = latent_shape[0], math.prod(latent_shape[1:])
+    if reduction == "per_element":
+        return tuple(latent_shape), channels * rest, 1
+    if reduction == "per_channel":
+        return (channels,) + (1,) * (len(latent_shape) - 1), channels, rest
+    return (1,) * len(latent_shape), 1, channels * rest
+
+
+def _x0_digest(x0) -> str:
+    flat = x0.detach().reshape(-1)
+    head = flat[:4096].to("cpu", torch.float64)
+    digest = hashlib.sha256(repr(tuple(x0.shape)).encode())
+    digest.update(head.numpy().tobytes())
+    digest.update(repr(float(flat.to(torch.float64).sum())).encode())
+    return digest.hexdigest()[:16]
+
+
+def _noise(settings, node, shape, dtype, device):
+    """z and the Rademacher probes v (n_probes, K, ...) of one node; the same at every node with ``crn``."""
+    index = -1 if settings["crn"] else node
+    generator = torch.Generator().manual_seed((settings["seed"] * 1_000_003 + index + 1) % (2 ** 63))
+    noise_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    z = torch.randn(shape, generator=generator, dtype=noise_dtype)
+    v = torch.randint(0, 2, (settings["n_probes"],) + tuple(shape), generator=generator, dtype=torch.int8)
+    return z.to(device, dtype), (v.to(noise_dtype) * 2 - 1).to(device, dtype)
+
+
+class _VEDenoiser:
+    """(x~, lambda) -> D~(x~, e^-lambda) in VE coordinates for the host's ``model(x, sigma, **extra_args)``."""
+
+    def __init__(self, model, model_kind, extra_args):
+        self.model, self.model_kind, self.extra_args = model, model_kind, extra_args or {}
+
+    def __call__(self, x, lam):
+        view = (-1,) + (1,) * (x.ndim - 1)
+        if self.model_kind == "flow":
+            # sigma = sigma~ / (1 + sigma~) = sigmoid(-lambda) and 1 - sigma = sigmoid(lambda)
+            return self.model(x * torch.sigmoid(lam).reshape(view), torch.sigmoid(-lam), **self.extra_args)
+        return self.model(x, torch.exp(-lam), **self.extra_args)
+
+
+def _forward_jvp(function, primals, tangents):
+    # ComfyUI runs nodes under inference_mode; forward AD needs it off, and no_grad (not enable_grad) so inference
+    # tensors are never saved for backward (docs/hosts.md 1.6).
+    with torch.inference_mode(False), torch.no_grad():
+        primals = tuple(p.clone() for p in primals)
+        tangents = tuple(t.clone() for t in tangents)
+        return torch.func.jvp(function, primals, tangents)
+
+
+def _derivatives_forward(denoise, x, lam, probes):
+    """D, [(dD/dx) v for v in probes], D' with forward-mode AD: n_probes + 1 JVPs."""
+    zero = torch.zeros_like(lam)
+    denoised, jv_first = _forward_jvp(denoise, (x, lam), (probes[0], zero))
+    jvs = [jv_first] + [_forward_jvp(denoise, (x, lam), (v, zero))[1] for v in probes[1:]]
+    _, ddot = _forward_jvp(denoise, (x, lam), (denoised - x, torch.ones_like(lam)))
+    if all(not bool(t.any()) for t in jvs) and not bool(ddot.any()):
+        raise RuntimeError("forward AD returned identically zero tangents (the model detaches its input)")
+    return denoised, jvs, ddot
+
+
+def _derivatives_finite_difference(denoise, x, lam, probes, x_step, step):
+    """The same by central differences: J v ~ [D(x + hv) - D(x - hv)] / 2h with h = ``x_step``, and
+    D' ~ [D(x + h(D - x), lambda + h) - D(x - h(D - x), lambda - h)] / 2h with h = ``step`` (in lambda)."""
+    n = x.shape[0]
+    inputs = [x] + [x + sign * x_step * v for v in probes for sign in (1, -1)]
+    outputs = denoise(torch.cat(inputs), lam.repeat(len(inputs)))
+    denoised = outputs[:n]
+    jvs = [(outputs[(2 * i + 1) * n:(2 * i + 2) * n] - outputs[(2 * i + 2) * n:(2 * i + 3) * n]) / (2 * x_step)
+           for i in range(len(probes))]
+    direction = denoised - x
+    shifted = denoise(torch.cat([x + step * direction, x - step * direction]), torch.cat([lam + step, lam - step]))
+    ddot = (shifted[:n] - shifted[n:]) / (2 * step)
+    return denoised, jvs, ddot
+
+
+def _merge(count, means, comoments, n_new, means_new, comoments_new):
+    """Chan et al.'s pairwise update of (count, means, centred co-moments) with a batch's own moments."""
+    total = count + n_new
+    weight = torch.where(total > 0, n_new / total.clamp(min=1), torch.zeros_like(total))
+    delta = means_new - means
+    index = {name: i for i, name in enumerate(MEAN_NAMES)}
+    cross = (count * n_new / total.clamp(min=1))
+    updated = comoments + comoments_new
+    for k, (p, q) in enumerate(COMOMENT_PAIRS):
+        updated[k] = updated[k] + delta[index[p]] * delta[index[q]] * cross
+    return total, means + delta * weight, updated
+
+
+def _batch_moments(observations):
+    """observations: dict name -> (n, P, r) float64 -> count, means (4, P), centred co-moments (5, P)."""
+    n = observations["x"].shape[0] * observations["x"].shape[2]
+    means = torch.stack([observations[name].mean(dim=(0, 2)) for name in MEAN_NAMES])
+    centred = {name: observations[name] - means[i][None, :, None] for i, name in enumerate(MEAN_NAMES)}
+    comoments = torch.stack([(centred[p] * centred[q]).sum(dim=(0, 2)) for p, q in COMOMENT_PAIRS])
+    return n, means, comoments
+
+
+def _accumulate(state, node, groups, observations):
+    """Merge one chunk (samples with group indices ``groups``) into the state's moments at ``node``."""
+    for group in torch.unique(groups).tolist():
+        rows = groups == group
+        n, means, comoments = _batch_moments({k: v[rows] for k, v in observations.items()})
+        count = state.count[group, node]
+        total, new_means, new_comoments = _merge(
+            count, state.means[:, group, node], state.comoments[:, group, node], float(n), means, comoments)
+        state.count[group, node] = total
+        state.means[:, group, node] = new_means
+        state.comoments[:, group, node] = new_comoments
+
+
+def _pool_groups(count, means, comoments, keep):
+    """Moments of the union of the groups selected by the boolean mask ``keep`` (G,)."""
+    c = count[keep]                                        # (g, nodes)
+    total = c.sum(0)                                       # (nodes,)
+    weights = (c / total.clamp(min=1e-300))[None, :, :, None]
+    pooled = (means[:, keep] * weights).sum(1)             # (4, nodes, P)
+    delta = means[:, keep] - pooled[:, None]               # (4, g, nodes, P)
+    index = {name: i for i, name in enumerate(MEAN_NAMES)}
+    spread = torch.stack([(delta[index[p]] * delta[index[q]] * c[:, :, None]).sum(0) for p, q in COMOMENT_PAIRS])
+    return total, pooled, comoments[:, keep].sum(1) + spread
+
+
+def smoothed_derivative(values, lambdas, smooth=DEFAULT_SMOOTH):
+    """d values / d lambda along dim 0: central differences (one-sided at the ends), then a moving average over
+    +-``smooth`` nodes truncated at the edges (the official script's ``smooth=5``; docs section 3.3)."""
+    derivative = torch.gradient(values, spacing=(lambdas,), dim=0, edge_order=1)[0]
+    if smooth <= 0:
+        return derivative
+    rows = values.shape[0]
+    padded = torch.cat([torch.zeros_like(derivative[:1]), derivative.cumsum(0)])
+    lo = torch.clamp(torch.arange(rows) - smooth, min=0)
+    hi = torch.clamp(torch.arange(rows) + smooth + 1, max=rows)
+    view = (-1,) + (1,) * (values.ndim - 1)
+    return (padded[hi] - padded[lo]) / (hi - lo).to(values.dtype).reshape(view)
+
+
+def statistics_from_moments(count, means, comoments, lambdas, smooth=DEFAULT_SMOOTH,
+                            relative_floor=RELATIVE_VARIANCE_FLOOR):
+    """l, s, b (nodes, P) from pooled moments (docs section 3.1, one-pass formulas)."""
+    mean = dict(zip(MEAN_NAMES, means))
+    cov = {pair: comoments[k] / count[:, None].clamp(min=1) for k, pair in enumerate(COMOMENT_PAIRS)}
+    cxx, cxd, cxdd, cdd, cddd = (cov[pair] for pair in COMOMENT_PAIRS)
+    l = 1 - mean["u"]
+    m = smoothed_derivative(l, lambdas, smooth)
+    a = 1 - l
+    var_f = a * a * cxx - 2 * a * cxd + cdd
+    cov_ff = -a * (m + a) * cxx + (a * a + m + a) * cxd - a * cxdd - a * cdd + cddd
+    floor = relative_floor * (a * a * cxx.abs() + cdd.abs())
+    s = torch.where(var_f > floor, cov_ff / torch.where(var_f > floor, var_f, torch.ones_like(var_f)),
+                    torch.zeros_like(var_f))
+    mean_f = a * mean["x"] - mean["D"]
+    mean_df = -(m + a) * mean["x"] + a * mean["D"] - mean["Ddot"]
+    b = mean_df - s * mean_f
+    return tuple(torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0) for t in (l, s, b))
+
+
+def _finish(state, lambdas, stat_shape, smooth):
+    groups = state.count.shape[0]
+    everything = torch.ones(groups, dtype=torch.bool)
+    stats = statistics_from_moments(*_pool_groups(state.count, state.means, state.comoments, everything), lambdas,
+                                    smooth)
+    errors = None
+    if groups >= 2:
+        replicas = []
+        for g in range(groups):
+            keep = everything.clone()
+            keep[g] = False
+            replicas.append(statistics_from_moments(
+                *_pool_groups(state.count, state.means, state.comoments, keep), lambdas, smooth))
+        errors = {}
+        for i, name in enumerate(("l", "s", "b")):
+            values = torch.stack([r[i] for r in replicas])
+            spread = ((values - values.mean(0)) ** 2).sum(0) * (groups - 1) / groups
+            errors[name] = spread.sqrt().reshape((-1,) + stat_shape)
+    return tuple(t.reshape((-1,) + stat_shape) for t in stats), errors
+
+
+def _check_quantised_timestep(denoise, x0, z, lambdas):
+    """Raise ValueError when the model's output does not change between sigma and sigma * (1 + 1e-3) at most of
+    five grid nodes: a host that rounds sigma to an integer timestep makes dD/dlambda = 0 (docs section 7)."""
+    nodes = sorted({round(i * (len(lambdas) - 1) / 4) for i in range(5)})
+    identical = []
+    for j in nodes:
+        lam = lambdas[j].to(x0.dtype).reshape(1).to(x0.device)
+        x = x0[:1] + torch.exp(-lam) * z[:1]
+        pair = denoise(torch.cat([x, x]), torch.cat([lam, lam - math.log1p(1e-3)]))
+        if not torch.isfinite(pair).all():
+            raise NonFiniteError(f"the model returned NaN or inf at sigma~ = {math.exp(-float(lambdas[j])):.6g} "
+                                 "during the EMS timestep check")
+        identical.append(torch.equal(pair[0], pair[1]))
+    if sum(identical) * 2 > len(nodes):
+        raise ValueError(
+            "the model's output is bitwise identical at sigma and sigma * (1 + 1e-3) at "
+            f"{sum(identical)} of {len(nodes)} test points: the host maps sigma to a quantised (integer) timestep, "
+            "so dD/dlambda = 0 and the EMS would be wrong.  Pass a model with a continuous sigma -> timestep map "
+            "(ComfyUI: patch model_sampling to interpolate the index in log sigma; A1111: sigma_to_t without "
+            "rounding)")
+    return 2 * len(nodes)
+
+
+def _validate(x0, sigma_min, sigma_max, model_kind, N, K, reduction, jvp, fd_step, n_probes, smooth, batch_size,
+              error_groups):
+    check_model_kind(model_kind)
+    if not isinstance(x0, torch.Tensor) or x0.ndim != 4:
+        raise ValueError(f"x0 must be a tensor of clean latents shaped (K, C, H, W), got "
+                         f"{getattr(x0, 'shape', type(x0))}")
+    if not x0.is_floating_point() or not torch.isfinite(x0).all():
+        raise ValueError("x0 must be a floating-point tensor without NaN or inf")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if jvp not in JVP_BACKENDS:
+        raise ValueError(f"jvp must be one of {JVP_BACKENDS}, got {jvp!r}")
+    for name, value in (("N", N), ("n_probes", n_probes), ("batch_size", batch_size),
+                        ("error_groups", error_groups)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if isinstance(K, bool) or not isinstance(K, int) or not 2 <= K <= x0.shape[0]:
+        raise ValueError(f"K must be an integer between 2 and len(x0) = {x0.shape[0]}, got {K!r}")
+    if isinstance(smooth, bool) or not isinstance(smooth, int) or smooth < 0:
+        raise ValueError(f"smooth must be an integer >= 0, got {smooth!r}")
+    if not (isinstance(fd_step, (int, float)) and 0 < fd_step < 0.1):
+        raise ValueError(f"fd_step must lie in (0, 0.1), got {fd_step!r}")
+    if not (0 < sigma_min < sigma_max) or not math.isfinite(sigma_max):
+        raise ValueError(f"need 0 < sigma_min < sigma_max < inf, got sigma_min={sigma_min!r}, "
+                         f"sigma_max={sigma_max!r}")
+    if model_kind == "flow" and sigma_max >= 1:
+        raise ValueError(f"flow models need sigma_max < 1 (sigma = 1 is lambda = -inf), got {sigma_max!r}; "
+                         "cap it, e.g. at 1 - 1e-3")
+
+
+def estimate_ems(model, x0, sigma_min, sigma_max, *, model_kind="eps", N=DEFAULT_N, K=None,
+                 reduction="per_channel", jvp="auto", fd_step=1e-3, n_probes=1, smooth=DEFAULT_SMOOTH, crn=True,
+                 batch_size=DEFAULT_BATCH_SIZE, seed=0, extra_args=None, progress=None, should_stop=None,
+                 resume_state=None, metadata=None, error_groups=DEFAULT_ERROR_GROUPS) -> EMS:
+    """Estimate the EMS l, s, b of ``model`` on N + 1 nodes uniform in lambda (see the module docstring).
+
+    Args:
+      model: the host's denoiser ``model(x, sigma_batch, **extra_args) -> x0`` (CFG applied by the host, with a
+        continuous sigma -> timestep map).  Run it in float32 or float64: fp16 JVPs are noise (docs section 7).
+      x0: (>= K, C, H, W) clean latents on the model's device: the model's own samples at the target cfg
+        (``generate_x0``) or encoded data, never pixels of a latent model.  Only the first K are used.
+      sigma_min, sigma_max: the host sigma range (flow: sigma_max < 1); the grid covers it in VE lambda.
+      model_kind: "eps" (x = x0 + sigma z) or "flow" (x = (1 - sigma) x0 + sigma z).
+      N: grid cells (N + 1 nodes).  K: samples per node (default len(x0)).  K matters more than N (section 3.2).
+      reduction: "per_channel" (default; resolution-free, lowest variance), "per_element" (C, H, W) or "scalar".
+      jvp: "forward" (torch.func.jvp), "finite_difference" (central differences) or "auto" (forward AD, falling back
+        to finite differences - logged once - when the model raises under forward AD, e.g. a flash-attention kernel
+        or an autograd.Function without jvp).
+      fd_step: finite-difference step: lambda moves by fd_step and x by fd_step * sqrt(sigma~^2 + Var x0) * v.
+      n_probes: Rademacher probes per sample for the Jacobian diagonal.
+      smooth: half-width in nodes of the moving average applied to dl/dlambda (0: none).
+      crn: common random numbers - reuse each sample's z and v at every node, so the Monte-Carlo error is smooth in
+        lambda (errors in l, s, b then integrate to less; section 3.2).
+      batch_size: samples per model call (forward AD: batch_size rows with tangents; finite differences:
+        (1 + 2 n_probes) * batch_size rows, then 2 * batch_size).  Memory only; results do not depend on it.
+      seed: seeds z and v (results are reproducible and independent of batch_size and interruptions).
+      extra_args: passed to every model call.
+      progress: ``progress(done, total)`` after each chunk, counted in samples: total = (N + 1) * K.  An exception
+        it raises stops the run (see ``EstimationState``).
+      should_stop: ``should_stop()`` before each chunk; returning True raises ``EstimationInterrupted``, raising
+        propagates.  Either way the exception carries the partial sums as ``.estimation_state``.
+      resume_state: an ``EstimationState`` from an interrupted call with the same model, x0 and settings.
+      metadata: extra strings for the EMS (cfg, guidance, fingerprint, x0_source, ...).
+      error_groups: sample groups for the jackknife standard errors (1: none).  Memory for the moments is
+        9 * error_groups * (N + 1) * P float64 numbers, P = C*H*W (per_element), C or 1.
+
+    Returns an ``EMS`` with ``standard_errors`` {"l", "s", "b"} and metadata describing the run, including the cost
+    (``forward_rows``, ``jvp_rows``, ``seconds``).
+    """
+    K = x0.shape[0] if K is None and isinstance(x0, torch.Tensor) else K
+    _validate(x0, sigma_min, sigma_max, model_kind, N, K, reduction, jvp, fd_step, n_probes, smooth, batch_size,
+              error_groups)
+    latent_shape = tuple(x0.shape[1:])
+    stat_shape, elements, pooled = _stat_layout(latent_shape, reduction)
+    x0 = x0[:K]
+    groups = min(error_groups, K)
+    settings = {"N": N, "K": K, "reduction": reduction, "sigma_min": float(sigma_min), "sigma_max": float(sigma_max),
+                "model_kind": model_kind, "n_probes": n_probes, "crn": bool(crn), "seed": int(seed),
+                "error_groups": groups, "latent_shape": latent_shape, "x0": _x0_digest(x0)}
+    state = resume_state
+    if state is None:
+        state = EstimationState(
+            settings=settings, node=0, samples_done=0,
+            count=torch.zeros(groups, N + 1, dtype=torch.float64),
+            means=torch.zeros(len(MEAN_NAMES), groups, N + 1, elements, dtype=torch.float64),
+            comoments=torch.zeros(len(COMOMENT_PAIRS), groups, N + 1, elements, dtype=torch.float64),
+            backend="forward" if jvp in ("auto", "forward") else "finite_difference")
+    else:
+        differing = sorted(k for k in settings if state.settings.get(k) != settings[k])
+        if differing:
+            raise ValueError("resume_state belongs to another estimation run; differing settings: " + ", ".join(
+                f"{k} ({state.settings.get(k)!r} != {settings[k]!r})" for k in differing))
+        if jvp == "finite_difference":
+            state.backend = "finite_difference"
+        elif jvp == "forward":
+            state.backend = "forward"
+
+    ve_max = sigma_max / (1 - sigma_max) if model_kind == "flow" else sigma_max
+    ve_min = sigma_min / (1 - sigma_min) if model_kind == "flow" else sigma_min
+    lambdas = torch.linspace(-math.log(ve_max), -math.log(ve_min), N + 1, dtype=torch.float64)
+    denoise = _VEDenoiser(model, model_kind, extra_args)
+    dtype, device = x0.dtype, x0.device
+    data_variance = float(x0.to(torch.float64).var())
+    sample_groups = torch.arange(K) * groups // K
+    total = (N + 1) * K
+    started = time.perf_counter()
+
+    try:
+        if not state.finished:
+            z, probes = _noise(settings, state.node, x0.shape, dtype, device)
+            state.forward_rows += _check_quantised_timestep(denoise, x0, z, lambdas)
+        while not state.finished:
+            node = state.node
+            if not crn or node == 0:
+                z, probes = _noise(settings, node, x0.shape, dtype, device)
+            lam_value = float(lambdas[node])
+            sigma_ve = math.exp(-lam_value)
+            x_step = fd_step * math.sqrt(sigma_ve ** 2 + data_variance)
+            while state.node == node:
+                if should_stop is not None and should_stop():
+                    raise EstimationInterrupted(state)
+                lo = state.samples_done
+                hi = min(K, lo + batch_size)
+                x = x0[lo:hi] + sigma_ve * z[lo:hi]
+                lam = torch.full((hi - lo,), lam_value, dtype=dtype, device=device)
+                chunk_probes = [v[lo:hi] for v in probes]
+                denoised, jvs, ddot = None, None, None
+                if state.backend == "forward":
+                    try:
+                        denoised, jvs, ddot = _derivatives_forward(denoise, x, lam, chunk_probes)
+                        state.jvp_rows += (n_probes + 1) * (hi - lo)
+                    except Exception as error:  # noqa: BLE001 - any failure of forward AD means: use FD
+                        if jvp == "forward":
+                            raise
+                        logger.warning("DPM-Solver-v3 EMS: forward-mode AD failed (%s: %s); using central finite "
+                                       "differences (fd_step=%g) instead", type(error).__name__, error, fd_step)
+                        state.backend = "finite_difference"
+                if denoised is None:
+                    denoised, jvs, ddot = _derivatives_finite_difference(denoise, x, lam, chunk_probes, x_step,
+                                                                         fd_step)
+                    state.forward_rows += (3 + 2 * n_probes) * (hi - lo)
+                for name, value in (("D", denoised), ("dD/dlambda", ddot)) + tuple(
+                        ("J v", jv) for jv in jvs):
+                    if not torch.isfinite(value).all():
+                        raise NonFiniteError(
+                            f"the model returned NaN or inf ({name}) at EMS node {node} (sigma~ = {sigma_ve:.6g}), "
+                            f"samples {lo}..{hi - 1}; run the model in float32 and check the sigma range")
+                u = sum(v * jv for v, jv in zip(chunk_probes, jvs)) / n_probes
+                observations = {name: value.detach().to("cpu", torch.float64).reshape(hi - lo, elements, pooled)
+                                for name, value in zip(MEAN_NAMES, (u, x, denoised, ddot))}
+                _accumulate(state, node, sample_groups[lo:hi], observations)
+                state.samples_done = hi
+                if hi == K:
+                    state.node, state.samples_done = node + 1, 0
+                if progress is not None:
+                    progress(state.node * K + state.samples_done, total)
+    except BaseException as error:
+        state.seconds += time.perf_counter() - started
+        try:
+            error.estimation_state = state
+        except Exception:  # noqa: BLE001 - exceptions without a __dict__
+            pass
+        raise
+    state.seconds += time.perf_counter() - started
+
+    (l, s, b), errors = _finish(state, lambdas, stat_shape, smooth)
+    estimator = "forward_ad" if state.backend == "forward" else f"finite_difference(h={fd_step:g})"
+    info = {"model_kind": model_kind, "reduction": reduction, "latent_shape": "x".join(map(str, latent_shape)),
+            "N": str(N), "K": str(K), "n_probes": str(n_probes), "smooth": str(smooth), "crn": str(bool(crn)),
+            "seed": str(seed), "sigma_min": repr(float(sigma_min)), "sigma_max": repr(float(sigma_max)),
+            "grid": "uniform_lambda", "estimator": estimator, "estimator_version": ESTIMATOR_VERSION,
+            "error_groups": str(groups), "x0_source": "given", "forward_rows": str(state.forward_rows),
+            "jvp_rows": str(state.jvp_rows), "seconds": f"{state.seconds:.3f}", "model_dtype": str(dtype)}
+    info.update({str(k): str(v) for k, v in (metadata or {}).items()})
+    return EMS(lambdas, l, s, b, metadata=info, standard_errors=errors)
+
+
+def generate_x0(model, shape, K, sigma_max, sigma_min, model_kind="eps", *, steps=200, seed=0, extra_args=None,
+                batch_size=16, dtype=torch.float32, device="cpu"):
+    """K samples of the model itself (the paper's x0 for latent models, docs section 3.2): ``sample_dpmpp_2m`` with
+    ``steps`` steps from sigma_max to sigma_min (uniform in lambda for eps models, uniform in sigma for flow models),
+    then a final denoise to 0.  Starts from sigma_max * z; ``shape`` is one latent's (C, H, W).
+    """
+    from ..samplers.dpmpp import sample_dpmpp_2m
+    from ..samplers.schedule import noise_schedule
+
+    check_model_kind(model_kind)
+    if not 0 < sigma_min < sigma_max:
+        raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min!r}, {sigma_max!r}")
+    schedule = noise_schedule(model_kind)
+    if model_kind == "flow":
+        sigmas = torch.linspace(min(sigma_max, 1.0), sigma_min, steps, dtype=torch.float64)
+    else:
+        lams = torch.linspace(schedule.lambda_(sigma_max), schedule.lambda_(sigma_min), steps, dtype=torch.float64)
+        sigmas = schedule.sigma_from_lambda(lams)
+    sigmas = torch.cat([sigmas, sigmas.new_zeros(1)]).to(dtype)
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn((K,) + tuple(shape), generator=generator, dtype=dtype)
+    samples = []
+    for lo in range(0, K, batch_size):
+        x = (noise[lo:lo + batch_size] * sigmas[0]).to(device)
+        samples.append(sample_dpmpp_2m(model, x, sigmas.to(device), extra_args=extra_args, disable=True,
+                                       model_kind=model_kind))
+    return torch.cat(samples)
+
+
+__all__ = ["estimate_ems", "generate_x0", "EstimationState", "EstimationInterrupted", "statistics_from_moments",
+           "smoothed_derivative", "ESTIMATOR_VERSION", "REDUCTIONS", "JVP_BACKENDS"]
