@@ -74,6 +74,40 @@ def test_mixture_l_matches_exact_jacobian_diagonal_within_standard_errors():
     assert flat(ems.standard_errors["l"])[5:25].median() > 1e-3
 
 
+def test_one_pass_moments_equal_a_direct_two_pass_least_squares_fit():
+    """The paper's two-pass procedure written out per sample: l from the probes, then f and f' and their
+    element-wise least-squares fit; JVPs by torch.autograd.functional in (x, sigma), not the estimator's code."""
+    from dpm_solver_nodes.stats.estimate import _noise
+
+    mixture = GaussianMixture.random(dim=8, components=5, seed=0)
+    x0 = samples(mixture, 32)
+    ems = estimate_ems(mixture.denoiser(), x0, 0.01, 20.0, N=10, reduction="per_element", jvp="finite_difference",
+                       batch_size=32, seed=2)
+    z, (v,) = _noise({"crn": True, "seed": 2, "n_probes": 1}, 0, x0.shape, x0.dtype, x0.device)
+    z, v, x0 = flat(z), flat(v), flat(x0)
+    sigmas = torch.exp(-ems.lambdas)
+    per_node = []
+    for sigma in sigmas.tolist():
+        x = x0 + sigma * z
+        s_in = torch.full((len(x),), sigma, dtype=torch.float64)
+        denoised, jv = torch.autograd.functional.jvp(mixture.denoise_ve, (x, s_in), (v, torch.zeros_like(s_in)))
+        # d/dlambda along the ODE: dx = D - x, dsigma = -sigma
+        _, ddot = torch.autograd.functional.jvp(mixture.denoise_ve, (x, s_in), (denoised - x, -s_in))
+        per_node.append((x, denoised, ddot, 1 - (v * jv).mean(0)))
+    l = torch.stack([n[3] for n in per_node])
+    assert torch.allclose(flat(ems.l), l, atol=1e-6)
+    m = smoothed_derivative(l, ems.lambdas, 5)
+    for j, (x, denoised, ddot, _) in enumerate(per_node):
+        a = 1 - l[j]
+        f = a * x - denoised
+        df = -(m[j] + a) * x + a * denoised - ddot
+        fc, dfc = f - f.mean(0), df - df.mean(0)
+        s = (fc * dfc).mean(0) / (fc * fc).mean(0)
+        b = df.mean(0) - s * f.mean(0)
+        assert torch.allclose(flat(ems.s)[j], s, rtol=1e-4, atol=1e-4 * s.abs().max()), j
+        assert torch.allclose(flat(ems.b)[j], b, rtol=1e-4, atol=1e-4 * b.abs().max()), j
+
+
 def test_forward_ad_and_finite_differences_agree():
     mixture = GaussianMixture.random(dim=8, components=5, seed=0)
     x0 = samples(mixture, 32)
@@ -117,6 +151,9 @@ def test_auto_falls_back_to_finite_differences_once(caplog):
         assert torch.equal(getattr(auto, name), getattr(finite, name))
     with pytest.raises(Exception):
         estimate_ems(model, x0, 0.01, 20.0, jvp="forward", **kwargs)
+    # a model that detaches its input gives forward AD all-zero tangents: also a fallback, not zero statistics
+    detached = estimate_ems(lambda x, sigma: plain(x.detach(), sigma.detach()), x0, 0.01, 20.0, jvp="auto", **kwargs)
+    assert torch.equal(detached.l, finite.l)
 
 
 def test_reductions_pool_the_same_observations():
