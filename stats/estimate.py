@@ -71,6 +71,7 @@ DEFAULT_BATCH_SIZE = 8
 DEFAULT_SMOOTH = 5
 DEFAULT_ERROR_GROUPS = 8
 RELATIVE_VARIANCE_FLOOR = 1e-10
+MAX_MOMENT_BYTES = 2 ** 31  # float64 moments kept on the CPU across all error groups
 
 # moments kept per (group, node, statistic element)
 MEAN_NAMES = ("u", "x", "D", "Ddot")
@@ -416,7 +417,8 @@ def estimate_ems(model, x0, sigma_min, sigma_max, *, model_kind="eps", N=DEFAULT
         x0 + sigma~_max z; recommended for guided models, see the module docstring).
       substeps: DPM-Solver++(2M) steps per grid cell for ``samples="trajectory"``.
       error_groups: sample groups for the jackknife standard errors (1: none).  Memory for the moments is
-        9 * error_groups * (N + 1) * P float64 numbers, P = C*H*W (per_element), C or 1.
+        9 * error_groups * (N + 1) * P float64 numbers, P = C*H*W (per_element), C or 1; fewer groups are used
+        (logged) where that exceeds 2 GiB (SD-1.x 64x64 per_element at N = 100: 119 MB per group).
 
     Returns an ``EMS`` with ``standard_errors`` {"l", "s", "b"} and metadata describing the run, including the cost
     (``forward_rows``, ``jvp_rows``, ``seconds``).
@@ -428,6 +430,13 @@ def estimate_ems(model, x0, sigma_min, sigma_max, *, model_kind="eps", N=DEFAULT
     stat_shape, elements, pooled = _stat_layout(latent_shape, reduction)
     x0 = x0[:K]
     groups = min(error_groups, K)
+    moment_bytes = 9 * (N + 1) * elements * 8
+    if groups > 1 and groups * moment_bytes > MAX_MOMENT_BYTES:
+        fitting = max(1, MAX_MOMENT_BYTES // moment_bytes)
+        logger.warning("DPM-Solver-v3 EMS: %d error groups of %s moments would take %.2f GB; using %d (standard errors "
+                       "%s)", groups, reduction, groups * moment_bytes / 1e9, fitting,
+                       "coarser" if fitting > 1 else "off")
+        groups = fitting
     settings = {"N": N, "K": K, "reduction": reduction, "sigma_min": float(sigma_min), "sigma_max": float(sigma_max),
                 "model_kind": model_kind, "n_probes": n_probes, "crn": bool(crn), "seed": int(seed),
                 "error_groups": groups, "latent_shape": latent_shape, "x0": _x0_digest(x0), "samples": samples,

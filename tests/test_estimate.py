@@ -352,3 +352,20 @@ def test_v3_with_estimated_ems_beats_dpmpp_2m_at_5_to_10_nfe(scale, corrector, s
         # worse than 2M): 0.17, 0.03, 0.61, 0.68; guidance 7.5, x on the model's ODE trajectories, corrector on:
         # 0.025, 0.006, 0.063, 0.085
         assert v3 < bound * baseline, (n, v3, baseline)
+
+
+def test_error_groups_shrink_to_the_moment_memory_cap(monkeypatch, caplog):
+    from dpm_solver_nodes.stats import estimate
+
+    gaussian = single_gaussian()
+    # 9 moments x 5 nodes x 8 elements x 8 bytes = 2880 bytes per group
+    monkeypatch.setattr(estimate, "MAX_MOMENT_BYTES", 3 * 2880)
+    with caplog.at_level(logging.WARNING, logger="dpm_solver_nodes"):
+        ems = estimate_ems(gaussian.denoiser(), samples(gaussian, 16), 0.01, 20.0, N=4, reduction="per_element",
+                           jvp="finite_difference")
+    assert ems.metadata["error_groups"] == "3" and "l" in ems.standard_errors
+    assert any("error groups" in r.message for r in caplog.records)
+    monkeypatch.setattr(estimate, "MAX_MOMENT_BYTES", 100)
+    ems = estimate_ems(gaussian.denoiser(), samples(gaussian, 16), 0.01, 20.0, N=4, reduction="per_element",
+                       jvp="finite_difference")
+    assert ems.metadata["error_groups"] == "1" and ems.standard_errors == {}
