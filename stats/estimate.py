@@ -187,15 +187,11 @@ def _derivatives_forward(denoise, x, lam, probes):
 def _derivatives_finite_difference(denoise, x, lam, probes, x_step, step):
     """The same by central differences: J v ~ [D(x + hv) - D(x - hv)] / 2h with h = ``x_step``, and
     D' ~ [D(x + h(D - x), lambda + h) - D(x - h(D - x), lambda - h)] / 2h with h = ``step`` (in lambda)."""
-    n = x.shape[0]
-    inputs = [x] + [x + sign * x_step * v for v in probes for sign in (1, -1)]
-    outputs = denoise(torch.cat(inputs), lam.repeat(len(inputs)))
-    denoised = outputs[:n]
-    jvs = [(outputs[(2 * i + 1) * n:(2 * i + 2) * n] - outputs[(2 * i + 2) * n:(2 * i + 3) * n]) / (2 * x_step)
-           for i in range(len(probes))]
+    # one model call per perturbation, so no call exceeds the chunk's batch size
+    denoised = denoise(x, lam)
+    jvs = [(denoise(x + x_step * v, lam) - denoise(x - x_step * v, lam)) / (2 * x_step) for v in probes]
     direction = denoised - x
-    shifted = denoise(torch.cat([x + step * direction, x - step * direction]), torch.cat([lam + step, lam - step]))
-    ddot = (shifted[:n] - shifted[n:]) / (2 * step)
+    ddot = (denoise(x + step * direction, lam + step) - denoise(x - step * direction, lam - step)) / (2 * step)
     return denoised, jvs, ddot
 
 
@@ -330,8 +326,8 @@ def _check_quantised_timestep(denoise, x0, z, lambdas):
     for j in nodes:
         lam = lambdas[j].to(x0.dtype).reshape(1).to(x0.device)
         x = x0[:1] + torch.exp(-lam) * z[:1]
-        pair = denoise(torch.cat([x, x]), torch.cat([lam, lam - math.log1p(1e-3)]))
-        if not torch.isfinite(pair).all():
+        pair = (denoise(x, lam), denoise(x, lam - math.log1p(1e-3)))
+        if not all(torch.isfinite(p).all() for p in pair):
             raise NonFiniteError(f"the model returned NaN or inf at sigma~ = {math.exp(-float(lambdas[j])):.6g} "
                                  "during the EMS timestep check")
         identical.append(torch.equal(pair[0], pair[1]))
@@ -403,8 +399,9 @@ def estimate_ems(model, x0, sigma_min, sigma_max, *, model_kind="eps", N=DEFAULT
       smooth: half-width in nodes of the moving average applied to dl/dlambda (0: none).
       crn: common random numbers - reuse each sample's z and v at every node, so the Monte-Carlo error is smooth in
         lambda (errors in l, s, b then integrate to less; section 3.2).
-      batch_size: samples per model call (forward AD: batch_size rows with tangents; finite differences:
-        (1 + 2 n_probes) * batch_size rows, then 2 * batch_size).  Memory only; results do not depend on it.
+      batch_size: samples per model call (forward AD carries a tangent of the same size).  Memory only; results
+        do not depend on it beyond rounding.  The model must accept any batch size up to it (hosts broadcast
+        their conditioning to the batch, as ComfyUI's model wrappers do).
       seed: seeds z and v (results are reproducible and independent of batch_size and interruptions).
       extra_args: passed to every model call.
       progress: ``progress(done, total)`` after each chunk, counted in samples: total = (N + 1) * K.  An exception

@@ -288,7 +288,16 @@ def test_interrupted_trajectory_run_resumes_exactly():
 
 def test_progress_reports_every_chunk_with_the_total_known_up_front():
     gaussian = single_gaussian()
-    seen = []
+    seen, batches = [], set()
+
+    def model(x, sigma):
+        batches.add(len(x))
+        return gaussian.denoise(x, sigma)
+
+    for source in ("diffused", "trajectory"):
+        estimate_ems(model, samples(gaussian, 10), 0.01, 20.0, N=3, batch_size=4, jvp="finite_difference",
+                     samples=source)
+    assert batches == {1, 2, 4}  # never more than batch_size rows per call
     estimate_ems(gaussian.denoiser(), samples(gaussian, 10), 0.01, 20.0, N=3, batch_size=4,
                  jvp="finite_difference", progress=lambda done, total: seen.append((done, total)))
     assert len(seen) == 4 * 3  # (N + 1) nodes x ceil(10 / 4) chunks
