@@ -23,7 +23,7 @@ from .estimate import ESTIMATOR_VERSION
 logger = logging.getLogger("dpm_solver_nodes")
 
 KEY_FIELDS = ("fingerprint", "cfg", "guidance", "reduction", "latent_shape", "N", "sigma_min", "sigma_max",
-              "model_kind", "estimator_version")
+              "model_kind", "samples", "estimator_version")
 SUFFIX = ".ems.safetensors"
 
 
@@ -44,13 +44,13 @@ def _canonical(value):
 
 
 def make_key(fingerprint, *, cfg, guidance, reduction, latent_shape, N, sigma_min, sigma_max, model_kind="eps",
-             estimator_version=ESTIMATOR_VERSION, **extra):
-    """The cache key of one EMS: a dict with the ``KEY_FIELDS`` and any ``extra`` host fields (sampler x0 source,
-    K, dtype, ...).  Numbers are compared to 12 significant digits."""
+             samples="diffused", estimator_version=ESTIMATOR_VERSION, **extra):
+    """The cache key of one EMS: a dict with the ``KEY_FIELDS`` (``samples`` is ``estimate_ems``'s sample source)
+    and any ``extra`` host fields (x0 source, K, dtype, ...).  Numbers are compared to 12 significant digits."""
     key = {"fingerprint": str(fingerprint), "cfg": float(cfg), "guidance": str(guidance),
            "reduction": str(reduction), "latent_shape": [int(v) for v in latent_shape], "N": int(N),
            "sigma_min": float(sigma_min), "sigma_max": float(sigma_max), "model_kind": str(model_kind),
-           "estimator_version": str(estimator_version)}
+           "samples": str(samples), "estimator_version": str(estimator_version)}
     key.update(extra)
     return key
 

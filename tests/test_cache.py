@@ -55,7 +55,7 @@ def test_every_key_field_matters(tmp_path):
     cache.put(example_key(), example_ems())
     for change in (dict(fingerprint="abc124"), dict(cfg=7.0), dict(guidance="uncond"), dict(reduction="scalar"),
                    dict(latent_shape=(4, 96, 64)), dict(N=11), dict(sigma_min=0.03), dict(sigma_max=14.0),
-                   dict(model_kind="flow"), dict(estimator_version="0")):
+                   dict(model_kind="flow"), dict(samples="trajectory"), dict(estimator_version="0")):
         assert cache.get(example_key(**change)) is None, change
 
 
