@@ -378,3 +378,20 @@ def test_error_groups_shrink_to_the_moment_memory_cap(monkeypatch, caplog):
     ems = estimate_ems(gaussian.denoiser(), samples(gaussian, 16), 0.01, 20.0, N=4, reduction="per_element",
                        jvp="finite_difference")
     assert ems.metadata["error_groups"] == "1" and ems.standard_errors == {}
+
+
+def test_forward_ad_runs_under_inference_mode_with_a_module():
+    # ComfyUI runs nodes under torch.inference_mode; forward AD must still work (docs/hosts.md 1.6)
+    mixture = GaussianMixture.random(dim=8, components=5, seed=0)
+    layer = torch.nn.Linear(8, 8).double()
+
+    def model(x, sigma):
+        return mixture.denoise(x + 0 * layer(x.reshape(len(x), 8)).reshape(x.shape), sigma)
+
+    with torch.inference_mode():
+        x0 = samples(mixture, 16)
+        forward = estimate_ems(model, x0, 0.01, 20.0, N=4, jvp="forward", batch_size=8, reduction="per_element")
+        finite = estimate_ems(model, x0, 0.01, 20.0, N=4, jvp="finite_difference", batch_size=8,
+                              reduction="per_element")
+    assert forward.metadata["estimator"] == "forward_ad"
+    assert torch.allclose(forward.l, finite.l, atol=1e-5)
