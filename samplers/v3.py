@@ -409,7 +409,10 @@ def sample_dpm_solver_v3(model, x, sigmas, extra_args=None, callback=None, disab
     Options (the official names where they exist):
       ems: the model's ``stats.EMS``; ``None`` uses l = 1, s = b = 0, i.e. DPM-Solver++ (Taylor form) plus the v3
         corrector, and logs that once per process.  Per-element EMS of another latent size use their per-channel
-        means (logged).  Statistics whose metadata name another model_kind are rejected.
+        means (logged).  Statistics whose metadata name another model_kind are rejected.  |l| or |s| above 10
+        (degenerate fits, e.g. zero-variance dimensions) are clamped with one log line: any bounded l, s, b keeps
+        the update exact (App. I.3), and e^{S} must fit the float32 step weights.  The EMS are treated as
+        immutable: plans are cached per EMS object.
       order: predictor order 1-3 (official: 2 for guided latent models, 3 unconditional).  Warm-up runs 1, 2, ...
       p_pseudo: pseudo-order predictor derivatives (m! times a divided difference; official: on at <= 5 NFE).
       use_corrector: redo the previous step with the freshly evaluated point (no extra model call).
