@@ -85,12 +85,30 @@ def find_cached_ems(model, kind):
     return ems
 
 
+def _check_ems_model(model, ems):
+    """Warn once when EMS wired into the node were computed for another model (LoRA, other checkpoint, shift)."""
+    from .fingerprint import model_fingerprint
+
+    expected = ems.metadata.get("fingerprint")
+    patcher = find_attribute(model, "model_patcher")
+    if expected is None or patcher is None:
+        return
+    actual = model_fingerprint(patcher)
+    if actual != expected:
+        log_once(("other-model", expected, actual), logging.WARNING,
+                 "DPM-Solver-v3: the EMS input was computed for another model (fingerprint %s, sampling %s: other "
+                 "weights, LoRA or model-sampling patch); EMS must match the model to help",
+                 expected[:16], actual[:16])
+
+
 def sample_dpm_solver_v3(model, x, sigmas, extra_args=None, callback=None, disable=None, ems=None, **options):
     """DPM-Solver-v3 for ComfyUI: ``ems`` given (node input) or the EMS cached for the sampled model, else the
     degenerate EMS (logged once per model)."""
     kind = model_kind_of_sampler_model(model)
     if ems is None:
         ems = find_cached_ems(model, kind)
+    else:
+        _check_ems_model(model, ems)
     return library.sample_dpm_solver_v3(model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable,
                                         ems=ems, model_kind=kind, **options)
 

@@ -217,8 +217,8 @@ DROPDOWN_SAMPLERS = {
     DROPDOWN_PREFIX + "pp_2m": ("dpmpp_2m", {}),
     DROPDOWN_PREFIX + "pp_3m": ("dpmpp_3m", {}),
     DROPDOWN_PREFIX + "pp_2s": ("dpmpp_2s", {}),
-    DROPDOWN_PREFIX + "pp_2m_sde": ("dpmpp_2m_sde", {}),
-    DROPDOWN_PREFIX + "pp_3m_sde": ("dpmpp_3m_sde", {}),
+    DROPDOWN_PREFIX + "pp_2m_sde": ("dpmpp_2m_sde", {"noise_device": "cpu"}),  # CPU noise: same image anywhere
+    DROPDOWN_PREFIX + "pp_3m_sde": ("dpmpp_3m_sde", {"noise_device": "cpu"}),
     DROPDOWN_PREFIX + "3s": ("dpm_solver", {"order": 3, "method": "singlestep"}),
     DROPDOWN_PREFIX + "adaptive": ("dpm_solver_adaptive", {}),
 }

@@ -1,0 +1,434 @@
+"""Integration tests against a real ComfyUI (docs/hosts.md 2): a headless CPU server with this checkout loaded as a
+custom node pack, driven over its HTTP API with the API-format workflows in workflows/.
+
+Set COMFYUI_DIR to a ComfyUI checkout (tested: v0.3.64, a125cd84) and COMFYUI_PYTHON to a Python that has its
+requirements (default: this interpreter); without COMFYUI_DIR every test here is skipped.  The tests build their own
+tiny checkpoint (random weights in the SD1.5 layout: a 25.8 M UNet with channel_mult [1], a full CLIP-L, a TAESD
+VAE; ~300 MB, written to COMFYUI_TEST_CACHE or a temporary folder, never committed) and use a flow variant of it
+through ModelSamplingSD3.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+WORKFLOWS = ROOT / "workflows"
+COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
+COMFYUI_PYTHON = os.environ.get("COMFYUI_PYTHON", sys.executable)
+
+pytestmark = pytest.mark.skipif(
+    not COMFYUI_DIR, reason="COMFYUI_DIR is not set: no ComfyUI checkout to run against (docs/hosts.md section 2)")
+
+CHECKPOINT = "tiny_sd15.safetensors"
+CFG = 5.0
+STEPS = 8
+LATENT = (2, 4, 4, 4)  # EmptyLatentImage 32x32, batch 2 (the UNet has no downsampling; CPU time ~ pixels)
+SIZE = 32
+
+BUILD_CHECKPOINT = r'''
+import sys
+comfy_dir, out_path = sys.argv[1], sys.argv[2]
+sys.path.insert(0, comfy_dir)
+from comfy.cli_args import args
+args.cpu = True
+import torch
+import comfy.ops, comfy.sd1_clip, comfy.supported_models, comfy.taesd.taesd
+from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+from safetensors.torch import save_file
+
+# Detection as SD15 needs context_dim 768, model_channels 320, no linear-in-transformer, no adm; depth is free.
+unet = UNetModel(image_size=32, in_channels=4, model_channels=320, out_channels=4, num_res_blocks=[1],
+                 channel_mult=(1,), num_heads=8, use_spatial_transformer=True, transformer_depth=[1],
+                 transformer_depth_middle=1, transformer_depth_output=[1, 1], context_dim=768,
+                 use_linear_in_transformer=False, legacy=False, dtype=torch.float32, device="cpu",
+                 operations=comfy.ops.disable_weight_init)
+clip = comfy.sd1_clip.SD1ClipModel(device="cpu", dtype=torch.float32)
+vae = comfy.taesd.taesd.TAESD(latent_channels=4)
+generator = torch.Generator().manual_seed(0)
+with torch.no_grad():
+    for module in (unet, clip, vae):
+        for name, p in module.named_parameters():
+            if p.ndim >= 2:  # fan-in scaled normal
+                p.copy_(torch.randn(p.shape, generator=generator) / p[0].numel() ** 0.5)
+            elif name.endswith("weight"):  # normalisation scales (zero would make the UNet output 0, D = x)
+                p.fill_(1.0)
+            else:
+                p.zero_()
+config = comfy.supported_models.SD15({"context_dim": 768, "model_channels": 320, "use_linear_in_transformer": False,
+                                      "adm_in_channels": None, "use_temporal_attention": False})
+state = {"model.diffusion_model." + k: v for k, v in unet.state_dict().items()}
+state.update(config.process_clip_state_dict_for_saving(clip.state_dict()))
+state.update({"first_stage_model." + k: v for k, v in vae.state_dict().items()})
+save_file({k: v.detach().to(torch.float16).contiguous() for k, v in state.items()}, out_path + ".tmp")
+import os
+os.replace(out_path + ".tmp", out_path)
+'''
+
+
+# ---- server ---------------------------------------------------------------------------------------------------
+
+class Server:
+    def __init__(self, url, base, output, log_path):
+        self.url, self.base, self.output, self.log_path = url, base, output, log_path
+        self.ems_dir = base / "models" / "dpm_solver_v3_ems"
+
+    def get(self, path):
+        with urllib.request.urlopen(self.url + path, timeout=30) as response:
+            return json.loads(response.read())
+
+    def post(self, path, data):
+        request = urllib.request.Request(self.url + path, data=json.dumps(data).encode(),
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return response.status, json.loads(response.read() or b"{}")
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read() or b"{}")
+
+    def log(self):
+        return self.log_path.read_text(errors="replace")
+
+    def run(self, graph, timeout=900):
+        """POST /prompt, poll /history; return the history entry (fails the test on a node error)."""
+        status, body = self.post("/prompt", {"prompt": graph, "client_id": "dpm_solver_nodes_tests"})
+        assert status == 200, f"/prompt rejected the graph: {json.dumps(body)[:3000]}"
+        prompt_id = body["prompt_id"]
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            history = self.get(f"/history/{prompt_id}")
+            entry = history.get(prompt_id)
+            if entry and entry["status"].get("status_str") == "error":
+                errors = [m for m in entry["status"]["messages"] if m[0] == "execution_error"]
+                detail = errors[0][1] if errors else entry["status"]
+                pytest.fail(f"prompt failed: {detail.get('exception_message', detail) if isinstance(detail, dict) else detail}"
+                            f"\n{''.join(detail.get('traceback', [])) if isinstance(detail, dict) else ''}")
+            if entry and entry["status"].get("completed"):
+                return entry
+            time.sleep(0.25)
+        pytest.fail(f"prompt {prompt_id} did not finish in {timeout} s")
+
+    def latents(self, entry):
+        """node id -> latent tensor of every SaveLatent output in a history entry."""
+        from safetensors.torch import load_file
+
+        found = {}
+        for node, output in entry["outputs"].items():
+            for item in output.get("latents", []):
+                path = self.output / item["subfolder"] / item["filename"]
+                found[node] = load_file(str(path))["latent_tensor"].to(torch.float64)
+        return found
+
+
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    comfy_dir = pathlib.Path(COMFYUI_DIR)
+    if not (comfy_dir / "main.py").is_file():
+        pytest.skip(f"COMFYUI_DIR={COMFYUI_DIR} has no main.py")
+    work = tmp_path_factory.mktemp("comfyui")
+    cache = pathlib.Path(os.environ.get("COMFYUI_TEST_CACHE", work))
+    cache.mkdir(parents=True, exist_ok=True)
+    checkpoint = cache / CHECKPOINT
+    if not checkpoint.exists():
+        started = time.perf_counter()
+        built = subprocess.run([COMFYUI_PYTHON, "-c", BUILD_CHECKPOINT, str(comfy_dir), str(checkpoint)],
+                               capture_output=True, text=True, timeout=600)
+        assert built.returncode == 0, f"building the tiny checkpoint failed:\n{built.stderr[-3000:]}"
+        print(f"\n[comfyui] tiny checkpoint built in {time.perf_counter() - started:.1f} s")
+    base = work / "base"
+    (base / "models" / "checkpoints").mkdir(parents=True)
+    (base / "custom_nodes").mkdir()
+    (base / "models" / "checkpoints" / CHECKPOINT).symlink_to(checkpoint)
+    (base / "custom_nodes" / "dpm_solver_nodes").symlink_to(ROOT, target_is_directory=True)
+    paths = work / "paths.yaml"
+    paths.write_text(f"dpm_solver_nodes_tests:\n  base_path: {base}\n  checkpoints: models/checkpoints\n"
+                     f"  custom_nodes: custom_nodes\n  dpm_solver_v3_ems: models/dpm_solver_v3_ems\n")
+    output, log_path = work / "output", work / "server.log"
+    for folder in ("output", "temp", "user"):
+        (work / folder).mkdir()
+    port = _free_port()
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [COMFYUI_PYTHON, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+             "--extra-model-paths-config", str(paths), "--output-directory", str(output),
+             "--temp-directory", str(work / "temp"), "--user-directory", str(work / "user"),
+             "--database-url", "sqlite:///:memory:", "--disable-api-nodes"],
+            cwd=str(comfy_dir), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    instance = Server(f"http://127.0.0.1:{port}", base, output, log_path)
+    try:
+        started = time.perf_counter()
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"ComfyUI exited with {process.returncode}:\n{instance.log()[-4000:]}")
+            try:
+                instance.get("/system_stats")
+                break
+            except OSError:
+                if time.perf_counter() - started > 180:
+                    pytest.fail(f"ComfyUI did not start in 180 s:\n{instance.log()[-4000:]}")
+                time.sleep(0.5)
+        print(f"\n[comfyui] server ready in {time.perf_counter() - started:.1f} s")
+        yield instance
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        if os.environ.get("COMFYUI_TEST_KEEP"):
+            print(f"[comfyui] kept {work}")
+        else:
+            shutil.rmtree(work / "output", ignore_errors=True)
+
+
+# ---- graphs ---------------------------------------------------------------------------------------------------
+
+def _workflow(name):
+    return json.loads((WORKFLOWS / f"{name}_api.json").read_text())
+
+
+def _tiny(graph):
+    """A shipped workflow on the tiny checkpoint: 32x32 batch 2, cfg 5, 8 steps, latents saved instead of images."""
+    graph = json.loads(json.dumps(graph))
+    for key, node in list(graph.items()):
+        inputs = node["inputs"]
+        if node["class_type"] == "CheckpointLoaderSimple":
+            inputs["ckpt_name"] = CHECKPOINT
+        elif node["class_type"] == "EmptyLatentImage":
+            inputs.update(width=SIZE, height=SIZE, batch_size=LATENT[0])
+        elif node["class_type"] in ("KSampler", "SamplerCustom"):
+            inputs["cfg"] = CFG
+        elif node["class_type"] in ("BasicScheduler",):
+            inputs["steps"] = STEPS
+        if node["class_type"] == "KSampler":
+            inputs["steps"] = STEPS
+    for key, node in list(graph.items()):
+        if node["class_type"] == "VAEDecode":
+            save = next(k for k, n in graph.items() if n["inputs"].get("images") == [key, 0])
+            del graph[save]
+            graph[key] = {"class_type": "SaveLatent",
+                          "inputs": {"samples": node["inputs"]["samples"], "filename_prefix": f"tests/n{key}"}}
+    return graph
+
+
+def _ksampler(graph, key, model, sampler, steps, scheduler, seed=0):
+    graph[key] = {"class_type": "KSampler", "inputs": {
+        "model": model, "seed": seed, "steps": steps, "cfg": CFG, "sampler_name": sampler, "scheduler": scheduler,
+        "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0], "denoise": 1.0}}
+    graph[key + "s"] = {"class_type": "SaveLatent", "inputs": {"samples": [key, 0], "filename_prefix": f"tests/{key}"}}
+
+
+def _relative_error(x, reference):
+    return float((x - reference).norm() / reference.norm())
+
+
+RESULTS = {}  # latents shared between tests (module order): degenerate-EMS v3 result for the EMS test
+
+
+# ---- tests ----------------------------------------------------------------------------------------------------
+
+def test_object_info_lists_nodes_and_dropdown_entries(server):
+    from dpm_solver_nodes.nodes.options import DROPDOWN_SAMPLERS, SAMPLER_NODES
+
+    info = server.get("/object_info")
+    ours = [spec.node_id for spec in SAMPLER_NODES] + [
+        "DPMSolverNodes_ComputeEMS", "DPMSolverNodes_LoadEMS", "DPMSolverNodes_SaveEMS"]
+    for node_id in ours:
+        assert node_id in info, f"{node_id} missing from /object_info"
+        assert "dpm_solver_nodes" in info[node_id]["python_module"]
+    for spec in SAMPLER_NODES:
+        assert info[spec.node_id]["output"] == ["SAMPLER"]
+        assert info[spec.node_id]["category"] == "sampling/custom_sampling/samplers"
+    for node in ("KSampler", "KSamplerSelect"):
+        names = info[node]["input"]["required"]["sampler_name"][0]
+        for entry in DROPDOWN_SAMPLERS:
+            assert names.count(entry) == 1, f"{entry} appears {names.count(entry)} times in {node}"
+        assert "euler" in names and "uni_pc_bh2" in names  # built-ins untouched
+    log = server.log()
+    assert "IMPORT FAILED" not in "\n".join(l for l in log.splitlines() if "dpm_solver_nodes" in l)
+    assert "Cannot import" not in "\n".join(l for l in log.splitlines() if "dpm_solver_nodes" in l)
+
+
+def test_ui_workflows_match_the_live_node_definitions(server):
+    """The UI-format twins store widget values by position: check every node's count against /object_info, and that
+    every link's type is the one its source node outputs."""
+    info = server.get("/object_info")
+    for path in sorted(WORKFLOWS.glob("*.json")):
+        if path.name.endswith("_api.json"):
+            continue
+        workflow = json.loads(path.read_text())
+        nodes = {node["id"]: node for node in workflow["nodes"]}
+        for node in workflow["nodes"]:
+            definition = info[node["type"]]
+            declared = {**definition["input"].get("required", {}), **definition["input"].get("optional", {})}
+            widgets = 0
+            for name in definition["input_order"].get("required", []) + definition["input_order"].get("optional",
+                                                                                                       []):
+                spec = declared[name]
+                if isinstance(spec[0], list) or spec[0] in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"):
+                    widgets += 1 + bool(len(spec) > 1 and spec[1].get("control_after_generate"))
+            assert len(node["widgets_values"]) == widgets, f"{path.name}: node {node['id']} ({node['type']})"
+        for link_id, source, slot, target, _target_slot, kind in workflow["links"]:
+            assert info[nodes[source]["type"]]["output"][slot] == kind, f"{path.name}: link {link_id}"
+            assert target in nodes
+        api = json.loads((WORKFLOWS / path.name.replace(".json", "_api.json")).read_text())
+        assert sorted(n["type"] for n in workflow["nodes"]) == sorted(n["class_type"] for n in api.values())
+
+
+@pytest.mark.parametrize("kind", ["eps", "flow"])
+def test_dropdown_entries_run_on_eps_and_flow_without_ems(server, kind):
+    """Every dropdown entry, 8 steps, cfg 5, from the same seed: finite, right shape; the second-order ODE entries
+    land closer to a 12-step Heun reference (23 calls) than 8-step Euler does, and on EPS dpmsolver_pp_2m reproduces
+    the built-in dpmpp_2m.  All errors are printed (pytest -s)."""
+    from dpm_solver_nodes.nodes.options import DROPDOWN_SAMPLERS
+
+    graph = _tiny(_workflow("txt2img_dpm_solver_v3"))
+    for key in [k for k, n in graph.items() if n["class_type"] in ("KSampler", "SaveLatent")]:
+        del graph[key]
+    model = ["1", 0]
+    scheduler = "karras"
+    if kind == "flow":
+        graph["20"] = {"class_type": "ModelSamplingSD3", "inputs": {"model": ["1", 0], "shift": 3.0}}
+        model, scheduler = ["20", 0], "simple"
+    _ksampler(graph, "30", model, "heun", 12, scheduler)
+    _ksampler(graph, "31", model, "euler", STEPS, scheduler)
+    _ksampler(graph, "32", model, "dpmpp_2m", STEPS, scheduler)
+    entries = sorted(DROPDOWN_SAMPLERS)
+    for index, name in enumerate(entries):
+        _ksampler(graph, str(40 + index), model, name, STEPS, scheduler)
+    started = time.perf_counter()
+    latents = server.latents(server.run(graph))
+    seconds = time.perf_counter() - started
+    reference, euler, builtin_2m = latents["30s"], latents["31s"], latents["32s"]
+    errors = {}
+    for index, name in enumerate(entries):
+        result = latents[f"{40 + index}s"]
+        assert result.shape == LATENT and torch.isfinite(result).all(), name
+        errors[name] = _relative_error(result, reference)
+    euler_error, builtin_error = _relative_error(euler, reference), _relative_error(builtin_2m, reference)
+    print(f"\n[comfyui {kind}] {seconds:.1f} s; relative error vs heun-12: euler-8 {euler_error:.3g}, built-in "
+          f"dpmpp_2m-8 {builtin_error:.3g}; " + ", ".join(f"{k} {v:.3g}" for k, v in errors.items()))
+    for name in ("dpmsolver_v3", "dpmsolver_pp_2m", "dpmsolver_pp_2s", "dpmsolver_3s"):
+        assert errors[name] < euler_error, f"{name} ({kind}): {errors[name]:.3g} vs euler {euler_error:.3g}"
+    if kind == "eps":
+        ours = latents[f"{40 + entries.index('dpmsolver_pp_2m')}s"]
+        assert torch.allclose(ours, builtin_2m, rtol=1e-4, atol=1e-4 * float(builtin_2m.abs().max()))
+    for name in ("dpmsolver_pp_2m_sde", "dpmsolver_pp_3m_sde"):  # noise was injected
+        assert errors[name] > 10 * errors["dpmsolver_pp_2m"]
+    assert "no EMS stored for this model" in server.log()  # the v3 fallback was logged
+
+
+def test_sampler_nodes_in_sampler_custom_match_the_dropdown(server):
+    """The SamplerCustom workflow with every sampler node; the 2M and v3 nodes with default widgets give the same
+    latents as their KSampler dropdown entries (same seed, same karras sigmas from BasicScheduler)."""
+    from dpm_solver_nodes.nodes.options import SAMPLER_NODES
+
+    graph = _tiny(_workflow("samplercustom_all_samplers"))
+    _ksampler(graph, "90", ["1", 0], "dpmsolver_pp_2m", STEPS, "karras")
+    _ksampler(graph, "91", ["1", 0], "dpmsolver_v3", STEPS, "karras")
+    started = time.perf_counter()
+    latents = server.latents(server.run(graph))
+    seconds = time.perf_counter() - started
+    by_node = {}
+    for key, node in graph.items():
+        if node["class_type"] == "SamplerCustom":
+            sampler = graph[node["inputs"]["sampler"][0]]["class_type"]
+            save = next(k for k, n in graph.items() if n["inputs"].get("samples") == [key, 0])
+            by_node[sampler] = latents[save]
+    assert sorted(by_node) == sorted(spec.node_id for spec in SAMPLER_NODES)
+    for node_id, result in by_node.items():
+        assert result.shape == LATENT and torch.isfinite(result).all(), node_id
+    print(f"\n[comfyui SamplerCustom] {len(by_node)} sampler nodes in {seconds:.1f} s")
+    assert torch.allclose(by_node["DPMSolverNodes_DPMSolverPP2M"], latents["90s"], rtol=1e-5, atol=1e-5)
+    assert torch.allclose(by_node["DPMSolverNodes_DPMSolverV3"], latents["91s"], rtol=1e-5, atol=1e-5)
+    RESULTS["v3_without_ems"] = by_node["DPMSolverNodes_DPMSolverV3"]
+
+
+def _ems_outputs(entry):
+    return [item for output in entry["outputs"].values() for item in output.get("ems", []) if "source" in item]
+
+
+def test_ems_computed_in_graph_is_cached_reused_and_recomputed_for_another_model(server):
+    graph = _tiny(_workflow("ems_compute_save_use"))
+    compute = next(k for k, n in graph.items() if n["class_type"] == "DPMSolverNodes_ComputeEMS")
+    graph[compute]["inputs"].update(cfg=CFG, width=SIZE, height=SIZE, grid_size=2, sample_count=2, x0_steps=2,
+                                    batch_size=2, filename_prefix="run1")
+    sampled = next(k for k, n in graph.items() if n["class_type"] == "SaveLatent")
+
+    started = time.perf_counter()
+    first = server.run(graph)
+    first_seconds = time.perf_counter() - started
+    (info,) = _ems_outputs(first)
+    assert info["source"] == "computed"
+    stored = sorted(p.name for p in server.ems_dir.glob("*.safetensors"))
+    assert info["file"] in stored and "sd15_cfg7.5.safetensors" in stored  # compute node cache + SaveEMS
+    from dpm_solver_nodes.stats import load_ems
+
+    ems = load_ems(server.ems_dir / info["file"])
+    assert ems.metadata["fingerprint"] == info["fingerprint"] and ems.metadata["model_kind"] == "eps"
+    assert float(ems.metadata["cfg"]) == CFG and ems.stat_shape == (4, 1, 1)
+    with_ems = server.latents(first)[sampled]
+    assert with_ems.shape == LATENT and torch.isfinite(with_ems).all()
+    if "v3_without_ems" in RESULTS:  # the EMS change the result
+        assert not torch.allclose(with_ems, RESULTS["v3_without_ems"], rtol=1e-3, atol=1e-3)
+
+    # 2: a changed file-name prefix makes ComfyUI run the node again; the EMS come from the file (same cache key)
+    graph[compute]["inputs"]["filename_prefix"] = "run2"
+    _ksampler(graph, "90", ["1", 0], "dpmsolver_v3", STEPS, "karras")  # finds the EMS by fingerprint
+    started = time.perf_counter()
+    second = server.run(graph)
+    second_seconds = time.perf_counter() - started
+    (info2,) = _ems_outputs(second)
+    assert info2["source"] == "cached" and info2["file"] == info["file"]
+    latents = server.latents(second)
+    assert torch.equal(latents[sampled], with_ems)
+    assert torch.allclose(latents["90s"], with_ems, rtol=1e-5, atol=1e-5)  # dropdown entry == node with EMS input
+
+    # 3: another model (zero-terminal-SNR sigmas) -> another fingerprint -> computed anew
+    graph["80"] = {"class_type": "ModelSamplingDiscrete", "inputs": {"model": ["1", 0], "sampling": "eps",
+                                                                     "zsnr": True}}
+    graph[compute]["inputs"]["model"] = ["80", 0]
+    started = time.perf_counter()
+    third = server.run(graph)
+    third_seconds = time.perf_counter() - started
+    (info3,) = _ems_outputs(third)
+    assert info3["source"] == "computed" and info3["fingerprint"] != info["fingerprint"]
+    assert info3["file"] != info["file"] and (server.ems_dir / info3["file"]).exists()
+    print(f"\n[comfyui EMS] computed+sampled {first_seconds:.1f} s (EMS {info['seconds']:.1f} s), cached "
+          f"{second_seconds:.1f} s (EMS {info2['seconds']:.2f} s), other model {third_seconds:.1f} s")
+
+
+def test_load_ems_node_lists_and_loads_stored_files(server):
+    info = server.get("/object_info/DPMSolverNodes_LoadEMS")
+    names = info["DPMSolverNodes_LoadEMS"]["input"]["required"]["ems_name"][0]
+    stored = sorted(p.name for p in server.ems_dir.glob("*.safetensors"))
+    assert stored and sorted(names) == stored
+    graph = _tiny(_workflow("ems_compute_save_use"))
+    compute = next(k for k, n in graph.items() if n["class_type"] == "DPMSolverNodes_ComputeEMS")
+    del graph[compute]
+    for key in [k for k, n in graph.items() if n["class_type"] == "DPMSolverNodes_SaveEMS"]:
+        del graph[key]
+    graph[compute] = {"class_type": "DPMSolverNodes_LoadEMS", "inputs": {"ems_name": "sd15_cfg7.5.safetensors"}}
+    latents = server.latents(server.run(graph))
+    (result,) = latents.values()
+    assert result.shape == LATENT and torch.isfinite(result).all()
