@@ -321,6 +321,8 @@ def test_corrector_setting(choice, cfg, expected):
 def test_settings_defaults_and_validation():
     assert settings.get(None, "dpm_solver_v3_order") == 2
     assert settings.get(Options(dpm_solver_v3_order=9), "dpm_solver_v3_order") == 3
+    assert settings.get(Options(dpm_solver_ems_grid=6), "dpm_solver_ems_grid") == 6
+    assert settings.get(Options(dpm_solver_ems_samples=0), "dpm_solver_ems_samples") == 128
     assert settings.get(Options(dpm_solver_ems_reduction="bogus"), "dpm_solver_ems_reduction") == "per_channel"
     assert settings.ems_folder(Options(), "/models") == os.path.join("/models", "dpm_solver_v3_ems")
     added = {}
@@ -437,3 +439,48 @@ def test_entry_script_loads_the_package_under_its_unique_name_and_reloads(tmp_pa
     assert report["callbacks"] == ["on_ui_settings", "on_model_loaded", "on_ui_tabs"] * 2
     scripts = [name for name in os.listdir(os.path.join(ROOT, "scripts")) if name.endswith(".py")]
     assert scripts == ["dpm_solver_nodes_webui.py"]   # the WebUI executes every scripts/*.py
+
+
+# ---- Forge: continuous timesteps for the EMS job ----------------------------------------------------------------------
+
+def sd1_sigmas():
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    alphas_cumprod = torch.cumprod(1 - betas, 0)
+    return ((1 - alphas_cumprod) / alphas_cumprod).sqrt().float()
+
+
+def test_interpolated_timestep_equals_kdiffusion_sigma_to_t():
+    from kdiffusion_reference import load
+
+    load()
+    external = importlib.import_module("k_diffusion.external")
+    sigmas = sd1_sigmas()
+    schedule = external.DiscreteSchedule(sigmas, quantize=False)
+    probe = torch.exp(torch.linspace(float(sigmas[0].log()), float(sigmas[-1].log()), 37))
+    expected = schedule.sigma_to_t(probe)
+    assert torch.allclose(ems_tab.interpolated_timestep(probe, sigmas.log()), expected, atol=1e-4)
+    assert not torch.equal(expected, expected.round())
+
+
+def test_continuous_timesteps_patches_only_forge_discrete_predictors():
+    class DiscretePredictor:          # Forge's Prediction: nearest integer timestep
+        prediction_type = "epsilon"
+
+        def __init__(self):
+            self.log_sigmas = sd1_sigmas().log()
+
+        def timestep(self, sigma):
+            return (sigma.log() - self.log_sigmas[:, None]).abs().argmin(dim=0).view(sigma.shape)
+
+    predictor = DiscretePredictor()
+    model = cfg_model(predictor=predictor)
+    sigma = torch.tensor([0.5, 3.0])
+    rounded = predictor.timestep(sigma)
+    with ems_tab.continuous_timesteps(model):
+        inside = predictor.timestep(sigma)
+    assert torch.equal(rounded, rounded.round()) and not torch.equal(inside, inside.round())
+    assert torch.allclose(inside, ems_tab.interpolated_timestep(sigma, predictor.log_sigmas))
+    assert torch.equal(predictor.timestep(sigma), rounded)            # restored
+    flow = types.SimpleNamespace(prediction_type="const", log_sigmas=torch.zeros(3), timestep=lambda s: s * 1000)
+    with ems_tab.continuous_timesteps(cfg_model(predictor=flow)):
+        assert torch.equal(flow.timestep(sigma), sigma * 1000)

@@ -9,11 +9,14 @@ stops it (the WebUI's CFG denoiser raises inside the next model call) and nothin
 
 Cost: K x (x0 steps) model calls for the samples plus (N + 1) x K JVP rows (about 2-3 forward passes each) for the
 statistics.  Forward AD needs an attention implementation with forward-mode derivatives; otherwise the estimator
-falls back to finite differences (logged).  On Forge, eps models map sigma to an integer timestep, which the
-estimator detects and refuses (dD/dlambda would be 0).
+falls back to finite differences (logged).  Forge's discrete predictors map sigma to the nearest integer timestep
+(``Prediction.timestep`` is an argmin), which would make dD/dlambda = 0 (the estimator refuses such models), so
+during the job ``continuous_timesteps`` interpolates the index in log sigma instead, as A1111's CompVisDenoiser
+does with quantization off.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 
@@ -45,6 +48,34 @@ class FixedBatchModel:
                 ss = torch.cat([ss, ss[-1:].expand(self.batch - rows)])
             outputs.append(self.model(xs, ss, **extra_args)[:rows])
         return torch.cat(outputs)
+
+
+def interpolated_timestep(sigma, log_sigmas):
+    """The fractional timestep of ``sigma`` on a discrete schedule: linear in log sigma between the two table
+    entries around it (k-diffusion's ``DiscreteSchedule.sigma_to_t`` without quantization), clamped to the table."""
+    log_sigmas = log_sigmas.to(sigma.device)
+    log_sigma = sigma.log().to(log_sigmas.dtype)
+    dists = log_sigma - log_sigmas[:, None]
+    low = dists.ge(0).cumsum(dim=0).argmax(dim=0).clamp(max=log_sigmas.shape[0] - 2)
+    high = low + 1
+    w = ((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[high])).clamp(0, 1)
+    return ((1 - w) * low + w * high).view(sigma.shape)
+
+
+@contextlib.contextmanager
+def continuous_timesteps(model):
+    """While active, a Forge discrete predictor (one with ``log_sigmas`` whose ``timestep`` rounds) maps sigma to a
+    fractional timestep.  Other models (A1111's CompVisDenoiser, flow predictors) are left alone."""
+    predictor = getattr(registration.denoiser_wrap(model), "predictor", None)
+    log_sigmas = getattr(predictor, "log_sigmas", None)
+    if predictor is None or log_sigmas is None or getattr(predictor, "prediction_type", None) == "const":
+        yield
+        return
+    predictor.timestep = lambda sigma: interpolated_timestep(sigma, log_sigmas)
+    try:
+        yield
+    finally:
+        del predictor.timestep
 
 
 class EMSJob:
@@ -81,19 +112,21 @@ class EMSJob:
         model_fixed = FixedBatchModel(model, batch)
         p = getattr(model, "p", None)
         cfg = float(getattr(p, "cfg_scale", 1.0))
-        x0 = generate_x0(model_fixed, tuple(x.shape[1:]), self.K, sigma_max, sigma_min, kind, steps=self.x0_steps,
-                         seed=self.seed, extra_args=extra_args, batch_size=batch, dtype=torch.float32,
-                         device=x.device)
+        with continuous_timesteps(model):
+            x0 = generate_x0(model_fixed, tuple(x.shape[1:]), self.K, sigma_max, sigma_min, kind,
+                             steps=self.x0_steps, seed=self.seed, extra_args=extra_args, batch_size=batch,
+                             dtype=torch.float32, device=x.device)
         digest = sigma_digest(table)
         metadata = {"model_hash": model_hash, "model_name": getattr(getattr(sd_model, "sd_checkpoint_info", None),
                                                                      "model_name", ""),
                     "model_kind": kind, "cfg": cfg, "guidance": "guided", "sigma_digest": digest,
                     "x0_source": f"dpmpp_2m {self.x0_steps} steps", "host": "webui",
                     "prompt": str(getattr(p, "prompt", ""))[:200]}
-        ems = estimate_ems(model_fixed, x0, sigma_min, sigma_max, model_kind=kind, N=self.N, K=self.K,
-                           reduction=self.reduction, jvp=self.jvp, batch_size=batch, seed=self.seed,
-                           extra_args=extra_args, progress=self.progress, should_stop=self.should_stop,
-                           metadata=metadata)
+        with continuous_timesteps(model):
+            ems = estimate_ems(model_fixed, x0, sigma_min, sigma_max, model_kind=kind, N=self.N, K=self.K,
+                               reduction=self.reduction, jvp=self.jvp, batch_size=batch, seed=self.seed,
+                               extra_args=extra_args, progress=self.progress, should_stop=self.should_stop,
+                               metadata=metadata)
         key = self.store.make_key(model_hash, kind, digest, cfg, tuple(x.shape[1:]), self.N, self.K, self.reduction,
                                   sigma_min, sigma_max)
         self.path = self.store.put(key, ems)

@@ -63,7 +63,9 @@ def get(opts, key):
             value = int(value)
         except (TypeError, ValueError):
             return setting.default
-        return min(max(value, int(setting.minimum)), int(setting.maximum))
+        if setting.key == "dpm_solver_v3_order":
+            return min(max(value, 1), 3)
+        return value if value >= 1 else setting.default
     return value
 
 
