@@ -314,6 +314,7 @@ def write_plots(rows, images, info, out: pathlib.Path):
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         log.warning("matplotlib is not installed; no plots (pip install matplotlib)")
         return []
@@ -323,13 +324,17 @@ def write_plots(rows, images, info, out: pathlib.Path):
     styles = {"ours": "-", "k-diffusion": "--", "diffusers": ":"}
     for ax, w in zip(axes[0], guidances):
         sub = [r for r in rows if r["guidance"] == w and r["status"] == "ok" and not r["stochastic"]]
-        for name in dict.fromkeys(r["sampler"] for r in sub):
+        colors = plt.get_cmap("tab20").colors
+        for index, name in enumerate(dict.fromkeys(r["sampler"] for r in sub)):
             own = sorted((r for r in sub if r["sampler"] == name), key=lambda r: r["nfe"])
             family = own[0]["family"]
             ax.plot([r["nfe"] for r in own], [max(r["error_rms"], 1e-8) for r in own], styles[family],
-                    marker="o", ms=3, label=name)
+                    color=colors[index % len(colors)], marker="os^vD"[index // len(colors) % 5], ms=3, label=name)
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.set_xticks(sorted({r["nfe"] for r in sub}))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("NFE (model calls)")
         ax.set_ylabel("RMS error vs converged reference")
         ax.set_title(f"{info['model']} model, {info['schedule']}, guidance {w:g}")

@@ -155,6 +155,12 @@ def ours(ems_for=None):
 
         result.append(Solver(name, "ours", call, stochastic=any(s in name for s in STOCHASTIC_OURS),
                              adaptive="adaptive" in name))
+        if name == "dpm_solver_v3" and ems_for is not None:
+            # the same solver without the model's statistics (l = 1, s = b = 0): what the EMS buy
+            result.append(Solver("dpm_solver_v3(ems=None)", "ours",
+                                 lambda model, x, sigmas, extra_args, model_kind, steps, _fn=fn: _fn(
+                                     model, x, sigmas.to(x.dtype), extra_args=extra_args, disable=True,
+                                     model_kind=model_kind)))
     return result
 
 

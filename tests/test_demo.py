@@ -29,7 +29,7 @@ def quick_run(tmp_path_factory):
 def test_quick_demo_writes_table_and_plots(quick_run):
     out, rows = quick_run
     assert {r["sampler"] for r in rows} >= {"dpmpp_2m", "dpmpp_3m", "ddim", "dpm_solver_v3", "dpmpp_2m_sde"}
-    assert {r["guidance"] for r in rows} == {"1.0", "5.0"}
+    assert {float(r["guidance"]) for r in rows} == {1.0, 5.0}
     ok = [r for r in rows if r["status"] == "ok"]
     assert len(ok) == len(rows)
     for r in ok:
@@ -45,8 +45,8 @@ def test_quick_demo_writes_table_and_plots(quick_run):
 
 def test_quick_demo_errors_shrink_with_nfe_and_match_the_peer(quick_run):
     _, rows = quick_run
-    error = {(r["sampler"], r["guidance"], int(r["nfe_budget"])): float(r["error_rms"]) for r in rows}
-    for w in ("1.0", "5.0"):
+    error = {(r["sampler"], float(r["guidance"]), int(r["nfe_budget"])): float(r["error_rms"]) for r in rows}
+    for w in (1.0, 5.0):
         for name in ("dpmpp_2m", "dpmpp_3m", "ddim"):
             assert error[(name, w, 10)] < error[(name, w, 5)], (name, w)
         if HAVE_KDIFF:  # same sigmas, same noise: DPM-Solver++(2M) is k-diffusion's sample_dpmpp_2m
