@@ -423,7 +423,7 @@ def test_ems_computed_in_the_webui_are_used_and_recorded():
     assert ems["with_ems"].startswith("5eed5eed5e cfg 5 N 10 K 8 per_channel")
     assert ems["changed_by_ems"] > 0
     assert ems["parsed_sampler"] == "DPM-Solver-v3"
-    assert "DPM-Solver-v3 EMS: 5eed5eed5e cfg 5 N 6 K 2 per_channel" in ems["infotext"]
+    assert "DPM-Solver-v3 EMS: 5eed5eed5e cfg 5 N 10 K 8 per_channel" in ems["infotext"]
     # pasting the parameters restores the v3 settings that differ from the current ones
     assert ems["override_settings"] == {"dpm_solver_v3_order": 2}
 
