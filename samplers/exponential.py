@@ -34,9 +34,9 @@ def psi(k: int, h: float) -> float:
     """
     if k < 1:
         raise ValueError(f"psi needs k >= 1, got {k}")
+    if k == 1:
+        return -math.expm1(-h)  # exact to rounding for every h, 1 at h = inf
     if h == math.inf:
-        if k == 1:
-            return 1.0
         raise ValueError("psi_k(inf) diverges for k > 1: a step to sigma = 0 must be first order")
     if abs(h) < 1.0:
         term = h ** k / math.factorial(k)
@@ -158,10 +158,16 @@ def noise_prediction_noise_scale(table, i, eta):
 
 
 def first_order_data_step(x, denoised, sigma_s, sigma_t, alpha_t, h):
-    """DDIM / DPM-Solver++1: x_t = (sigma_t/sigma_s) x_s + alpha_t (1 - e^{-h}) D_s.  Handles h = +-inf."""
+    """DDIM / DPM-Solver++1 between any two points: x_t = (sigma_t/sigma_s) x_s + alpha_t (1 - e^{-h}) D_s.
+
+    The same arithmetic as ``data_prediction_step`` with [D] (bit-identical), for points off the step table.
+    Handles h = +-inf.
+    """
     if sigma_t == 0:
         return denoised * alpha_t
-    return x * (sigma_t / sigma_s) + denoised * (alpha_t * -math.expm1(-h))
+    out = x * (sigma_t / sigma_s)
+    out.add_(denoised, alpha=alpha_t * psi(1, h))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
