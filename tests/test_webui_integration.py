@@ -48,6 +48,8 @@ def _analytic_model(kind, mixture=False):
     """A stand-in for ``shared.sd_model``: exact denoiser of N(mu(prompt), 0.25) data in every latent element, or
     (``mixture``) of the two-component mixture 0.5 N(mu - 0.6, 0.05) + 0.5 N(mu + 0.6, 0.05), whose denoiser is
     nonlinear (the Gaussian's makes the v3 statistic f constant)."""
+    import contextlib
+
     import torch
     from modules.models.sd3.sd3_impls import ModelSamplingDiscreteFlow
     from modules.models.sd3.sd3_model import SD3Denoiser
@@ -74,16 +76,27 @@ def _analytic_model(kind, mixture=False):
             self.is_sd3 = kind == "flow"
             self.model = torch.nn.Module()
             self.model.conditioning_key = "crossattn"
+            self.first_stage_model = torch.nn.Module()
+            self.first_stage_model.dtype = torch.float32
             self.cond_stage_key = "txt"
             self.sd_checkpoint_info = type("Info", (), {"sha256": "5eed" * 16, "shorthash": "5eed5eed5e",
-                                                       "model_name": f"analytic-{kind}", "filename": "analytic"})()
+                                                       "model_name": f"analytic-{kind}", "filename": "analytic",
+                                                       "name_for_extra": f"analytic-{kind}",
+                                                       "title": f"analytic-{kind}", "short_title": f"analytic-{kind}"})()
             self.sd_model_hash = None
+            self.lowvram = False
             self.latent_channels = 4
             if kind == "flow":
                 self.sampling = ModelSamplingDiscreteFlow(shift=3.0)
                 self.create_denoiser = lambda: SD3Denoiser(self, self.sampling.sigmas)
             else:
                 self.create_denoiser = None     # the WebUI then wraps it in CompVis(V)Denoiser
+
+        def ema_scope(self):
+            return contextlib.nullcontext()
+
+        def decode_first_stage(self, latent):     # a grey image (the txt2img job path decodes its samples)
+            return latent.new_zeros(latent.shape[0], 3, latent.shape[2] * 8, latent.shape[3] * 8)
 
         def get_learned_conditioning(self, texts):
             means = torch.tensor([prompt_mean(t) for t in texts], dtype=torch.float32)
@@ -252,6 +265,8 @@ def harness():
     except Exception as error:  # noqa: BLE001
         report["errors"]["ui_tabs"] = f"{type(error).__name__}: {error}"
     report["ems"] = _ems_round_trip(shared, sd_samplers, webui, ems_tab, infotext_utils, processing)
+    _log("EMS tab job through process_images")
+    report["tab_job"] = _tab_job(shared, webui, ems_tab)
     report["seconds"] = time.time() - started
     print("REPORT " + json.dumps(report))
 
@@ -303,6 +318,32 @@ def _ems_round_trip(shared, sd_samplers, webui, ems_tab, infotext_utils, process
     shared.opts.dpm_solver_v3_order = 3
     result["override_settings"] = {k: v for _, k, v in infotext_utils.get_override_settings(parsed)
                                    if k.startswith("dpm_solver")}
+    return result
+
+
+def _tab_job(shared, webui, ems_tab):
+    """The tab's "Compute EMS" path: a txt2img job through ``processing.process_images``.  Loading weights and
+    token merging need a real checkpoint, so those two WebUI calls are skipped for the analytic model."""
+    from modules import sd_models
+
+    result = {}
+    shared.sd_model = _analytic_model("eps", mixture=True)
+    sd_models.reload_model_weights = lambda *args, **kwargs: None
+    sd_models.apply_token_merging = lambda *args, **kwargs: None
+    shared.opts.dpm_solver_ems_grid, shared.opts.dpm_solver_ems_samples = 6, 4
+    before = set(os.listdir(webui.ems_folder()))
+    shared.state.begin(job="dpm_solver_v3_ems")
+    shared.state.interrupted = True                       # "Interrupt" pressed: nothing may be stored
+    images, message = ems_tab.run_in_webui(webui.STORE, PROMPT, "", 3.0, 64, 64, BATCH, 0)
+    shared.state.end()
+    result["interrupted_message"] = message
+    result["interrupted_stored"] = sorted(set(os.listdir(webui.ems_folder())) - before)
+    shared.state.begin(job="dpm_solver_v3_ems")
+    images, message = ems_tab.run_in_webui(webui.STORE, PROMPT, "", 3.0, 64, 64, BATCH, 0)
+    shared.state.end()
+    result["message"] = message
+    result["images"] = len(images or [])
+    result["stored"] = sorted(set(os.listdir(webui.ems_folder())) - before)
     return result
 
 
@@ -408,8 +449,13 @@ def test_sde_noise_is_seeded_by_the_webui():
             assert runs[entry.label]["seed_changes_result"], entry.label
 
 
-def test_ems_tab_builds():
-    assert ["DPM-Solver-v3", "dpm_solver_v3_ems"] in _report()["tabs"]
+def test_ems_tab_builds_and_its_job_runs_through_txt2img_processing():
+    report = _report()
+    assert ["DPM-Solver-v3", "dpm_solver_v3_ems"] in report["tabs"]
+    job = report["tab_job"]
+    assert job["interrupted_stored"] == [] and job["interrupted_message"].startswith("EMS not computed")
+    assert len(job["stored"]) == 1 and job["images"] == BATCH
+    assert "cfg 3, N 6, K 4, per_channel, checkpoint 5eed5eed5e" in job["message"]
 
 
 def test_unsupported_model_is_refused():

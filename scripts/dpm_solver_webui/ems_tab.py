@@ -168,7 +168,7 @@ def run_in_webui(store, prompt, negative_prompt, cfg_scale, width, height, batch
     p = processing.StableDiffusionProcessingTxt2Img(
         sd_model=shared.sd_model, prompt=prompt, negative_prompt=negative_prompt, cfg_scale=float(cfg_scale),
         width=int(width), height=int(height), batch_size=batch_size, n_iter=1, steps=1, seed=int(seed),
-        sampler_name=_any_sampler_name(), do_not_save_samples=True, do_not_save_grid=True)
+        sampler_name=_any_sampler_name(), scheduler="Automatic", do_not_save_samples=True, do_not_save_grid=True)
     p.sample = sample
     try:
         processed = processing.process_images(p)
