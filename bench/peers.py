@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import inspect
 import logging
 import math
 import sys
@@ -301,9 +300,3 @@ def solvers(families=FAMILIES, ems_for=None):
             log.warning("skipping %s: %s", family, error)
     return result
 
-
-def accepts(fn, option):
-    try:
-        return option in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False

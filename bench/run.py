@@ -27,7 +27,6 @@ import math
 import os
 import pathlib
 import platform
-import statistics
 import time
 import warnings
 
@@ -280,13 +279,28 @@ def error_table(rows, nfes, key, guidance):
     return lines
 
 
-def standings(rows, nfes, key, guidance):
-    """Per NFE: how each of our deterministic samplers compares with each deterministic peer (error ratio)."""
+def standings(rows, key, guidance, nfes=(5, 10, 20)):
+    """Markdown lines: error ratio ours / peer (below 1: ours more accurate) for each of our deterministic samplers
+    against each deterministic peer, at the NFE budgets ``nfes``."""
     sub = {(r["sampler"], r["nfe_budget"]): r for r in rows if r["status"] == "ok" and not r.get("stochastic")
            and str(r["guidance"]) in (str(guidance), f"{float(guidance):g}")}
-    ours = list(dict.fromkeys(s for (s, _), r in sub.items() if r["family"] == "ours"))
-    peers = list(dict.fromkeys(s for (s, _), r in sub.items() if r["family"] != "ours"))
-    return ours, peers, sub
+    ours = list(dict.fromkeys(s for (s, _), r in sub.items() if r["family"] == "ours" and "adaptive" not in s))
+    peers = list(dict.fromkeys(s for (s, _), r in sub.items() if r["family"] != "ours"
+                               and "adaptive" not in s))
+    lines = [f"Error ratio ours / peer at guidance {guidance:g} (below 1: ours more accurate); cells: NFE "
+             + " / ".join(map(str, nfes)) + " (same budget; solvers that use fewer calls keep their own count).", "",
+             "| ours \\ peer | " + " | ".join(peers) + " |", "|---|" + "---|" * len(peers)]
+    for o in ours:
+        cells = []
+        for p in peers:
+            values = []
+            for n in nfes:
+                a, b = sub.get((o, n)), sub.get((p, n))
+                ok = a and b and b[key] and b[key] > 0 and not math.isnan(a[key])
+                values.append(fmt(a[key] / b[key], 2) if ok else "-")
+            cells.append(" / ".join(values))
+        lines.append(f"| {o} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def report(out: pathlib.Path):
@@ -308,21 +322,7 @@ def report(out: pathlib.Path):
                   f"budget; * = stochastic (different target). {env['date']}, torch {env['torch']}.", ""]
         for w in ("1", "5"):
             lines += [f"### Guidance {w}", ""] + error_table(g["rows"], g["nfe"], "median_error", w) + [""]
-            ours, peers, sub = standings(g["rows"], g["nfe"], "median_error", w)
-            lines += [f"Error ratio ours / peer at guidance {w} (below 1: ours more accurate); rows: ours, "
-                      "columns: peers, cells: NFE 5 / 10 / 20.", "",
-                      "| ours \\ peer | " + " | ".join(peers) + " |", "|---|" + "---|" * len(peers)]
-            for o in ours:
-                cells = []
-                for p in peers:
-                    vals = []
-                    for n in (5, 10, 20):
-                        a, b = sub.get((o, n)), sub.get((p, n))
-                        vals.append(fmt(a["median_error"] / b["median_error"], 2)
-                                    if a and b and b["median_error"] > 0 else "-")
-                    cells.append(" / ".join(vals))
-                lines.append(f"| {o} | " + " | ".join(cells) + " |")
-            lines.append("")
+            lines += standings(g["rows"], "median_error", float(w))
     if "embedded" in parts:
         e = parts["embedded"]
         info = e["info"]
@@ -333,7 +333,8 @@ def report(out: pathlib.Path):
                   + f"). Fréchet distance real floor at this batch: {fmt(info['real_floor'])}.", ""]
         for w in info["guidance"]:
             lines += [f"### Guidance {w:g}: RMS error", ""] + error_table(e["rows"], info["nfe"], "error_rms", w)
-            lines += ["", f"### Guidance {w:g}: Fréchet distance", ""] + error_table(
+            lines += [""] + standings(e["rows"], "error_rms", float(w))
+            lines += [f"### Guidance {w:g}: Fréchet distance", ""] + error_table(
                 e["rows"], info["nfe"], "frechet_distance", w) + [""]
     if "overhead" in parts:
         o = parts["overhead"]
