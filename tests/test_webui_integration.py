@@ -79,10 +79,10 @@ def _analytic_model(kind, mixture=False):
             self.first_stage_model = torch.nn.Module()
             self.first_stage_model.dtype = torch.float32
             self.cond_stage_key = "txt"
-            self.sd_checkpoint_info = type("Info", (), {"sha256": "5eed" * 16, "shorthash": "5eed5eed5e",
-                                                       "model_name": f"analytic-{kind}", "filename": "analytic",
-                                                       "name_for_extra": f"analytic-{kind}",
-                                                       "title": f"analytic-{kind}", "short_title": f"analytic-{kind}"})()
+            name = f"analytic-{kind}"
+            self.sd_checkpoint_info = type("Info", (), {
+                "sha256": "5eed" * 16, "shorthash": "5eed5eed5e", "model_name": name, "filename": "analytic",
+                "name_for_extra": name, "title": name, "short_title": name})()
             self.sd_model_hash = None
             self.lowvram = False
             self.latent_channels = 4
@@ -109,7 +109,8 @@ def _analytic_model(kind, mixture=False):
             if kind == "flow":        # SD3Denoiser passes sigma, and the model returns the denoised x0
                 mu = cond["vector"][:, 0].reshape(-1, 1, 1, 1).to(torch.float64)
                 sigma = t.reshape(-1, 1, 1, 1).to(torch.float64)
-                # x = (1 - sigma) x0 + sigma n: E[x0 | x] = mu + v (1 - sigma) / (v (1 - sigma)^2 + sigma^2) (x - (1 - sigma) mu)
+                # x = (1 - sigma) x0 + sigma n:
+                # E[x0 | x] = mu + v (1 - sigma) / (v (1 - sigma)^2 + sigma^2) (x - (1 - sigma) mu)
                 gain = variance * (1 - sigma) / (variance * (1 - sigma) ** 2 + sigma ** 2)
                 return (mu + gain * (x.to(torch.float64) - (1 - sigma) * mu)).to(x.dtype)
 

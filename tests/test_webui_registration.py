@@ -264,8 +264,8 @@ def test_sde_takes_noise_from_the_injected_noise_sampler():
 
     out = functions["DPM-Solver++ 2M SDE"](WebUIModel(), x, sigmas=sigmas, extra_args={}, disable=True,
                                            noise_sampler=noise_sampler, eta=0.7, s_noise=1.0)
-    direct = sample_dpmpp_2m_sde(MIXTURE.denoiser(), x, sigmas, disable=True, noise_sampler=lambda s, t: torch.full_like(
-        x, 0.5), eta=0.7, solver_type="midpoint")
+    direct = sample_dpmpp_2m_sde(MIXTURE.denoiser(), x, sigmas, disable=True,
+                                 noise_sampler=lambda s, t: torch.full_like(x, 0.5), eta=0.7, solver_type="midpoint")
     assert torch.equal(out, direct)
     assert len(requests) == len(sigmas) - 2   # every step but the final denoise draws noise
 
@@ -441,7 +441,7 @@ def test_entry_script_loads_the_package_under_its_unique_name_and_reloads(tmp_pa
     assert scripts == ["dpm_solver_nodes_webui.py"]   # the WebUI executes every scripts/*.py
 
 
-# ---- Forge: continuous timesteps for the EMS job ----------------------------------------------------------------------
+# ---- Forge: continuous timesteps for the EMS job -------------------------------------------------------------------
 
 def sd1_sigmas():
     betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2

@@ -1,4 +1,5 @@
-"""The AUTOMATIC1111 / Forge / reForge WebUI adapter of dpm_solver_nodes (loaded by ``scripts/dpm_solver_nodes_webui.py``).
+"""The AUTOMATIC1111 / Forge / reForge WebUI adapter of dpm_solver_nodes (loaded by
+``scripts/dpm_solver_nodes_webui.py``).
 
 This folder is not a WebUI script folder entry (the WebUI only executes the ``.py`` files directly inside
 ``scripts/``); it is imported as ``dpm_solver_nodes.scripts.dpm_solver_webui``.

@@ -135,7 +135,7 @@ class EMSJob:
         return x0[:batch].to(x.dtype)
 
 
-def run_in_webui(store, prompt, negative_prompt, cfg_scale, width, height, batch_size, seed):
+def run_in_webui(store, prompt, negative_prompt, cfg_scale, width, height, batch_size, seed, x0_steps=X0_STEPS):
     """Run an ``EMSJob`` through the WebUI's txt2img processing with the current EMS settings; returns a message."""
     from modules import processing, sd_samplers_common, sd_samplers_kdiffusion, shared
     from modules.shared import state
@@ -151,7 +151,7 @@ def run_in_webui(store, prompt, negative_prompt, cfg_scale, width, height, batch
         state.sampling_steps, state.sampling_step = total, done
         state.textinfo = f"DPM-Solver-v3 EMS: {done}/{total} sample evaluations"
 
-    job = EMSJob(store, N=N, K=K, reduction=reduction, seed=int(seed), progress=progress,
+    job = EMSJob(store, N=N, K=K, reduction=reduction, seed=int(seed), x0_steps=int(x0_steps), progress=progress,
                  should_stop=lambda: bool(state.interrupted))
 
     def function(model, x, sigmas=None, extra_args=None, callback=None, disable=None):
@@ -206,6 +206,7 @@ def build(store):
         with gr.Row():
             batch = gr.Slider(1, 64, value=4, step=1, label="Batch size (memory only)")
             seed = gr.Number(value=0, precision=0, label="Seed")
+            x0_steps = gr.Slider(4, 200, value=X0_STEPS, step=1, label="Steps for the data samples (DPM++ 2M)")
             button = gr.Button("Compute EMS", variant="primary")
         gallery = gr.Gallery(label="Samples the EMS were computed on", columns=4)
         status = gr.Textbox(label="Status", lines=4, interactive=False)
@@ -217,5 +218,6 @@ def build(store):
 
         # wrap_gradio_gpu_call: queue lock, shared.state begin/end, errors and timing shown in the last output
         button.click(fn=call_queue.wrap_gradio_gpu_call(compute, extra_outputs=[None, ""]),
-                     inputs=[prompt, negative, cfg, width, height, batch, seed], outputs=[gallery, status, info])
+                     inputs=[prompt, negative, cfg, width, height, batch, seed, x0_steps],
+                     outputs=[gallery, status, info])
     return block

@@ -190,7 +190,7 @@ def run_entry(entry, model, x, sigmas, extra_args, callback, disable, injected, 
 def build_sampler_function(entry, host=None):
     """The function registered for ``entry``: its signature shows ``model, x, sigmas, extra_args, callback,
     disable`` plus ``entry.accepts`` and nothing else, so the WebUI injects only those."""
-    host = host or Host()
+    host = host or DEFAULT_HOST
     accepts = tuple(entry.accepts)
     positional = inspect.Parameter.POSITIONAL_OR_KEYWORD
     parameters = [inspect.Parameter("model", positional), inspect.Parameter("x", positional),
