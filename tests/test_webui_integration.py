@@ -315,13 +315,18 @@ def _ems_round_trip(shared, sd_samplers, webui, ems_tab, infotext_utils, process
         return job(model, x, sigmas, extra_args, callback, disable)
 
     p, c, uc = _processing(shared.sd_model, "DPM++ 2M", 4, 7)
+    # "Enable quantization in K samplers" rounds sigma to integer timesteps (dD/dlambda = 0); the job turns it off
+    shared.opts.enable_quantization = True
     sampler = sd_samplers_kdiffusion.KDiffusionSampler(function, shared.sd_model)
+    result["quantize_before"] = bool(sampler.model_wrap.quantize)
     sampler.config = sd_samplers_common.SamplerData("DPM-Solver-v3 EMS", None, [], {})
     x = p.rng.next()
     started = __import__("time").time()
     with torch.no_grad():
         samples = sampler.sample(p, x, c, uc, image_conditioning=x.new_zeros(x.shape[0], 5, 1, 1))
     _log("EMS computed")
+    result["quantize_after"] = bool(sampler.model_wrap.quantize)
+    shared.opts.enable_quantization = False
     result["seconds"] = __import__("time").time() - started
     result["stored"] = bool(job.path and os.path.isfile(job.path))
     result["ems"] = repr(job.result)
@@ -503,6 +508,7 @@ def test_unsupported_model_is_refused():
 def test_ems_computed_in_the_webui_are_used_and_recorded():
     ems = _report()["ems"]
     assert ems["without_ems"] == "none"
+    assert ems["quantize_before"] and ems["quantize_after"]   # computed with quantization on, setting restored
     assert ems["stored"] and ems["samples_finite"] and ems["finite"]
     assert ems["with_ems"].startswith("5eed5eed5e cfg 5 N 10 K 8 per_channel")
     assert ems["changed_by_ems"] > 0

@@ -484,3 +484,11 @@ def test_continuous_timesteps_patches_only_forge_discrete_predictors():
     flow = types.SimpleNamespace(prediction_type="const", log_sigmas=torch.zeros(3), timestep=lambda s: s * 1000)
     with ems_tab.continuous_timesteps(cfg_model(predictor=flow)):
         assert torch.equal(flow.timestep(sigma), sigma * 1000)
+
+
+def test_continuous_timesteps_turns_a1111_quantization_off_for_the_job():
+    wrap = types.SimpleNamespace(quantize=True, inner_model=None)
+    model = types.SimpleNamespace(inner_model=wrap)
+    with ems_tab.continuous_timesteps(model):
+        assert wrap.quantize is False
+    assert wrap.quantize is True

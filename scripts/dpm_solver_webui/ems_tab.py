@@ -10,9 +10,9 @@ stops it (the WebUI's CFG denoiser raises inside the next model call) and nothin
 Cost: K x (x0 steps) model calls for the samples plus (N + 1) x K JVP rows (about 2-3 forward passes each) for the
 statistics.  Forward AD needs an attention implementation with forward-mode derivatives; otherwise the estimator
 falls back to finite differences (logged).  Forge's discrete predictors map sigma to the nearest integer timestep
-(``Prediction.timestep`` is an argmin), which would make dD/dlambda = 0 (the estimator refuses such models), so
-during the job ``continuous_timesteps`` interpolates the index in log sigma instead, as A1111's CompVisDenoiser
-does with quantization off.
+(``Prediction.timestep`` is an argmin) and A1111 does the same with "Enable quantization in K samplers" on, which
+would make dD/dlambda = 0 (the estimator refuses such models), so during the job ``continuous_timesteps``
+interpolates the index in log sigma instead.
 """
 from __future__ import annotations
 
@@ -64,18 +64,27 @@ def interpolated_timestep(sigma, log_sigmas):
 
 @contextlib.contextmanager
 def continuous_timesteps(model):
-    """While active, a Forge discrete predictor (one with ``log_sigmas`` whose ``timestep`` rounds) maps sigma to a
-    fractional timestep.  Other models (A1111's CompVisDenoiser, flow predictors) are left alone."""
-    predictor = getattr(registration.denoiser_wrap(model), "predictor", None)
+    """While active, sigma maps to a fractional timestep: a Forge discrete predictor (one with ``log_sigmas`` whose
+    ``timestep`` rounds) interpolates in log sigma, and A1111's CompVisDenoiser runs with ``quantize`` off (the
+    "Enable quantization in K samplers" setting).  Flow predictors are left alone."""
+    wrap = registration.denoiser_wrap(model)
+    predictor = getattr(wrap, "predictor", None)
     log_sigmas = getattr(predictor, "log_sigmas", None)
-    if predictor is None or log_sigmas is None or getattr(predictor, "prediction_type", None) == "const":
-        yield
+    if predictor is not None and log_sigmas is not None and getattr(predictor, "prediction_type", None) != "const":
+        predictor.timestep = lambda sigma: interpolated_timestep(sigma, log_sigmas)
+        try:
+            yield
+        finally:
+            del predictor.timestep
         return
-    predictor.timestep = lambda sigma: interpolated_timestep(sigma, log_sigmas)
+    quantize = getattr(wrap, "quantize", None)
+    if quantize:
+        wrap.quantize = False
     try:
         yield
     finally:
-        del predictor.timestep
+        if quantize:
+            wrap.quantize = quantize
 
 
 class EMSJob:
