@@ -297,9 +297,10 @@ def test_ui_workflows_match_the_live_node_definitions(server):
 
 @pytest.mark.parametrize("kind", ["eps", "flow"])
 def test_dropdown_entries_run_on_eps_and_flow_without_ems(server, kind):
-    """Every dropdown entry, 8 steps, cfg 5, from the same seed: finite, right shape; the second-order ODE entries
-    land closer to a 12-step Heun reference (23 calls) than 8-step Euler does, and on EPS dpmsolver_pp_2m reproduces
-    the built-in dpmpp_2m.  All errors are printed (pytest -s)."""
+    """Every dropdown entry, 8 steps, cfg 5, from the same seed: finite, right shape; on EPS the higher-order ODE
+    entries land closer to a 12-step Heun reference (23 calls) than 8-step Euler does, and dpmsolver_pp_2m
+    reproduces the built-in dpmpp_2m; on flow they stay within the reference's own error.  All errors are printed
+    (pytest -s)."""
     from dpm_solver_nodes.nodes.options import DROPDOWN_SAMPLERS
 
     graph = _tiny(_workflow("txt2img_dpm_solver_v3"))
@@ -328,8 +329,12 @@ def test_dropdown_entries_run_on_eps_and_flow_without_ems(server, kind):
     euler_error, builtin_error = _relative_error(euler, reference), _relative_error(builtin_2m, reference)
     print(f"\n[comfyui {kind}] {seconds:.1f} s; relative error vs heun-12: euler-8 {euler_error:.3g}, built-in "
           f"dpmpp_2m-8 {builtin_error:.3g}; " + ", ".join(f"{k} {v:.3g}" for k, v in errors.items()))
-    for name in ("dpmsolver_v3", "dpmsolver_pp_2m", "dpmsolver_pp_2s", "dpmsolver_3s"):
-        assert errors[name] < euler_error, f"{name} ({kind}): {errors[name]:.3g} vs euler {euler_error:.3g}"
+    for name in ("dpmsolver_v3", "dpmsolver_pp_2m", "dpmsolver_pp_2s", "dpmsolver_3s", "dpmsolver_adaptive"):
+        if kind == "eps":
+            assert errors[name] < euler_error, f"{name}: {errors[name]:.3g} vs euler {euler_error:.3g}"
+        else:  # measured: every 8-step sampler, Euler included, is 0.044-0.052 from Heun-12, the reference's own
+            # error on this model; a sampler that missed the CONST parameterization would solve another ODE
+            assert errors[name] < 2 * euler_error, f"{name}: {errors[name]:.3g} vs euler {euler_error:.3g}"
     if kind == "eps":
         ours = latents[f"{40 + entries.index('dpmsolver_pp_2m')}s"]
         assert torch.allclose(ours, builtin_2m, rtol=1e-4, atol=1e-4 * float(builtin_2m.abs().max()))
@@ -344,8 +349,8 @@ def test_sampler_nodes_in_sampler_custom_match_the_dropdown(server):
     from dpm_solver_nodes.nodes.options import SAMPLER_NODES
 
     graph = _tiny(_workflow("samplercustom_all_samplers"))
-    _ksampler(graph, "90", ["1", 0], "dpmsolver_pp_2m", STEPS, "karras")
-    _ksampler(graph, "91", ["1", 0], "dpmsolver_v3", STEPS, "karras")
+    _ksampler(graph, "200", ["1", 0], "dpmsolver_pp_2m", STEPS, "karras")  # ids above the workflow's
+    _ksampler(graph, "201", ["1", 0], "dpmsolver_v3", STEPS, "karras")
     started = time.perf_counter()
     latents = server.latents(server.run(graph))
     seconds = time.perf_counter() - started
@@ -359,8 +364,8 @@ def test_sampler_nodes_in_sampler_custom_match_the_dropdown(server):
     for node_id, result in by_node.items():
         assert result.shape == LATENT and torch.isfinite(result).all(), node_id
     print(f"\n[comfyui SamplerCustom] {len(by_node)} sampler nodes in {seconds:.1f} s")
-    assert torch.allclose(by_node["DPMSolverNodes_DPMSolverPP2M"], latents["90s"], rtol=1e-5, atol=1e-5)
-    assert torch.allclose(by_node["DPMSolverNodes_DPMSolverV3"], latents["91s"], rtol=1e-5, atol=1e-5)
+    assert torch.allclose(by_node["DPMSolverNodes_DPMSolverPP2M"], latents["200s"], rtol=1e-5, atol=1e-5)
+    assert torch.allclose(by_node["DPMSolverNodes_DPMSolverV3"], latents["201s"], rtol=1e-5, atol=1e-5)
     RESULTS["v3_without_ems"] = by_node["DPMSolverNodes_DPMSolverV3"]
 
 
@@ -394,20 +399,22 @@ def test_ems_computed_in_graph_is_cached_reused_and_recomputed_for_another_model
 
     # 2: a changed file-name prefix makes ComfyUI run the node again; the EMS come from the file (same cache key)
     graph[compute]["inputs"]["filename_prefix"] = "run2"
-    _ksampler(graph, "90", ["1", 0], "dpmsolver_v3", STEPS, "karras")  # finds the EMS by fingerprint
+    _ksampler(graph, "200", ["1", 0], "dpmsolver_v3", STEPS, "karras")  # finds the EMS by fingerprint
     started = time.perf_counter()
     second = server.run(graph)
     second_seconds = time.perf_counter() - started
     (info2,) = _ems_outputs(second)
     assert info2["source"] == "cached" and info2["file"] == info["file"]
     latents = server.latents(second)
-    assert torch.equal(latents[sampled], with_ems)
-    assert torch.allclose(latents["90s"], with_ems, rtol=1e-5, atol=1e-5)  # dropdown entry == node with EMS input
+    scale = float(with_ems.abs().max())
+    # the file stores l, s, b in float32, run 1 sampled with the float64 estimate: equal to ~1e-6
+    assert torch.allclose(latents[sampled], with_ems, rtol=1e-5, atol=1e-5 * scale)
+    assert torch.allclose(latents["200s"], latents[sampled], rtol=1e-6, atol=1e-6 * scale)  # dropdown == node
 
     # 3: another model (zero-terminal-SNR sigmas) -> another fingerprint -> computed anew
-    graph["80"] = {"class_type": "ModelSamplingDiscrete", "inputs": {"model": ["1", 0], "sampling": "eps",
-                                                                     "zsnr": True}}
-    graph[compute]["inputs"]["model"] = ["80", 0]
+    graph["210"] = {"class_type": "ModelSamplingDiscrete", "inputs": {"model": ["1", 0], "sampling": "eps",
+                                                                      "zsnr": True}}
+    graph[compute]["inputs"]["model"] = ["210", 0]
     started = time.perf_counter()
     third = server.run(graph)
     third_seconds = time.perf_counter() - started
@@ -432,3 +439,34 @@ def test_load_ems_node_lists_and_loads_stored_files(server):
     latents = server.latents(server.run(graph))
     (result,) = latents.values()
     assert result.shape == LATENT and torch.isfinite(result).all()
+
+
+def test_interrupt_stops_an_ems_computation_without_writing_a_file(server):
+    """ComfyUI's Interrupt (POST /interrupt) stops the EMS node within a model call or two; nothing is stored."""
+    graph = _tiny(_workflow("ems_compute_save_use"))
+    compute = next(k for k, n in graph.items() if n["class_type"] == "DPMSolverNodes_ComputeEMS")
+    graph[compute]["inputs"].update(cfg=CFG, width=SIZE, height=SIZE, grid_size=400, sample_count=64, x0_steps=50,
+                                    batch_size=2, filename_prefix="interrupted", recompute=True)
+    before = sorted(p.name for p in server.ems_dir.iterdir()) if server.ems_dir.exists() else []
+    status, body = server.post("/prompt", {"prompt": graph, "client_id": "dpm_solver_nodes_tests"})
+    assert status == 200, body
+    prompt_id = body["prompt_id"]
+    deadline = time.time() + 300
+    while "computing EMS (N=400" not in server.log():
+        assert time.time() < deadline, "the EMS node never started"
+        time.sleep(0.25)
+    time.sleep(1.0)
+    interrupted = time.perf_counter()
+    assert server.post("/interrupt", {})[0] == 200
+    while True:
+        entry = server.get(f"/history/{prompt_id}").get(prompt_id)
+        if entry and (entry["status"].get("completed") or entry["status"].get("status_str") == "error"):
+            break
+        assert time.perf_counter() - interrupted < 120, "Interrupt did not stop the EMS computation"
+        time.sleep(0.25)
+    stopped = time.perf_counter() - interrupted
+    assert not entry["status"].get("completed")
+    assert any(message[0] == "execution_interrupted" for message in entry["status"]["messages"])
+    after = sorted(p.name for p in server.ems_dir.iterdir()) if server.ems_dir.exists() else []
+    assert after == before  # no file, no temp file left
+    print(f"\n[comfyui interrupt] stopped {stopped:.1f} s after POST /interrupt")
