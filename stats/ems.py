@@ -190,6 +190,9 @@ class EMS:
             save_file(tensors, tmp, metadata=metadata)
             with open(tmp, "rb") as handle:
                 os.fsync(handle.fileno())
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a shareable file gets the usual permissions
             os.replace(tmp, path)
         except BaseException:
             try:
