@@ -16,7 +16,7 @@ from typing import NamedTuple
 import torch
 
 from .common import SamplerRun, check_choice, check_nonnegative, check_positive_int
-from .exponential import first_order_data_step, noise_prediction_step, taylor_derivatives
+from .exponential import first_order_data_step, noise_prediction_step
 from .schedule import StepTable, noise_schedule
 
 METHODS = ("singlestep", "multistep")
@@ -196,7 +196,7 @@ def _run_multistep(run, x, order, lower_order_final):
         lams = [t.lam[i]] + lams[:order - 1]
         noises = [_noise_prediction(x, denoised, _table_point(t, i))] + noises[:order - 1]
         step_order = run.order(i, order, lower_order_final, len(lams))
-        x = noise_prediction_step(x, t, i, taylor_derivatives(lams[:step_order], noises[:step_order]))
+        x = noise_prediction_step(x, t, i, history=(lams[:step_order], noises[:step_order]))
     return run.finish(x)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 
 from .common import SamplerRun, check_choice
-from .exponential import data_prediction_step, first_order_data_step, taylor_derivatives
+from .exponential import data_prediction_step, first_order_data_step
 
 SOLVER_TYPES_2M = ("midpoint", "taylor")
 
@@ -76,7 +76,10 @@ def sample_dpmpp_3m(model, x, sigmas, extra_args=None, callback=None, disable=No
         if math.isfinite(t.lam[i]):
             lams, outputs = [t.lam[i]] + lams[:2], [denoised] + outputs[:2]
         order = run.order(i, 3, lower_order_final, len(lams))
-        x = data_prediction_step(x, t, i, taylor_derivatives(lams[:order], outputs[:order]) if order > 1 else [denoised])
+        if order == 1:
+            x = data_prediction_step(x, t, i, [denoised])
+        else:
+            x = data_prediction_step(x, t, i, history=(lams[:order], outputs[:order]))
     return run.finish(x)
 
 

@@ -106,23 +106,48 @@ def taylor_derivatives(lams, values):
     return derivs
 
 
-def data_prediction_step(x, table, i, derivatives, eta=0.0, midpoint=None):
+def taylor_weights(lams):
+    """T with D^{(p)}(l0) = sum_j T[p][j] * value_j for the polynomial through the points ``lams`` (newest first).
+
+    The scalar form of ``taylor_derivatives``: the multistep steps fold T into one weight per history output, so a
+    k-step update costs k tensor operations.
+    """
+    import numpy as np
+
+    basis = list(np.eye(len(lams)))
+    return [list(map(float, row)) for row in taylor_derivatives(lams, basis)]
+
+
+def _weighted_terms(coefficients, derivatives, history):
+    """(tensor, weight) pairs for sum_p coefficients[p] * derivative_p, from explicit derivatives or a history."""
+    if history is None:
+        return list(zip(derivatives, coefficients))
+    lams, outputs = history
+    table = taylor_weights(lams)
+    return [(output, sum(coefficients[p] * table[p][j] for p in range(len(lams)))) for j, output in enumerate(outputs)]
+
+
+def data_prediction_step(x, table, i, derivatives=None, eta=0.0, midpoint=None, history=None):
     """x_{i+1} from x_i by the Taylor-expanded data-prediction integrator, ODE (eta = 0) or SDE drift (eta > 0).
 
     x_t = (sigma_t/sigma_s) e^{-eta h} x_s + alpha_t sum_k kappa^{-k} psi_{k+1}(kappa h) D^{(k)},  kappa = 1 + eta
     (DPM-Solver++ Eq. 9-10; with eta = 1 the drift of SDE-DPM-Solver++, Sec. 5).  ``derivatives`` = [D, D', ...] at
     lambda_i.  ``midpoint`` = (difference, factor), with factor * difference ~ h D', adds it with the weight
     alpha_t psi_1(kappa h) / 2 instead of the Taylor weight: the paper's (2M) form, k-diffusion's "midpoint".  A step
-    into sigma = 0 returns D.  The SDE noise term is the caller's (``data_prediction_noise_scale``).
+    into sigma = 0 returns D.  ``history`` = (lams, outputs), newest first, replaces ``derivatives`` by the Taylor
+    derivatives of the polynomial through those outputs (multistep), folded into one weight per output.  The SDE
+    noise term is the caller's (``data_prediction_noise_scale``).
     """
     alpha_t = table.alpha[i + 1]
     if table.sigma[i + 1] == 0:
-        return derivatives[0] * alpha_t
+        return (derivatives[0] if history is None else history[1][0]) * alpha_t
     h, kappa = table.h[i], 1.0 + eta
     decay = math.exp(-eta * h) if eta > 0 else 1.0  # eta = 0 with h = inf (flow sigma = 1) gives 1, not nan
     out = x * (table.sigma[i + 1] / table.sigma[i] * decay)
-    for k, d in enumerate(derivatives):
-        out.add_(d, alpha=alpha_t * psi(k + 1, kappa * h) / kappa ** k)
+    terms = len(derivatives) if history is None else len(history[0])
+    coefficients = [alpha_t * psi(k + 1, kappa * h) / kappa ** k for k in range(terms)]
+    for d, weight in _weighted_terms(coefficients, derivatives, history):
+        out.add_(d, alpha=weight)
     if midpoint is not None:
         difference, factor = midpoint
         out.add_(difference, alpha=alpha_t * 0.5 * psi(1, kappa * h) * factor)
@@ -134,18 +159,21 @@ def data_prediction_noise_scale(table, i, eta):
     return table.sigma[i + 1] * math.sqrt(-math.expm1(-2 * eta * table.h[i]))
 
 
-def noise_prediction_step(x, table, i, derivatives, eta=0.0, midpoint=None):
+def noise_prediction_step(x, table, i, derivatives=None, eta=0.0, midpoint=None, history=None):
     """x_{i+1} from x_i by the Taylor-expanded noise-prediction integrator, ODE (eta = 0) or SDE drift (eta > 0).
 
     x_t = (alpha_t/alpha_s) x_s - sigma_t kappa sum_k phi_{k+1}(h) eps^{(k)},  kappa = 1 + eta (DPM-Solver Eq. 3.7;
     with eta = 1 the drift of SDE-DPM-Solver, DPM-Solver++ Sec. 5).  ``derivatives`` = [eps, eps', ...] at lambda_i.
     ``midpoint`` = (difference, factor), factor * difference ~ h eps', takes the weight sigma_t kappa phi_1(h) / 2.
-    Finite h only (callers send steps into sigma = 0 or out of a flow model's sigma = 1 to the data form).
+    ``history`` as in ``data_prediction_step``.  Finite h only (callers send steps into sigma = 0 or out of a flow
+    model's sigma = 1 to the data form).
     """
     h, kappa, sigma_t = table.h[i], 1.0 + eta, table.sigma[i + 1]
     out = x * (table.alpha[i + 1] / table.alpha[i])
-    for k, e in enumerate(derivatives):
-        out.add_(e, alpha=-sigma_t * kappa * phi(k + 1, h))
+    terms = len(derivatives) if history is None else len(history[0])
+    coefficients = [-sigma_t * kappa * phi(k + 1, h) for k in range(terms)]
+    for e, weight in _weighted_terms(coefficients, derivatives, history):
+        out.add_(e, alpha=weight)
     if midpoint is not None:
         difference, factor = midpoint
         out.add_(difference, alpha=-sigma_t * kappa * 0.5 * phi(1, h) * factor)

@@ -35,7 +35,7 @@ import math
 
 from .common import SamplerRun, check_choice, check_nonnegative
 from .exponential import (NOISE_TYPES, batch_seeds, data_prediction_noise_scale, data_prediction_step, make_noise,
-                          noise_prediction_noise_scale, noise_prediction_step, taylor_derivatives)
+                          noise_prediction_noise_scale, noise_prediction_step)
 
 SOLVER_TYPES_2M_SDE = ("midpoint", "heun")
 NOISE_DEVICES = ("latent", "cpu")
@@ -91,9 +91,10 @@ def _setup(model, x, sigmas, extra_args, callback, disable, model_kind, final_st
 # Steps
 # ----------------------------------------------------------------------------------------------------------------
 
-def _data_sde_step(x, run, i, derivatives, eta, s_noise, noise, midpoint=None):
+def _data_sde_step(x, run, i, derivatives, eta, s_noise, noise, midpoint=None, history=None):
     """``data_prediction_step`` (drift) plus sigma_t sqrt(1 - e^{-2 eta h}) s_noise z; a step into 0 returns D."""
-    out = data_prediction_step(x, run.table, i, derivatives, eta=eta, midpoint=midpoint)
+    out = data_prediction_step(x, run.table, i, None if history else derivatives, eta=eta, midpoint=midpoint,
+                               history=history)
     if eta > 0 and s_noise > 0 and run.table.sigma[i + 1] > 0:
         out.add_(noise(i), alpha=data_prediction_noise_scale(run.table, i, eta) * s_noise)
     return out
@@ -266,8 +267,8 @@ def sample_dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, disabl
         if math.isfinite(t.lam[i]):
             lams, outputs = [t.lam[i]] + lams[:2], [denoised] + outputs[:2]
         order = run.order(i, 3, lower_order_final, len(lams))
-        derivatives = [denoised] if order == 1 else taylor_derivatives(lams[:order], outputs[:order])
-        x = _data_sde_step(x, run, i, derivatives, eta, s_noise, noise)
+        history = None if order == 1 else (lams[:order], outputs[:order])
+        x = _data_sde_step(x, run, i, [denoised], eta, s_noise, noise, history=history)
     return run.finish(x)
 
 
