@@ -225,7 +225,7 @@ def _window_sum(values, half_width):
     return padded[hi] - padded[lo]
 
 
-def statistics(count, means, comoments, lambdas, smooth=5, sb_window=0.0, sb_mode="pooled"):
+def statistics(count, means, comoments, lambdas, smooth=5, sb_window=0.0, sb_mode="within"):
     """l, s, b from moments as ``stats.estimate.statistics_from_moments`` (same formulas), plus a fit of s and b
     over the nodes within +-``sb_window`` in lambda:
       "within" (recommended; what stats.estimate implements as ``sb_window``): s = sum Cov(f, f') / sum Var f over
@@ -266,7 +266,7 @@ def statistics(count, means, comoments, lambdas, smooth=5, sb_window=0.0, sb_mod
     return tuple(torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0) for t in (l, s, b))
 
 
-def ems_variant(run, *, N=None, groups=None, reduction="scalar", smooth=5, sb_window=0.0, sb_mode="pooled",
+def ems_variant(run, *, N=None, groups=None, reduction="scalar", smooth=5, sb_window=0.0, sb_mode="within",
                 shrink=False, zero_s=False, degenerate_below=None, metadata=None, model_kind="eps"):
     """The EMS ``estimate_ems`` would return for a sub-grid (N | N_run), a subset of sample groups and a reduction.
 
