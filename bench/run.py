@@ -377,7 +377,55 @@ def report(out: pathlib.Path):
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+    update_readme(parts, out.parent.parent / "README.md")
     return path
+
+
+README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
+README_OVERHEAD = ("dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "dpm_solver_v3", "kdiff:dpmpp_2m", "kdiff:dpmpp_2m_sde",
+                   "diffusers:dpmsolver++2M", "diffusers:unipc_bh2")
+
+
+def update_readme(parts, readme: pathlib.Path):
+    """Rewrite the README's results block (between the bench markers) from the same JSON: the embedded model's
+    deterministic error tables and the main samplers' overhead.  Leaves the README alone without the markers."""
+    if not readme.exists() or "embedded" not in parts:
+        return
+    text = readme.read_text()
+    if README_START not in text or README_END not in text:
+        return
+    e = parts["embedded"]
+    info = e["info"]
+    deterministic = [r for r in e["rows"] if not r.get("stochastic")]
+    lines = [README_START, "",
+             f"Embedded eps model (1x16x16 MNIST, SD v1 schedule), batch {info['batch']}, {info['schedule']} sigmas, "
+             f"seed {info['seed']}, {info['threads']} thread(s): RMS error against our DPM-Solver++(3M) at "
+             f"{info['reference_steps']} steps from the same noise ((n) = model calls when a solver fits fewer into "
+             "the budget). Full tables, Fréchet distances, stochastic samplers and the Gaussian-mixture results: "
+             "[bench/results.md](bench/results.md).", ""]
+    for w in info["guidance"]:
+        lines += [f"**Guidance {w:g}**", ""] + error_table(deterministic, info["nfe"], "error_rms", w) + [""]
+    if "overhead" in parts:
+        o = parts["overhead"]
+        env = o["environment"]
+        shapes = list(dict.fromkeys((r["kind"], r["shape"]) for r in o["rows"]))
+        lines += [f"Sampler overhead per NFE with a trivial model ({env['threads']} thread(s), batch 1, {o['steps']} "
+                  "steps, best of " f"{o['repeats']}), ms and ratio to k-diffusion's `sample_dpmpp_2m` in the same run:",
+                  "", "| sampler | " + " | ".join(f"{k} {s}" for k, s in shapes) + " |", "|---|" + "---|" * len(shapes)]
+        for name in README_OVERHEAD:
+            cells = []
+            for k, sh in shapes:
+                r = next((r for r in o["rows"] if r["sampler"] == name and r["kind"] == k and r["shape"] == sh), None)
+                cells.append("-" if r is None else
+                             f"{r['overhead_ms_per_nfe']:.3f} ({fmt(r['ratio_to_kdiff_dpmpp_2m'], 2)})")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines.append(README_END)
+    head, rest = text.split(README_START, 1)
+    tail = rest.split(README_END, 1)[1]
+    tmp = readme.with_name(readme.name + ".tmp")
+    tmp.write_text(head + "\n".join(lines) + tail)
+    os.replace(tmp, readme)
 
 
 def main(argv=None) -> int:
