@@ -401,9 +401,23 @@ def _snap_sigmas(sigmas, ems, schedule):
     return out.to(torch.as_tensor(sigmas).dtype) if isinstance(sigmas, torch.Tensor) else out
 
 
+def _fallback_reason(ems, steps):
+    """Why the EMS check says DPM-Solver++(2M) beats v3 at ``steps`` model calls (nearest checked NFE), or None."""
+    check = ems.metadata.get("v3_check")
+    if not check or steps < 1:
+        return None
+    ratios = {int(n): float(r) for n, r in (item.split(":") for item in check.split(","))}
+    nearest = min(ratios, key=lambda n: (abs(math.log(n / steps)), n))
+    if ratios[nearest] < 1:
+        return None
+    return (f"the EMS check measured v3 / DPM-Solver++(2M) error {ratios[nearest]:.2f} >= 1 at {nearest} NFE "
+            f"(this run: {steps} steps)")
+
+
 def sample_dpm_solver_v3(model, x, sigmas, extra_args=None, callback=None, disable=None, *, ems=None, order=2,
                          p_pseudo=False, use_corrector=True, c_pseudo=True, lower_order_final=True, half=None,
-                         half_sigma=None, model_kind="eps", final_step="denoise", refine=1, snap=False):
+                         half_sigma=None, model_kind="eps", final_step="denoise", refine=1, snap=False,
+                         fallback=True):
     """DPM-Solver-v3 (Algorithm 2): multistep predictor with the EMS-based update and a corrector at no extra NFE.
 
     Options (the official names where they exist):
@@ -432,6 +446,9 @@ def sample_dpm_solver_v3(model, x, sigmas, extra_args=None, callback=None, disab
         a positive sigma returns x there, unevaluated (official behaviour).
       refine: split every EMS grid cell into this many trapezoid cells (l, s, b interpolated linearly), cutting
         the O(dlambda^2) quadrature error of the coefficients by refine^2 at refine times the (small) setup cost.
+      fallback: where the EMS carry the estimation-time check of ``stats.estimate.check_v3_against_dpmpp_2m``
+        (metadata ``v3_check``) and it measured v3 no better than DPM-Solver++(2M) at the NFE nearest to this run's
+        (in log NFE), run ``sample_dpmpp_2m`` instead and log why.  False always runs v3.
       snap: round each sigma to the nearest EMS grid node as the official code does (parity tests only; the model
         is then called at the snapped sigmas).
 
@@ -458,6 +475,13 @@ def sample_dpm_solver_v3(model, x, sigmas, extra_args=None, callback=None, disab
         from .schedule import noise_schedule
 
         sigmas = _snap_sigmas(sigmas, ems, noise_schedule(model_kind))
+    reason = _fallback_reason(ems, len(sigmas) - 1) if fallback else None
+    if reason:
+        from .dpmpp import sample_dpmpp_2m
+
+        logger.info("DPM-Solver-v3: %s; running DPM-Solver++(2M) instead", reason)
+        return sample_dpmpp_2m(model, x, sigmas, extra_args, callback, disable, model_kind=model_kind,
+                               final_step=final_step)
     run = SamplerRun(model, x, sigmas, extra_args, callback, disable, model_kind=model_kind, final_step=final_step)
     t = run.table
     x = run.start(x)
