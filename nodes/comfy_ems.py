@@ -144,7 +144,7 @@ def compute_ems(model, positive, negative, cfg, latent_shape, *, N, K, reduction
     rows_generation = K * (x0_steps + 1) * (2 if cfg != 1.0 else 1)
     progress = _Progress(rows_generation, (N + 1) * K)
 
-    from ..stats.estimate import estimate_ems, generate_x0
+    from ..stats.estimate import RECOMMENDED_SETTINGS, estimate_ems, generate_x0
 
     def generate(denoiser, x, extra_args):
         return generate_x0(_counting(denoiser, progress), tuple(latent_shape), K, float(model_sampling.sigma_max),
@@ -164,7 +164,7 @@ def compute_ems(model, positive, negative, cfg, latent_shape, *, N, K, reduction
         with torch.inference_mode(False), torch.no_grad():
             data = x0.clone().to(x.device, torch.float32)
             return estimate_ems(denoiser, data, sigma_min, sigma_max, model_kind=kind, N=N, K=K,
-                                reduction=reduction, jvp=jvp, batch_size=batch_size, seed=seed,
+                                reduction=reduction, sb_window=RECOMMENDED_SETTINGS["sb_window"], jvp=jvp, batch_size=batch_size, seed=seed,
                                 extra_args=extra_args, progress=progress.estimation,
                                 metadata={**metadata, "x0_seconds": f"{generation_seconds:.1f}"})
 

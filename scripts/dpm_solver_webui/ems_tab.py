@@ -104,7 +104,7 @@ class EMSJob:
 
     def __call__(self, model, x, sigmas=None, extra_args=None, callback=None, disable=None):
         from ...stats import estimate_ems
-        from ...stats.estimate import generate_x0
+        from ...stats.estimate import RECOMMENDED_SETTINGS, generate_x0
 
         kind = registration.detect_model_kind(model)
         table = registration.model_sigmas(model)
@@ -133,7 +133,7 @@ class EMSJob:
                     "prompt": str(getattr(p, "prompt", ""))[:200]}
         with continuous_timesteps(model):
             ems = estimate_ems(model_fixed, x0, sigma_min, sigma_max, model_kind=kind, N=self.N, K=self.K,
-                               reduction=self.reduction, jvp=self.jvp, batch_size=batch, seed=self.seed,
+                               reduction=self.reduction, sb_window=RECOMMENDED_SETTINGS["sb_window"], jvp=self.jvp, batch_size=batch, seed=self.seed,
                                extra_args=extra_args, progress=self.progress, should_stop=self.should_stop,
                                metadata=metadata)
         key = self.store.make_key(model_hash, kind, digest, cfg, tuple(x.shape[1:]), self.N, self.K, self.reduction,
