@@ -40,8 +40,8 @@ SETTINGS = (
     Setting("dpm_solver_v3_use_ems", True, "DPM-Solver-v3: use the checkpoint's EMS when they have been computed "
             "(otherwise DPM-Solver++ with the v3 corrector)", infotext="DPM-Solver-v3 use EMS"),
     Setting("dpm_solver_ems_dir", "", "EMS folder (empty: models/dpm_solver_v3_ems)"),
-    Setting("dpm_solver_ems_grid", 100, "EMS: lambda grid size N (nodes - 1)", minimum=10, maximum=500, step=10),
-    Setting("dpm_solver_ems_samples", 128, "EMS: number of data samples K", minimum=8, maximum=1024, step=8),
+    Setting("dpm_solver_ems_grid", 200, "EMS: lambda grid size N (nodes - 1)", minimum=10, maximum=500, step=10),
+    Setting("dpm_solver_ems_samples", 64, "EMS: number of data samples K", minimum=8, maximum=1024, step=8),
     Setting("dpm_solver_ems_reduction", "per_channel", "EMS: statistics shape (per_channel works at any resolution; "
             "per_element only at the resolution it was computed for)", choices=REDUCTION_CHOICES),
 )
