@@ -1,11 +1,14 @@
 """Estimate and ship DPM-Solver-v3's EMS for the embedded models, one file per guidance scale.
 
-    python -m dpm_solver_nodes.embedded.make_ems eps --cfg 1 5 [--N 100] [--K 250] [--reduction per_channel]
+    python -m dpm_solver_nodes.embedded.make_ems eps --cfg 1 5 [--N 200] [--K 50] [--reduction per_channel]
 
 writes ``mnist16_<kind>_ems_cfg<w>.safetensors`` next to the weights (``EMS.save``: temp file + ``os.replace``).
 x0 are the model's own samples at the same guidance scale (``stats.estimate.generate_x0``), sample k with label
 k mod 10: the model wrapper gives row r of every call the label r mod 10 and the batch size is a multiple of 10, so
-each x0 is always noised and denoised under its own label.
+each x0 is always noised and denoised under its own label.  Settings: ``stats.estimate.RECOMMENDED_SETTINGS``
+(N = 200, per_channel, s and b fitted over +-0.5 in lambda; bench/results_v3_study.md), then
+``check_v3_against_dpmpp_2m`` stores the v3 / DPM-Solver++(2M) error ratio per NFE in the file, which the sampler's
+automatic fallback reads.
 """
 from __future__ import annotations
 
@@ -37,8 +40,8 @@ def ems_path(kind, cfg_scale):
     return HERE / f"mnist16_{kind}_ems_cfg{float(cfg_scale):g}.safetensors"
 
 
-def make_ems(kind, cfg_scale, N=100, K=250, reduction="per_channel", seed=0, out=None):
-    from ..stats.estimate import estimate_ems, generate_x0
+def make_ems(kind, cfg_scale, N=200, K=50, reduction="per_channel", seed=0, out=None):
+    from ..stats.estimate import RECOMMENDED_SETTINGS, check_v3_against_dpmpp_2m, estimate_ems, generate_x0
 
     if K % BATCH:
         raise ValueError(f"K must be a multiple of {BATCH} (labels follow the row position), got {K}")
@@ -50,10 +53,12 @@ def make_ems(kind, cfg_scale, N=100, K=250, reduction="per_channel", seed=0, out
                      batch_size=BATCH)
     x0_seconds = time.perf_counter() - start
     ems = estimate_ems(wrapped, x0, model.sigma_min, sigma_max, model_kind=kind, N=N, K=K, reduction=reduction,
-                       batch_size=BATCH, seed=seed,
+                       sb_window=RECOMMENDED_SETTINGS["sb_window"], batch_size=BATCH, seed=seed,
                        metadata={"model": f"embedded mnist16_{kind}", "guidance": f"{float(cfg_scale):g}",
                                  "x0_source": "model samples (generate_x0, 100 steps), label k mod 10",
                                  "x0_seconds": f"{x0_seconds:.1f}"})
+    ems = check_v3_against_dpmpp_2m(wrapped, ems, model.shape, model.sigma_min, sigma_max, seed=seed, steps=100,
+                                    model_kind=kind)
     path = out or ems_path(kind, cfg_scale)
     ems.save(path)
     return path, ems
@@ -64,8 +69,8 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("kind", choices=("eps", "flow"))
     parser.add_argument("--cfg", nargs="+", type=float, default=[1.0, 5.0])
-    parser.add_argument("--N", type=int, default=100)
-    parser.add_argument("--K", type=int, default=250)
+    parser.add_argument("--N", type=int, default=200)
+    parser.add_argument("--K", type=int, default=50)
     parser.add_argument("--reduction", default="per_channel")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
