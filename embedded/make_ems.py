@@ -6,7 +6,7 @@ writes ``mnist16_<kind>_ems_cfg<w>.safetensors`` next to the weights (``EMS.save
 x0 are the model's own samples at the same guidance scale (``stats.estimate.generate_x0``), sample k with label
 k mod 10: the model wrapper gives row r of every call the label r mod 10 and the batch size is a multiple of 10, so
 each x0 is always noised and denoised under its own label.  Settings: ``stats.estimate.RECOMMENDED_SETTINGS``
-(N = 200, per_channel, s and b fitted over +-0.5 in lambda; bench/results_v3_study.md), then
+(N = 200, per_channel, s and b fitted over +-0.5 in lambda, ridge 0.01 on s; bench/results_v3_study.md), then
 ``check_v3_against_dpmpp_2m`` stores the v3 / DPM-Solver++(2M) error ratio per NFE in the file, which the sampler's
 automatic fallback reads.
 """
@@ -53,7 +53,8 @@ def make_ems(kind, cfg_scale, N=200, K=50, reduction="per_channel", seed=0, out=
                      batch_size=BATCH)
     x0_seconds = time.perf_counter() - start
     ems = estimate_ems(wrapped, x0, model.sigma_min, sigma_max, model_kind=kind, N=N, K=K, reduction=reduction,
-                       sb_window=RECOMMENDED_SETTINGS["sb_window"], batch_size=BATCH, seed=seed,
+                       sb_window=RECOMMENDED_SETTINGS["sb_window"], s_ridge=RECOMMENDED_SETTINGS["s_ridge"],
+                       batch_size=BATCH, seed=seed,
                        metadata={"model": f"embedded mnist16_{kind}", "guidance": f"{float(cfg_scale):g}",
                                  "x0_source": "model samples (generate_x0, 100 steps), label k mod 10",
                                  "x0_seconds": f"{x0_seconds:.1f}"})

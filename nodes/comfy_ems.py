@@ -164,7 +164,8 @@ def compute_ems(model, positive, negative, cfg, latent_shape, *, N, K, reduction
         with torch.inference_mode(False), torch.no_grad():
             data = x0.clone().to(x.device, torch.float32)
             return estimate_ems(denoiser, data, sigma_min, sigma_max, model_kind=kind, N=N, K=K,
-                                reduction=reduction, sb_window=RECOMMENDED_SETTINGS["sb_window"], jvp=jvp, batch_size=batch_size, seed=seed,
+                                reduction=reduction, sb_window=RECOMMENDED_SETTINGS["sb_window"],
+                                s_ridge=RECOMMENDED_SETTINGS["s_ridge"], jvp=jvp, batch_size=batch_size, seed=seed,
                                 extra_args=extra_args, progress=progress.estimation,
                                 metadata={**metadata, "x0_seconds": f"{generation_seconds:.1f}"})
 

@@ -17,7 +17,7 @@ logger = logging.getLogger("dpm_solver_nodes")
 
 FOLDER_NAME = "dpm_solver_v3_ems"
 EXTENSION = ".safetensors"
-CACHE_KEY_VERSION = "1"
+CACHE_KEY_VERSION = "2"  # 2: EMS computed with RECOMMENDED_SETTINGS (window fit, slope ridge)
 
 
 def register_folder(folder_paths) -> str:

@@ -395,3 +395,45 @@ def test_forward_ad_runs_under_inference_mode_with_a_module():
                               reduction="per_element")
     assert forward.metadata["estimator"] == "forward_ad"
     assert torch.allclose(forward.l, finite.l, atol=1e-5)
+
+
+def _two_mode_denoiser(x, sigma, **_):
+    """Exact float32 denoiser of a per-element two-mode mixture (modes 0.2 +- 0.6, variance 0.05): f = (1 - l) x - D
+    is nearly constant at high noise, so the least-squares slope s is ill-conditioned there."""
+    s2 = sigma.reshape(-1, 1, 1, 1).double() ** 2
+    xd, v = x.double(), 0.05
+    m1, m2 = 0.8, -0.4
+    r1 = torch.sigmoid(((xd - m2) ** 2 - (xd - m1) ** 2) / (2 * (v + s2)))
+    g = v / (v + s2)
+    return (r1 * (m1 + g * (xd - m1)) + (1 - r1) * (m2 + g * (xd - m2))).float()
+
+
+def test_slope_ridge_keeps_v3_stable_where_f_barely_varies():
+    """Measured: without the ridge the cheap EMS (N = 10, K = 8, per channel) give s ~ -200 at the noisiest nodes
+    and v3 errors ~1e3-1e10 times those of v3 without EMS (the WebUI integration test found it); with
+    RECOMMENDED_SETTINGS (s_ridge = 0.01 and the +-0.5 window fit) s stays O(1) at high noise and v3 is within a small
+    factor of the no-EMS run."""
+    from dpm_solver_nodes.samplers import sample_dpm_solver_v3, sample_dpmpp_2m
+    from dpm_solver_nodes.stats.estimate import RECOMMENDED_SETTINGS
+
+    torch.manual_seed(0)
+    ramp = torch.linspace(0, 1, 12, dtype=torch.float64)
+    sigmas = (14.6146 ** (1 / 7) + ramp * (0.0291675 ** (1 / 7) - 14.6146 ** (1 / 7))) ** 7
+    sigmas = torch.cat([sigmas, sigmas.new_zeros(1)]).float()
+    x = torch.randn(2, 4, 8, 8) * sigmas[0]
+    fine = torch.cat([torch.exp(torch.linspace(float(sigmas[0].log()), float(sigmas[-2].log()), 200)),
+                      torch.zeros(1)])
+    reference = sample_dpmpp_2m(_two_mode_denoiser, x, fine, disable=True)
+    x0 = generate_x0(_two_mode_denoiser, (4, 8, 8), 8, 14.6146, 0.0291675, "eps", steps=8, seed=0, batch_size=2)
+    settings = {"paper": {}, "recommended": {key: RECOMMENDED_SETTINGS[key] for key in ("sb_window", "s_ridge")}}
+    mse = {}
+    for name, options in settings.items():
+        ems = estimate_ems(_two_mode_denoiser, x0, 0.0291675, 14.6146, N=10, K=8, reduction="per_channel",
+                           jvp="forward", batch_size=2, **options)
+        out = sample_dpm_solver_v3(_two_mode_denoiser, x, sigmas, ems=ems, disable=True)
+        mse[name] = float(((out - reference) ** 2).mean())
+        if name == "recommended":  # the noisy half, where f ~ E f (the clean end keeps a well-conditioned s ~ -14)
+            assert ems.s[: len(ems.s) // 2].abs().max() < 5
+    plain = float(((sample_dpm_solver_v3(_two_mode_denoiser, x, sigmas, disable=True) - reference) ** 2).mean())
+    assert mse["paper"] > 100 * plain            # the failure the ridge exists for
+    assert mse["recommended"] < 5 * plain

@@ -133,7 +133,8 @@ class EMSJob:
                     "prompt": str(getattr(p, "prompt", ""))[:200]}
         with continuous_timesteps(model):
             ems = estimate_ems(model_fixed, x0, sigma_min, sigma_max, model_kind=kind, N=self.N, K=self.K,
-                               reduction=self.reduction, sb_window=RECOMMENDED_SETTINGS["sb_window"], jvp=self.jvp, batch_size=batch, seed=self.seed,
+                               reduction=self.reduction, sb_window=RECOMMENDED_SETTINGS["sb_window"],
+                               s_ridge=RECOMMENDED_SETTINGS["s_ridge"], jvp=self.jvp, batch_size=batch, seed=self.seed,
                                extra_args=extra_args, progress=self.progress, should_stop=self.should_stop,
                                metadata=metadata)
         key = self.store.make_key(model_hash, kind, digest, cfg, tuple(x.shape[1:]), self.N, self.K, self.reduction,
