@@ -627,7 +627,8 @@ CHECK_NFES = (5, 6, 8, 10, 15, 20)
 
 
 def check_v3_against_dpmpp_2m(model, ems, shape, sigma_min, sigma_max, *, seed, steps=100, samples=50,
-                              nfes=CHECK_NFES, model_kind="eps", extra_args=None, **v3_options) -> EMS:
+                              nfes=CHECK_NFES, model_kind="eps", extra_args=None, batch_size=None,
+                              dtype=torch.float32, device="cpu", **v3_options) -> EMS:
     """The data of DPM-Solver-v3's automatic fallback: v3 / DPM-Solver++(2M) error per NFE on the model's own samples.
 
     ``generate_x0(model, shape, samples, sigma_max, sigma_min, model_kind, steps=steps, seed=seed)`` are
@@ -641,14 +642,22 @@ def check_v3_against_dpmpp_2m(model, ems, shape, sigma_min, sigma_max, *, seed, 
     (bench/results_v3_study.md): the check's ratios follow 100 held-out samples within about 0.07 except where v3
     and 2M are within ~10 % of each other, where 20-50 samples can fall either way (guidance 7.5, 8 NFE: 0.87 to
     1.15 for different sample sets, held-out 1.00-1.07); a wrong verdict there costs at most that margin.
+    ``batch_size``, ``dtype`` and ``device`` are the reference generation's (``generate_x0``); the sampler runs use
+    all ``samples`` at once.  Only NFEs with 4 * NFE <= ``steps`` are checked (a coarser reference would judge
+    itself).
     """
     from ..samplers.dpmpp import sample_dpmpp_2m
     from ..samplers.schedule import noise_schedule
     from ..samplers.v3 import sample_dpm_solver_v3
 
+    nfes = [n for n in nfes if 4 * n <= steps]  # the reference must be far finer than the runs it judges
+    if not nfes:
+        logger.warning("DPM-Solver-v3 EMS check skipped: %d reference steps are too few (4 x NFE needed)", steps)
+        return ems
     reference = generate_x0(model, shape, samples, sigma_max, sigma_min, model_kind, steps=steps, seed=seed,
-                            extra_args=extra_args, batch_size=samples)
-    noise = torch.randn((samples,) + tuple(shape), generator=torch.Generator().manual_seed(seed))
+                            extra_args=extra_args, batch_size=batch_size or samples, dtype=dtype, device=device)
+    noise = torch.randn((samples,) + tuple(shape), generator=torch.Generator().manual_seed(seed), dtype=dtype)
+    noise = noise.to(device)
     schedule = noise_schedule(model_kind)
     ratios = {}
     for nfe in nfes:
@@ -657,7 +666,7 @@ def check_v3_against_dpmpp_2m(model, ems, shape, sigma_min, sigma_max, *, seed, 
         else:
             lams = torch.linspace(schedule.lambda_(sigma_max), schedule.lambda_(sigma_min), nfe, dtype=torch.float64)
             sigmas = schedule.sigma_from_lambda(lams)
-        sigmas = torch.cat([sigmas, sigmas.new_zeros(1)]).to(noise.dtype)
+        sigmas = torch.cat([sigmas, sigmas.new_zeros(1)]).to(device, noise.dtype)
         x = noise * sigmas[0]
         errors = []
         for sampler, options in ((sample_dpm_solver_v3, dict(v3_options, ems=ems, fallback=False)),

@@ -29,6 +29,8 @@ logger = logging.getLogger("dpm_solver_nodes")
 
 X0_STEPS = 50
 FLOW_SIGMA_CAP = 0.999
+CHECK_SAMPLES = 16  # reference trajectories for the v3-vs-DPM-Solver++(2M) check (samples * (steps + 128) rows)
+CHECK_STEPS = 100  # DPM-Solver++(2M) steps of those references
 
 
 class FixedBatchModel:
@@ -104,7 +106,7 @@ class EMSJob:
 
     def __call__(self, model, x, sigmas=None, extra_args=None, callback=None, disable=None):
         from ...stats import estimate_ems
-        from ...stats.estimate import RECOMMENDED_SETTINGS, generate_x0
+        from ...stats.estimate import RECOMMENDED_SETTINGS, check_v3_against_dpmpp_2m, generate_x0
 
         kind = registration.detect_model_kind(model)
         table = registration.model_sigmas(model)
@@ -137,6 +139,11 @@ class EMSJob:
                                s_ridge=RECOMMENDED_SETTINGS["s_ridge"], jvp=self.jvp, batch_size=batch, seed=self.seed,
                                extra_args=extra_args, progress=self.progress, should_stop=self.should_stop,
                                metadata=metadata)
+            # the data of v3's automatic fallback: v3 vs DPM-Solver++(2M) on the model's own trajectories
+            ems = check_v3_against_dpmpp_2m(model_fixed, ems, tuple(x.shape[1:]), sigma_min, sigma_max,
+                                            seed=self.seed, steps=CHECK_STEPS, samples=min(self.K, CHECK_SAMPLES),
+                                            model_kind=kind, extra_args=extra_args, batch_size=batch,
+                                            device=x.device)
         key = self.store.make_key(model_hash, kind, digest, cfg, tuple(x.shape[1:]), self.N, self.K, self.reduction,
                                   sigma_min, sigma_max)
         self.path = self.store.put(key, ems)
