@@ -27,6 +27,8 @@ logger = logging.getLogger("dpm_solver_nodes")
 
 GUIDANCE_MODES = ("guided", "uncond")
 _INDEX = None
+CHECK_SAMPLES = 16  # reference trajectories for the v3-vs-DPM-Solver++(2M) check (samples * (steps + 128) rows)
+CHECK_STEPS = 100  # DPM-Solver++(2M) steps of those references
 
 
 def index() -> EMSIndex:
@@ -144,7 +146,7 @@ def compute_ems(model, positive, negative, cfg, latent_shape, *, N, K, reduction
     rows_generation = K * (x0_steps + 1) * (2 if cfg != 1.0 else 1)
     progress = _Progress(rows_generation, (N + 1) * K)
 
-    from ..stats.estimate import RECOMMENDED_SETTINGS, estimate_ems, generate_x0
+    from ..stats.estimate import RECOMMENDED_SETTINGS, check_v3_against_dpmpp_2m, estimate_ems, generate_x0
 
     def generate(denoiser, x, extra_args):
         return generate_x0(_counting(denoiser, progress), tuple(latent_shape), K, float(model_sampling.sigma_max),
@@ -155,6 +157,7 @@ def compute_ems(model, positive, negative, cfg, latent_shape, *, N, K, reduction
     x0 = _run_probe(guider, latent_shape, sigmas, seed, generate)
     generation_seconds = time.perf_counter() - started
 
+    guided = guider
     if guidance == "uncond":  # the paper's reading (App. J.2): EMS of the unguided network on cfg-guided data
         guider = comfy.samplers.CFGGuider(patched)
         guider.set_conds(negative, negative)
@@ -169,7 +172,15 @@ def compute_ems(model, positive, negative, cfg, latent_shape, *, N, K, reduction
                                 extra_args=extra_args, progress=progress.estimation,
                                 metadata={**metadata, "x0_seconds": f"{generation_seconds:.1f}"})
 
-    return _run_probe(guider, latent_shape, sigmas, seed, estimate)
+    ems = _run_probe(guider, latent_shape, sigmas, seed, estimate)
+
+    def check(denoiser, x, extra_args):  # the data of v3's automatic fallback, on the guided model that samples
+        with torch.inference_mode(False), torch.no_grad():
+            return check_v3_against_dpmpp_2m(denoiser, ems, tuple(latent_shape), sigma_min, sigma_max, seed=seed,
+                                             steps=CHECK_STEPS, samples=min(K, CHECK_SAMPLES), model_kind=kind,
+                                             extra_args=extra_args, batch_size=batch_size, device=x.device)
+
+    return _run_probe(guided, latent_shape, sigmas, seed, check)
 
 
 def latent_shape_of(model, width, height):
