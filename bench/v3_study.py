@@ -33,7 +33,6 @@ import logging
 import math
 import os
 import pathlib
-import statistics
 import time
 
 import torch
@@ -232,18 +231,9 @@ def statistics(count, means, comoments, lambdas, smooth=5, sb_window=0.0, sb_mod
         the window (the within-node scatter), b = mean E f' - s mean E f (window means);
       "within_pointwise_b": that s, but b = E f' - s E f at the node;
       "pooled": one least-squares line through all the window's observations (the spread of the node means too)."""
-    from ..stats.estimate import COMOMENT_PAIRS, MEAN_NAMES, RELATIVE_VARIANCE_FLOOR, smoothed_derivative
+    from ..stats.estimate import RELATIVE_VARIANCE_FLOOR, fit_terms
 
-    mean = dict(zip(MEAN_NAMES, means))
-    cov = {pair: comoments[k] / count[:, None].clamp(min=1) for k, pair in enumerate(COMOMENT_PAIRS)}
-    cxx, cxd, cxdd, cdd, cddd = (cov[pair] for pair in COMOMENT_PAIRS)
-    l = 1 - mean["u"]
-    m = smoothed_derivative(l, lambdas, smooth)
-    a = 1 - l
-    var_f = a * a * cxx - 2 * a * cxd + cdd
-    cov_ff = -a * (m + a) * cxx + (a * a + m + a) * cxd - a * cxdd - a * cdd + cddd
-    mean_f = a * mean["x"] - mean["D"]
-    mean_df = -(m + a) * mean["x"] + a * mean["D"] - mean["Ddot"]
+    l, var_f, cov_ff, mean_f, mean_df, scale = fit_terms(count, means, comoments, lambdas, smooth)
     half_width = int(round(sb_window / float(lambdas[1] - lambdas[0]))) if sb_window > 0 else 0
     if half_width and sb_mode == "pooled":
         # pooled regression over the window: within-node (co)variances plus the spread of the node means
@@ -259,7 +249,7 @@ def statistics(count, means, comoments, lambdas, smooth=5, sb_window=0.0, sb_mod
         if sb_mode == "within":
             n = _window_sum(torch.ones_like(mean_f), half_width)
             mean_f, mean_df = _window_sum(mean_f, half_width) / n, _window_sum(mean_df, half_width) / n
-    floor = RELATIVE_VARIANCE_FLOOR * (a * a * cxx.abs() + cdd.abs())
+    floor = RELATIVE_VARIANCE_FLOOR * scale
     s = torch.where(var_f > floor, cov_ff / torch.where(var_f > floor, var_f, torch.ones_like(var_f)),
                     torch.zeros_like(var_f))
     b = mean_df - s * mean_f

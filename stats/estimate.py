@@ -290,6 +290,22 @@ def _window_sum(values, half_width):
     return padded[hi] - padded[lo]
 
 
+def fit_terms(count, means, comoments, lambdas, smooth=DEFAULT_SMOOTH):
+    """Per node: l, Var f, Cov(f, f'), E f, E f' and the size a^2|C_xx| + |C_DD| of Var f's terms (the variance
+    floor's scale), from the pooled moments (docs section 3.1, one-pass formulas; module docstring)."""
+    mean = dict(zip(MEAN_NAMES, means))
+    cov = {pair: comoments[k] / count[:, None].clamp(min=1) for k, pair in enumerate(COMOMENT_PAIRS)}
+    cxx, cxd, cxdd, cdd, cddd = (cov[pair] for pair in COMOMENT_PAIRS)
+    l = 1 - mean["u"]
+    m = smoothed_derivative(l, lambdas, smooth)
+    a = 1 - l
+    var_f = a * a * cxx - 2 * a * cxd + cdd
+    cov_ff = -a * (m + a) * cxx + (a * a + m + a) * cxd - a * cxdd - a * cdd + cddd
+    mean_f = a * mean["x"] - mean["D"]
+    mean_df = -(m + a) * mean["x"] + a * mean["D"] - mean["Ddot"]
+    return l, var_f, cov_ff, mean_f, mean_df, a * a * cxx.abs() + cdd.abs()
+
+
 def statistics_from_moments(count, means, comoments, lambdas, smooth=DEFAULT_SMOOTH,
                             relative_floor=RELATIVE_VARIANCE_FLOOR, sb_window=0.0, s_ridge=0.0):
     """l, s, b (nodes, P) from pooled moments (docs section 3.1, one-pass formulas).
@@ -300,17 +316,8 @@ def statistics_from_moments(count, means, comoments, lambdas, smooth=DEFAULT_SMO
     same in independent sample groups (the network's time dependence, not Monte-Carlo noise), and a solver step
     of 0.5-1 in lambda should not depend on where the grid samples that; see bench/results_v3_study.md.
     The grid must be uniform in lambda (as ``estimate_ems`` builds it)."""
-    mean = dict(zip(MEAN_NAMES, means))
-    cov = {pair: comoments[k] / count[:, None].clamp(min=1) for k, pair in enumerate(COMOMENT_PAIRS)}
-    cxx, cxd, cxdd, cdd, cddd = (cov[pair] for pair in COMOMENT_PAIRS)
-    l = 1 - mean["u"]
-    m = smoothed_derivative(l, lambdas, smooth)
-    a = 1 - l
-    var_f = a * a * cxx - 2 * a * cxd + cdd
-    cov_ff = -a * (m + a) * cxx + (a * a + m + a) * cxd - a * cxdd - a * cdd + cddd
-    floor = relative_floor * (a * a * cxx.abs() + cdd.abs())
-    mean_f = a * mean["x"] - mean["D"]
-    mean_df = -(m + a) * mean["x"] + a * mean["D"] - mean["Ddot"]
+    l, var_f, cov_ff, mean_f, mean_df, scale = fit_terms(count, means, comoments, lambdas, smooth)
+    floor = relative_floor * scale
     half_width = int(round(sb_window / float(lambdas[1] - lambdas[0]))) if sb_window > 0 and len(lambdas) > 1 else 0
     nodes = torch.ones_like(mean_f)
     if half_width > 0:
@@ -684,5 +691,5 @@ def check_v3_against_dpmpp_2m(model, ems, shape, sigma_min, sigma_max, *, seed, 
 
 
 __all__ = ["estimate_ems", "generate_x0", "EstimationState", "EstimationInterrupted", "statistics_from_moments",
-           "smoothed_derivative", "ESTIMATOR_VERSION", "REDUCTIONS", "JVP_BACKENDS", "SAMPLE_SOURCES",
+           "smoothed_derivative", "fit_terms", "ESTIMATOR_VERSION", "REDUCTIONS", "JVP_BACKENDS", "SAMPLE_SOURCES",
            "RECOMMENDED_SETTINGS", "CHECK_NFES", "check_v3_against_dpmpp_2m"]
