@@ -213,17 +213,6 @@ def _pool_elements(count, means, comoments):
     return count * P, pooled, comoments.sum(-1, keepdim=True) + spread
 
 
-def _window_sum(values, half_width):
-    """Sum over +-half_width nodes along dim 0 (truncated at the edges)."""
-    if half_width <= 0:
-        return values
-    rows = values.shape[0]
-    padded = torch.cat([torch.zeros_like(values[:1]), values.cumsum(0)])
-    lo = torch.clamp(torch.arange(rows) - half_width, min=0)
-    hi = torch.clamp(torch.arange(rows) + half_width + 1, max=rows)
-    return padded[hi] - padded[lo]
-
-
 def statistics(count, means, comoments, lambdas, smooth=5, sb_window=0.0, sb_mode="within"):
     """l, s, b from moments as ``stats.estimate.statistics_from_moments`` (same formulas), plus a fit of s and b
     over the nodes within +-``sb_window`` in lambda:
@@ -231,7 +220,7 @@ def statistics(count, means, comoments, lambdas, smooth=5, sb_window=0.0, sb_mod
         the window (the within-node scatter), b = mean E f' - s mean E f (window means);
       "within_pointwise_b": that s, but b = E f' - s E f at the node;
       "pooled": one least-squares line through all the window's observations (the spread of the node means too)."""
-    from ..stats.estimate import RELATIVE_VARIANCE_FLOOR, fit_terms
+    from ..stats.estimate import RELATIVE_VARIANCE_FLOOR, _window_sum, fit_terms
 
     l, var_f, cov_ff, mean_f, mean_df, scale = fit_terms(count, means, comoments, lambdas, smooth)
     half_width = int(round(sb_window / float(lambdas[1] - lambdas[0]))) if sb_window > 0 else 0

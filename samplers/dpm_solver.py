@@ -16,7 +16,7 @@ from typing import NamedTuple
 import torch
 
 from .common import SamplerRun, check_choice, check_nonnegative, check_positive_int
-from .exponential import first_order_data_step, noise_prediction_step
+from .exponential import data_prediction_step, first_order_data_step, noise_prediction_step
 from .schedule import StepTable, noise_schedule
 
 METHODS = ("singlestep", "multistep")
@@ -159,10 +159,6 @@ def sample_dpm_solver(model, x, sigmas, extra_args=None, callback=None, disable=
     return _run_multistep(run, x, order, lower_order_final)
 
 
-def _first_order_data(x, table, i, denoised):
-    return first_order_data_step(x, denoised, table.sigma[i], table.sigma[i + 1], table.alpha[i + 1], table.h[i])
-
-
 def _run_singlestep(run, x, order, lower_order_final, orders):
     t, schedule = run.table, run.schedule
     x = run.start(x)
@@ -170,7 +166,7 @@ def _run_singlestep(run, x, order, lower_order_final, orders):
         denoised = run.denoise(x, i)
         run.report(x, i, denoised)
         if not t.finite_step(i):
-            x = _first_order_data(x, t, i, denoised)
+            x = data_prediction_step(x, t, i, [denoised])
             continue
         step_order = orders[i] if orders is not None else run.order(i, order, lower_order_final, order)
         s = _table_point(t, i)
@@ -191,7 +187,7 @@ def _run_multistep(run, x, order, lower_order_final):
         denoised = run.denoise(x, i)
         run.report(x, i, denoised)
         if not t.finite_step(i):
-            x = _first_order_data(x, t, i, denoised)
+            x = data_prediction_step(x, t, i, [denoised])
             continue
         lams = [t.lam[i]] + lams[:order - 1]
         noises = [_noise_prediction(x, denoised, _table_point(t, i))] + noises[:order - 1]

@@ -273,12 +273,8 @@ def smoothed_derivative(values, lambdas, smooth=DEFAULT_SMOOTH):
     derivative = torch.gradient(values, spacing=(lambdas,), dim=0, edge_order=1)[0]
     if smooth <= 0:
         return derivative
-    rows = values.shape[0]
-    padded = torch.cat([torch.zeros_like(derivative[:1]), derivative.cumsum(0)])
-    lo = torch.clamp(torch.arange(rows) - smooth, min=0)
-    hi = torch.clamp(torch.arange(rows) + smooth + 1, max=rows)
-    view = (-1,) + (1,) * (values.ndim - 1)
-    return (padded[hi] - padded[lo]) / (hi - lo).to(values.dtype).reshape(view)
+    counts = _window_sum(torch.ones(values.shape[0], dtype=values.dtype), smooth)
+    return _window_sum(derivative, smooth) / counts.reshape((-1,) + (1,) * (values.ndim - 1))
 
 
 def _window_sum(values, half_width):
