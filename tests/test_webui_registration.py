@@ -252,6 +252,28 @@ def test_wrapped_2m_equals_the_direct_call_for_eps_and_flow():
         assert torch.equal(wrapped, direct), kind
 
 
+def test_forge_flow_schedule_ending_in_two_zeros_samples_like_one_zero():
+    """Forge's uniform schedules for flow predictors end [..., 0, 0] (timestep 0 -> sigma 0, then append_zero):
+    every sampler runs on them and gives exactly what the single-zero schedule gives, with no extra model call."""
+    functions = registered_functions()
+    x = torch.randn(2, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    single = torch.linspace(1.0, 0.0, 11, dtype=torch.float64)
+    double = torch.cat([single, single.new_zeros(1)])
+    assert torch.equal(registration.drop_repeated_final_zeros(double), single)
+    assert torch.equal(registration.drop_repeated_final_zeros(single), single)
+    for entry in catalog.ENTRIES:
+        outputs, calls = [], []
+        for sigmas in (single, double):
+            model = WebUIModel("flow")
+            function = functions[entry.label]
+            outputs.append(function(model, x.clone(), sigmas=sigmas, extra_args={"seed": 5}, disable=True))
+            calls.append(model.calls)
+        assert torch.isfinite(outputs[1]).all(), entry.label
+        assert calls[0] == calls[1], (entry.label, calls)
+        if not entry.stochastic:
+            assert torch.equal(outputs[0], outputs[1]), entry.label
+
+
 def test_sde_takes_noise_from_the_injected_noise_sampler():
     functions = registered_functions()
     sigmas = karras(8)

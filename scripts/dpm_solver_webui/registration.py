@@ -160,10 +160,26 @@ def rng_noise_sampler(p, x):
     return lambda sigma, sigma_next: rng.next().to(x.device, x.dtype)
 
 
+def drop_repeated_final_zeros(sigmas):
+    """``sigmas`` without the extra zeros of a schedule ending ``[..., 0, 0]``.
+
+    Forge's schedules that sample its predictor's timesteps ("Automatic" without a scheduler, "Uniform", "Simple")
+    map timestep 0 of a flow predictor to sigma 0 and then append another 0.  A step from sigma 0 to 0 does nothing,
+    so it is dropped (logged) rather than refused."""
+    zeros = 0
+    while zeros < len(sigmas) and float(sigmas[len(sigmas) - 1 - zeros]) == 0.0:
+        zeros += 1
+    if zeros <= 1 or zeros == len(sigmas):
+        return sigmas
+    logger.info("dpm-solver-nodes: the schedule ends with %d zero sigmas; sampling to the first of them", zeros)
+    return sigmas[:len(sigmas) - zeros + 1]
+
+
 def run_entry(entry, model, x, sigmas, extra_args, callback, disable, injected, host):
     """Run ``entry``'s sampler for the WebUI."""
     from ...samplers import SAMPLERS
 
+    sigmas = drop_repeated_final_zeros(sigmas)
     kind = detect_model_kind(model)
     kwargs = dict(entry.fixed, model_kind=kind)
     p = getattr(model, "p", None)
