@@ -1,15 +1,18 @@
-"""The extension inside a real AUTOMATIC1111 WebUI checkout (docs/hosts.md section 4), in-process and offline.
+"""The extension inside a real AUTOMATIC1111 / Forge / reForge WebUI checkout (docs/hosts.md section 4), in-process
+and offline.
 
-Set WEBUI_DIR to a WebUI checkout (tested: v1.10.1, 82a973c0, with repositories/ filled as hosts.md 4 says) and
-WEBUI_PYTHON to a Python that has its requirements (default: WEBUI_DIR/venv/bin/python, else this Python).  The test
-runs this file as a script in that Python, which:
+Set WEBUI_DIR to a WebUI checkout (tested: A1111 v1.10.1 82a973c0 with repositories/ filled as hosts.md 4 says;
+Forge dfdcbab6 with huggingface_guess, BLIP and the assets in repositories/) and WEBUI_PYTHON to a Python that has
+its requirements (default: WEBUI_DIR/venv/bin/python, else this Python).  The test runs this file as a script in
+that Python, which:
 
   1. imports the WebUI (``initialize.imports``), links this checkout into a temporary data dir's extensions/, runs
      ``set_samplers``, ``list_extensions`` and ``load_scripts``, then "Reload UI" (``script_unloaded_callback`` +
      ``load_scripts``) and records the sampler names both times;
   2. replaces ``shared.sd_model`` with an analytic model whose data are Gaussian per element with a mean set by the
-     prompt: ``apply_model`` returns the exact epsilon (SD1-style "eps"), the exact v ("v"), or the exact flow
-     denoiser behind A1111's own SD3 denoiser ("flow", shift 3);
+     prompt, returning the exact epsilon (SD1-style "eps"), the exact v ("v"), or the exact flow output ("flow",
+     shift 3).  A1111: ``apply_model`` behind its CompVis(V)Denoiser / SD3 denoiser.  Forge: the network inside
+     Forge's own ``KModel``, ``UnetPatcher`` and predictor (``_forge_analytic_model``);
   3. builds the conditioning with ``prompt_parser`` and a real ``StableDiffusionProcessingTxt2Img`` and runs every
      registered sampler through ``create_sampler(name, sd_model).sample(p, x, c, uc)`` (the WebUI's own
      ``KDiffusionSampler`` and CFG denoiser), 12 steps, CFG 5, no EMS;
@@ -44,6 +47,94 @@ TARGET_MEAN = prompt_mean("") + CFG * (prompt_mean(PROMPT) - prompt_mean(""))
 
 # ==== the harness (runs inside the WebUI's Python) ===============================================================
 
+def _host():
+    """"forge", "reforge" or "a1111": the WebUI checkout at WEBUI_DIR (hosts.md 3.5)."""
+    webui_dir = os.environ.get("WEBUI_DIR", "")
+    if os.path.isdir(os.path.join(webui_dir, "backend")) and os.path.isdir(os.path.join(webui_dir, "modules_forge")):
+        return "forge"
+    if os.path.isdir(os.path.join(webui_dir, "ldm_patched")):
+        return "reforge"
+    return "a1111"
+
+
+def _ve_denoise(x, sigma, mu, mixture):
+    """E[x0 | x0 + sigma n = x] for the analytic data (float64)."""
+    import torch
+
+    sigma = sigma.reshape(-1, 1, 1, 1).to(torch.float64)
+    x = x.to(torch.float64)
+    if not mixture:
+        return mu + VARIANCE / (VARIANCE + sigma ** 2) * (x - mu)
+    v, low, high = 0.05, mu - 0.6, mu + 0.6
+    r_high = torch.sigmoid(((x - low) ** 2 - (x - high) ** 2) / (2 * (v + sigma ** 2)))
+    gain = v / (v + sigma ** 2)
+    return r_high * (high + gain * (x - high)) + (1 - r_high) * (low + gain * (x - low))
+
+
+def _forge_analytic_model(kind, mixture):
+    """Forge's ``shared.sd_model`` stand-in: the analytic network inside Forge's own ``KModel`` + ``UnetPatcher``
+    with its own predictor (SD1 discrete eps / v-prediction, or discrete flow with shift 3), so sampling runs
+    through Forge's ``ForgeScheduleLinker``, ``sampling_function`` and conditioning code.  The network sees what a
+    real UNet sees: the scaled input and Forge's timestep (the nearest integer timestep for discrete predictors, as
+    Forge feeds real models, or 1000 sigma for flow), and turns it back into sigma."""
+    import types
+
+    import torch
+    from backend.diffusion_engine.base import ForgeDiffusionEngine, ForgeObjects
+    from backend.modules.k_model import KModel
+    from backend.modules.k_prediction import Prediction, PredictionDiscreteFlow
+    from backend.patcher.unet import UnetPatcher
+
+    if kind == "flow":
+        predictor = PredictionDiscreteFlow(shift=3.0)
+    else:
+        predictor = Prediction(prediction_type="v_prediction" if kind == "v" else "epsilon")
+
+    class AnalyticNet(torch.nn.Module):
+        storage_dtype = computation_dtype = torch.float32
+
+        def forward(self, xc, t, context=None, control=None, transformer_options=None, **extra):
+            mu = context[:, 0, 0].reshape(-1, 1, 1, 1).to(torch.float64)
+            xc = xc.to(torch.float64)
+            if kind == "flow":          # timestep = 1000 sigma (PredictionDiscreteFlow.sigma() would shift it again)
+                sigma = (t / 1000).reshape(-1, 1, 1, 1).to(torch.float64)          # x = (1 - sigma) x0 + sigma n (Gaussian data), output (x - x0) / sigma
+                gain = VARIANCE * (1 - sigma) / (VARIANCE * (1 - sigma) ** 2 + sigma ** 2)
+                x0 = mu + gain * (xc - (1 - sigma) * mu)
+                return ((xc - x0) / sigma).float()
+            sigma = predictor.sigma(t).reshape(-1, 1, 1, 1).to(torch.float64)
+            x = xc * (1 + sigma ** 2).sqrt()
+            x0 = _ve_denoise(x, sigma, mu, mixture)
+            if kind == "v":             # denoised = x / (1 + s^2) - v s / sqrt(1 + s^2)
+                return ((x / (1 + sigma ** 2) - x0) * (1 + sigma ** 2).sqrt() / sigma).float()
+            return ((x - x0) / sigma).float()
+
+    cpu = torch.device("cpu")
+    unet = UnetPatcher(KModel(AnalyticNet(), None, k_predictor=predictor), load_device=cpu, offload_device=cpu,
+                       current_device=cpu)
+    name = f"analytic-{kind}"
+
+    class ForgeAnalyticSD(ForgeDiffusionEngine):     # Forge's own engine base: its defaults for the WebUI
+        def __init__(self):
+            super().__init__(types.SimpleNamespace(inpaint_model=lambda: False), None)
+            vae = types.SimpleNamespace(latent_channels=4)
+            self.forge_objects = ForgeObjects(unet, None, vae, None)
+            self.extra_generation_params, self.comments = {}, []
+            self.forge_objects_original = self.forge_objects_after_applying_lora = self.forge_objects
+            self.sd_checkpoint_info = type("Info", (), {
+                "sha256": "5eed" * 16, "shorthash": "5eed5eed5e", "model_name": name, "filename": "analytic",
+                "name_for_extra": name, "title": name, "short_title": name})()
+            self.sd_model_hash = None
+
+        def get_learned_conditioning(self, texts):
+            means = torch.tensor([prompt_mean(t) for t in texts], dtype=torch.float32)
+            return means[:, None, None].expand(len(texts), 2, 4).clone()
+
+        def decode_first_stage(self, latent):
+            return latent.new_zeros(latent.shape[0], 3, latent.shape[2] * 8, latent.shape[3] * 8)
+
+    return ForgeAnalyticSD()
+
+
 def _analytic_model(kind, mixture=False):
     """A stand-in for ``shared.sd_model``: exact denoiser of N(mu(prompt), 0.25) data in every latent element, or
     (``mixture``) of the two-component mixture 0.5 N(mu - 0.6, 0.05) + 0.5 N(mu + 0.6, 0.05), whose denoiser is
@@ -51,20 +142,16 @@ def _analytic_model(kind, mixture=False):
     import contextlib
 
     import torch
+
+    if _host() == "forge":
+        return _forge_analytic_model(kind, mixture)
     from modules.models.sd3.sd3_impls import ModelSamplingDiscreteFlow
     from modules.models.sd3.sd3_model import SD3Denoiser
 
     variance = VARIANCE
 
     def ve_denoise(x, sigma, mu):
-        sigma = sigma.reshape(-1, 1, 1, 1).to(torch.float64)
-        x = x.to(torch.float64)
-        if not mixture:
-            return mu + variance / (variance + sigma ** 2) * (x - mu)
-        v, low, high = 0.05, mu - 0.6, mu + 0.6
-        r_high = torch.sigmoid(((x - low) ** 2 - (x - high) ** 2) / (2 * (v + sigma ** 2)))
-        gain = v / (v + sigma ** 2)
-        return r_high * (high + gain * (x - high)) + (1 - r_high) * (low + gain * (x - low))
+        return _ve_denoise(x, sigma, mu, mixture)
 
     class AnalyticSD(torch.nn.Module):
         def __init__(self):
@@ -203,6 +290,8 @@ def harness():
     sys.path.insert(0, webui_dir)
     sys.argv = ["webui.py", "--skip-torch-cuda-test", "--use-cpu", "all", "--no-half", "--no-hashing",
                 "--skip-prepare-environment", "--do-not-download-clip", "--data-dir", data_dir]
+    if _host() == "forge":
+        sys.argv.append("--always-cpu")
     report = {"errors": {}}
     started = time.time()
     with contextlib.redirect_stdout(io.StringIO()):
@@ -276,7 +365,10 @@ def harness():
             report["errors"][f"img2img/{name}"] = f"{type(error).__name__}: {error}"
     # unsupported parameterization: refused with a clear error
     shared.sd_model = _analytic_model("eps")
-    shared.sd_model.parameterization = "x0"
+    if _host() == "forge":
+        shared.sd_model.forge_objects.unet.model.predictor.prediction_type = "x0"
+    else:
+        shared.sd_model.parameterization = "x0"
     try:
         _sample("DPM++ 2M (dpm-solver-nodes)", shared.sd_model, 4)
         report["refusal"] = None
@@ -295,6 +387,18 @@ def harness():
     report["tab_job"] = _tab_job(shared, webui, ems_tab)
     report["seconds"] = time.time() - started
     print("REPORT " + json.dumps(report))
+
+
+def _quantizes_timesteps(model_wrap):
+    """Whether the WebUI maps sigma to an integer timestep: A1111's ``quantize`` ("Enable quantization in K
+    samplers"); Forge's discrete predictor always does (``Prediction.timestep`` is an argmin)."""
+    import torch
+
+    predictor = getattr(model_wrap, "predictor", None)
+    if predictor is None:
+        return bool(model_wrap.quantize)
+    t = predictor.timestep(torch.tensor([1.234567]))
+    return bool(torch.equal(t, t.round()))
 
 
 def _ems_round_trip(shared, sd_samplers, webui, ems_tab, infotext_utils, processing):
@@ -318,14 +422,14 @@ def _ems_round_trip(shared, sd_samplers, webui, ems_tab, infotext_utils, process
     # "Enable quantization in K samplers" rounds sigma to integer timesteps (dD/dlambda = 0); the job turns it off
     shared.opts.enable_quantization = True
     sampler = sd_samplers_kdiffusion.KDiffusionSampler(function, shared.sd_model)
-    result["quantize_before"] = bool(sampler.model_wrap.quantize)
+    result["quantize_before"] = _quantizes_timesteps(sampler.model_wrap)
     sampler.config = sd_samplers_common.SamplerData("DPM-Solver-v3 EMS", None, [], {})
     x = p.rng.next()
     started = __import__("time").time()
     with torch.no_grad():
         samples = sampler.sample(p, x, c, uc, image_conditioning=x.new_zeros(x.shape[0], 5, 1, 1))
     _log("EMS computed")
-    result["quantize_after"] = bool(sampler.model_wrap.quantize)
+    result["quantize_after"] = _quantizes_timesteps(sampler.model_wrap)
     shared.opts.enable_quantization = False
     result["seconds"] = __import__("time").time() - started
     result["stored"] = bool(job.path and os.path.isfile(job.path))
@@ -361,6 +465,11 @@ def _tab_job(shared, webui, ems_tab):
     shared.sd_model = _analytic_model("eps", mixture=True)
     sd_models.reload_model_weights = lambda *args, **kwargs: None
     sd_models.apply_token_merging = lambda *args, **kwargs: None
+    if _host() == "forge":            # Forge (re)loads the selected checkpoint inside process_images
+        from modules import processing
+
+        processing.forge_model_reload = sd_models.forge_model_reload = lambda: (shared.sd_model, False)
+        processing.apply_token_merging = sd_models.apply_token_merging
     shared.opts.dpm_solver_ems_grid, shared.opts.dpm_solver_ems_samples = 6, 4
     before = set(os.listdir(webui.ems_folder()))
     shared.state.begin(job="dpm_solver_v3_ems")
@@ -399,7 +508,7 @@ def _webui_python(webui_dir):
 def _report():
     webui_dir = os.environ.get("WEBUI_DIR")
     if not webui_dir or not os.path.isdir(os.path.join(webui_dir, "modules")):
-        pytest.skip("WEBUI_DIR is not set to an AUTOMATIC1111 WebUI checkout (docs/hosts.md 4)")
+        pytest.skip("WEBUI_DIR is not set to an AUTOMATIC1111 / Forge / reForge WebUI checkout (docs/hosts.md 4)")
     if "report" not in _REPORT:
         python = _webui_python(webui_dir)
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONDONTWRITEBYTECODE": "1"}
@@ -502,7 +611,8 @@ def test_ems_tab_builds_and_its_job_runs_through_txt2img_processing():
 
 
 def test_unsupported_model_is_refused():
-    assert "parameterization 'x0'" in (_report()["refusal"] or "")
+    expected = "prediction_type 'x0'" if _host() == "forge" else "parameterization 'x0'"
+    assert expected in (_report()["refusal"] or "")
 
 
 def test_ems_computed_in_the_webui_are_used_and_recorded():
