@@ -463,7 +463,7 @@ def test_entry_script_loads_the_package_under_its_unique_name_and_reloads(tmp_pa
     assert scripts == ["dpm_solver_nodes_webui.py"]   # the WebUI executes every scripts/*.py
 
 
-# ---- Forge: continuous timesteps for the EMS job -------------------------------------------------------------------
+# ---- Forge / reForge: continuous timesteps for the EMS job---------------------------------------------------------------
 
 def sd1_sigmas():
     betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
@@ -506,6 +506,32 @@ def test_continuous_timesteps_patches_only_forge_discrete_predictors():
     flow = types.SimpleNamespace(prediction_type="const", log_sigmas=torch.zeros(3), timestep=lambda s: s * 1000)
     with ems_tab.continuous_timesteps(cfg_model(predictor=flow)):
         assert torch.equal(flow.timestep(sigma), sigma * 1000)
+
+
+def test_continuous_timesteps_patches_reforge_ldm_patched_model_sampling():
+    """reForge: A1111's CompVisDenoiser wrap, but the model runs through the ldm_patched model sampling of
+    ``sd_model.forge_objects.unet.model``, whose timestep rounds: both are made continuous, then restored."""
+    class ModelSamplingDiscrete(torch.nn.Module):       # ldm_patched's: no prediction_type, argmin timestep
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("log_sigmas", sd1_sigmas().log())
+
+        def timestep(self, sigma):
+            return (sigma.log() - self.log_sigmas[:, None]).abs().argmin(dim=0).view(sigma.shape)
+
+    sampling = ModelSamplingDiscrete()
+    unet = types.SimpleNamespace(model=types.SimpleNamespace(model_sampling=sampling))
+    sd_model = types.SimpleNamespace(forge_objects=types.SimpleNamespace(unet=unet))
+    wrap = types.SimpleNamespace(inner_model=sd_model, quantize=True)
+    model = types.SimpleNamespace(inner_model=wrap)
+    sigma = torch.tensor([0.5, 3.0])
+    rounded = sampling.timestep(sigma)
+    with ems_tab.continuous_timesteps(model):
+        inside = sampling.timestep(sigma)
+        assert wrap.quantize is False
+    assert torch.allclose(inside, ems_tab.interpolated_timestep(sigma, sampling.log_sigmas))
+    assert not torch.equal(inside, inside.round())
+    assert torch.equal(sampling.timestep(sigma), rounded) and wrap.quantize is True
 
 
 def test_continuous_timesteps_turns_a1111_quantization_off_for_the_job():

@@ -9,10 +9,10 @@ stops it (the WebUI's CFG denoiser raises inside the next model call) and nothin
 
 Cost: K x (x0 steps) model calls for the samples plus (N + 1) x K JVP rows (about 2-3 forward passes each) for the
 statistics.  Forward AD needs an attention implementation with forward-mode derivatives; otherwise the estimator
-falls back to finite differences (logged).  Forge's discrete predictors map sigma to the nearest integer timestep
-(``Prediction.timestep`` is an argmin) and A1111 does the same with "Enable quantization in K samplers" on, which
-would make dD/dlambda = 0 (the estimator refuses such models), so during the job ``continuous_timesteps``
-interpolates the index in log sigma instead.
+falls back to finite differences (logged).  Forge's discrete predictors and reForge's ldm_patched model sampling map
+sigma to the nearest integer timestep (their ``timestep`` is an argmin) and A1111 does the same with "Enable
+quantization in K samplers" on, which would make dD/dlambda = 0 or drop the timestep's share of it, so during the
+job ``continuous_timesteps`` interpolates the index in log sigma instead.
 """
 from __future__ import annotations
 
@@ -64,27 +64,43 @@ def interpolated_timestep(sigma, log_sigmas):
     return ((1 - w) * low + w * high).view(sigma.shape)
 
 
+def _rounding_samplers(model):
+    """The objects whose ``timestep(sigma)`` rounds to an integer timestep on the model's path: Forge's predictor
+    (``ForgeScheduleLinker.predictor``) and reForge's ldm_patched model sampling
+    (``sd_model.forge_objects.unet.model.model_sampling``), each when it has a discrete ``log_sigmas`` table (flow
+    samplings have none, and Forge's flow predictor is "const")."""
+    wrap = registration.denoiser_wrap(model)
+    unet = getattr(getattr(registration.checkpoint_of(model), "forge_objects", None), "unet", None)
+    candidates = [getattr(wrap, "predictor", None), getattr(getattr(unet, "model", None), "model_sampling", None)]
+    found = []
+    for candidate in candidates:
+        if candidate is None or any(candidate is other for other in found):
+            continue
+        if getattr(candidate, "log_sigmas", None) is None or getattr(candidate, "prediction_type", None) == "const":
+            continue
+        if callable(getattr(candidate, "timestep", None)):
+            found.append(candidate)
+    return found
+
+
 @contextlib.contextmanager
 def continuous_timesteps(model):
-    """While active, sigma maps to a fractional timestep: a Forge discrete predictor (one with ``log_sigmas`` whose
-    ``timestep`` rounds) interpolates in log sigma, and A1111's CompVisDenoiser runs with ``quantize`` off (the
-    "Enable quantization in K samplers" setting).  Flow predictors are left alone."""
+    """While active, sigma maps to a fractional timestep: Forge's discrete predictor and reForge's ldm_patched
+    discrete model sampling (whose ``timestep`` is an argmin) interpolate in log sigma, and A1111's CompVisDenoiser
+    runs with ``quantize`` off (the "Enable quantization in K samplers" setting).  Flow samplings are left alone."""
+    patched = _rounding_samplers(model)
+    for sampling in patched:
+        sampling.timestep = (lambda log_sigmas: lambda sigma: interpolated_timestep(sigma, log_sigmas))(
+            sampling.log_sigmas)
     wrap = registration.denoiser_wrap(model)
-    predictor = getattr(wrap, "predictor", None)
-    log_sigmas = getattr(predictor, "log_sigmas", None)
-    if predictor is not None and log_sigmas is not None and getattr(predictor, "prediction_type", None) != "const":
-        predictor.timestep = lambda sigma: interpolated_timestep(sigma, log_sigmas)
-        try:
-            yield
-        finally:
-            del predictor.timestep
-        return
     quantize = getattr(wrap, "quantize", None)
     if quantize:
         wrap.quantize = False
     try:
         yield
     finally:
+        for sampling in patched:
+            del sampling.timestep
         if quantize:
             wrap.quantize = quantize
 
@@ -155,6 +171,7 @@ class EMSJob:
 def run_in_webui(store, prompt, negative_prompt, cfg_scale, width, height, batch_size, seed, x0_steps=X0_STEPS):
     """Run an ``EMSJob`` through the WebUI's txt2img processing with the current EMS settings; returns a message."""
     from modules import processing, sd_samplers_common, sd_samplers_kdiffusion, shared
+    from modules.scripts import ScriptRunner
     from modules.shared import state
 
     opts = shared.opts
@@ -187,6 +204,9 @@ def run_in_webui(store, prompt, negative_prompt, cfg_scale, width, height, batch
         width=int(width), height=int(height), batch_size=batch_size, n_iter=1, steps=1, seed=int(seed),
         sampler_name=_any_sampler_name(), scheduler="Automatic", do_not_save_samples=True, do_not_save_grid=True)
     p.sample = sample
+    # no txt2img scripts run on the job (they would alter the data the EMS describe); an empty runner rather than
+    # None, which reForge's processing dereferences
+    p.scripts, p.script_args = ScriptRunner(), []
     try:
         processed = processing.process_images(p)
     finally:
