@@ -140,13 +140,12 @@ def _analytic_model(kind, mixture=False):
     (``mixture``) of the two-component mixture 0.5 N(mu - 0.6, 0.05) + 0.5 N(mu + 0.6, 0.05), whose denoiser is
     nonlinear (the Gaussian's makes the v3 statistic f constant)."""
     import contextlib
+    import types
 
     import torch
 
     if _host() == "forge":
         return _forge_analytic_model(kind, mixture)
-    from modules.models.sd3.sd3_impls import ModelSamplingDiscreteFlow
-    from modules.models.sd3.sd3_model import SD3Denoiser
 
     variance = VARIANCE
 
@@ -174,6 +173,9 @@ def _analytic_model(kind, mixture=False):
             self.lowvram = False
             self.latent_channels = 4
             if kind == "flow":
+                from modules.models.sd3.sd3_impls import ModelSamplingDiscreteFlow
+                from modules.models.sd3.sd3_model import SD3Denoiser
+
                 self.sampling = ModelSamplingDiscreteFlow(shift=3.0)
                 self.create_denoiser = lambda: SD3Denoiser(self, self.sampling.sigmas)
             else:
@@ -214,7 +216,44 @@ def _analytic_model(kind, mixture=False):
                 return ((eps - sigma * x0) / (1 + sigma ** 2).sqrt()).to(x.dtype)
             return eps.to(x.dtype)
 
-    return AnalyticSD()
+    model = AnalyticSD()
+    if _host() == "reforge":
+        from modules_forge.forge_loader import ForgeSD
+
+        # what reForge's checkpoint loader (modules_forge/forge_loader.py) adds to the WebUI's model object
+        model.forge_objects = ForgeSD(_reforge_unet(kind, mixture), None, types.SimpleNamespace(), None)
+        model.forge_objects_original = model.forge_objects_after_applying_lora = model.forge_objects
+        model.tiling_enabled, model.ztsnr = False, False
+    return model
+
+
+def _reforge_unet(kind, mixture):
+    """reForge samples through ``shared.sd_model.forge_objects.unet`` (its ldm_patched ``sampling_function``): the
+    analytic network as the ``diffusion_model`` of a real ldm_patched ``BaseModel`` (SD1.5 config, EPS or
+    V_PREDICTION sampling) in reForge's ``UnetPatcher``.  The network gets the scaled input and the model
+    sampling's timestep (nearest integer) and turns it back into sigma."""
+    import torch
+    from ldm_patched.modules import model_base, supported_models
+    from modules_forge.unet_patcher import UnetPatcher
+
+    class AnalyticNet(torch.nn.Module):
+        dtype = torch.float32
+
+        def forward(self, xc, t, context=None, control=None, transformer_options=None, **extra):
+            mu = context[:, 0, 0].reshape(-1, 1, 1, 1).to(torch.float64)
+            sigma = sampling.sigma(t).reshape(-1, 1, 1, 1).to(torch.float64)
+            x = xc.to(torch.float64) * (1 + sigma ** 2).sqrt()
+            x0 = _ve_denoise(x, sigma, mu, mixture)
+            if kind == "v":
+                return ((x / (1 + sigma ** 2) - x0) * (1 + sigma ** 2).sqrt() / sigma).float()
+            return ((x - x0) / sigma).float()
+
+    model_type = model_base.ModelType.V_PREDICTION if kind == "v" else model_base.ModelType.EPS
+    base = model_base.BaseModel(supported_models.SD15({"disable_unet_model_creation": True}), model_type=model_type)
+    base.diffusion_model = AnalyticNet()
+    sampling = base.model_sampling
+    cpu = torch.device("cpu")
+    return UnetPatcher(base, load_device=cpu, offload_device=cpu)
 
 
 def _processing(sd_model, sampler_name, steps, seed, prompt=PROMPT, cfg=CFG):
@@ -290,11 +329,14 @@ def harness():
     sys.path.insert(0, webui_dir)
     sys.argv = ["webui.py", "--skip-torch-cuda-test", "--use-cpu", "all", "--no-half", "--no-hashing",
                 "--skip-prepare-environment", "--do-not-download-clip", "--data-dir", data_dir]
-    if _host() == "forge":
+    if _host() in ("forge", "reforge"):
         sys.argv.append("--always-cpu")
     report = {"errors": {}}
     started = time.time()
     with contextlib.redirect_stdout(io.StringIO()):
+        if _host() in ("forge", "reforge"):      # what their webui.py does before the WebUI's imports
+            from modules_forge.initialization import initialize_forge
+            initialize_forge()
         from modules import initialize
         initialize.imports()
         from modules import extensions, script_callbacks, scripts, sd_samplers, shared
@@ -328,7 +370,13 @@ def harness():
     report["runs"] = {}
     shared.opts.dpm_solver_ems_dir = os.path.join(data_dir, "ems")
     _log("WebUI imported and scripts loaded")
-    for kind in ("eps", "v", "flow"):
+    kinds = ("eps", "v", "flow")
+    if _host() == "reforge":
+        # reForge 3b56b268's SD3 denoiser (modules/models/sd3/sd3_model.py) does not import under its default
+        # "A1111" sampling back-end (NameError: k_diffusion), so no flow model reaches a k-diffusion sampler there
+        kinds = ("eps", "v")
+        report["kinds_not_run"] = {"flow": "reForge's SD3Denoiser fails to import (NameError: k_diffusion)"}
+    for kind in kinds:
         _log(f"sampling the {kind} model")
         shared.sd_model = _analytic_model(kind)
         runs = report["runs"][kind] = {}
@@ -390,14 +438,16 @@ def harness():
 
 
 def _quantizes_timesteps(model_wrap):
-    """Whether the WebUI maps sigma to an integer timestep: A1111's ``quantize`` ("Enable quantization in K
-    samplers"); Forge's discrete predictor always does (``Prediction.timestep`` is an argmin)."""
+    """Whether the WebUI feeds the network an integer timestep: A1111's ``quantize`` ("Enable quantization in K
+    samplers"); Forge's discrete predictor and reForge's ldm_patched model sampling always do (argmin)."""
     import torch
 
-    predictor = getattr(model_wrap, "predictor", None)
-    if predictor is None:
+    sampling = getattr(model_wrap, "predictor", None)
+    if sampling is None and _host() == "reforge":
+        sampling = model_wrap.inner_model.forge_objects.unet.model.model_sampling
+    if sampling is None:
         return bool(model_wrap.quantize)
-    t = predictor.timestep(torch.tensor([1.234567]))
+    t = sampling.timestep(torch.tensor([1.234567]))
     return bool(torch.equal(t, t.round()))
 
 
@@ -423,6 +473,8 @@ def _ems_round_trip(shared, sd_samplers, webui, ems_tab, infotext_utils, process
     shared.opts.enable_quantization = True
     sampler = sd_samplers_kdiffusion.KDiffusionSampler(function, shared.sd_model)
     result["quantize_before"] = _quantizes_timesteps(sampler.model_wrap)
+    with ems_tab.continuous_timesteps(sampler.model_wrap_cfg):        # what the job runs under
+        result["quantize_during"] = _quantizes_timesteps(sampler.model_wrap)
     sampler.config = sd_samplers_common.SamplerData("DPM-Solver-v3 EMS", None, [], {})
     x = p.rng.next()
     started = __import__("time").time()
@@ -465,6 +517,7 @@ def _tab_job(shared, webui, ems_tab):
     shared.sd_model = _analytic_model("eps", mixture=True)
     sd_models.reload_model_weights = lambda *args, **kwargs: None
     sd_models.apply_token_merging = lambda *args, **kwargs: None
+    shared.opts.live_previews_enable = False   # reForge's default "Approx NN" preview downloads its weights
     if _host() == "forge":            # Forge (re)loads the selected checkpoint inside process_images
         from modules import processing
 
@@ -618,7 +671,9 @@ def test_unsupported_model_is_refused():
 def test_ems_computed_in_the_webui_are_used_and_recorded():
     ems = _report()["ems"]
     assert ems["without_ems"] == "none"
-    assert ems["quantize_before"] and ems["quantize_after"]   # computed with quantization on, setting restored
+    # the WebUI rounds timesteps (A1111 with "Enable quantization in K samplers"; Forge and reForge always); the job
+    # runs with continuous timesteps and restores the rounding afterwards
+    assert ems["quantize_before"] and not ems["quantize_during"] and ems["quantize_after"]
     assert ems["stored"] and ems["samples_finite"] and ems["finite"]
     assert ems["with_ems"].startswith("5eed5eed5e cfg 5 N 10 K 8 per_channel")
     assert ems["changed_by_ems"] > 0
