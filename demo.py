@@ -130,7 +130,8 @@ def reference(model, noise, extra_args, model_kind, sigma_min, sigma_max, steps)
     start = noise if model_kind == "flow" else noise * sigma_max
     x = start.double()
     args = {key: value for key, value in extra_args.items() if key != "seed"}
-    best = sample_dpmpp_3m(model, x, sigmas(steps), extra_args=args, disable=True, model_kind=model_kind)
+    best = sample_dpmpp_3m(model, x, sigmas(steps), extra_args=args, disable=True, model_kind=model_kind,
+                           solver_type="taylor")          # third order: the converged reference
     check = sample_dpmpp_2m(model, x, sigmas(2 * steps), extra_args=args, disable=True, model_kind=model_kind)
     return best.float(), rms(best, check)
 

@@ -127,7 +127,7 @@ def _weighted_terms(coefficients, derivatives, history):
     return [(output, sum(coefficients[p] * table[p][j] for p in range(len(lams)))) for j, output in enumerate(outputs)]
 
 
-def data_prediction_step(x, table, i, derivatives=None, eta=0.0, midpoint=None, history=None):
+def data_prediction_step(x, table, i, derivatives=None, eta=0.0, midpoint=None, history=None, scales=None):
     """x_{i+1} from x_i by the Taylor-expanded data-prediction integrator, ODE (eta = 0) or SDE drift (eta > 0).
 
     x_t = (sigma_t/sigma_s) e^{-eta h} x_s + alpha_t sum_k kappa^{-k} psi_{k+1}(kappa h) D^{(k)},  kappa = 1 + eta
@@ -135,8 +135,9 @@ def data_prediction_step(x, table, i, derivatives=None, eta=0.0, midpoint=None, 
     lambda_i.  ``midpoint`` = (difference, factor), with factor * difference ~ h D', adds it with the weight
     alpha_t psi_1(kappa h) / 2 instead of the Taylor weight: the paper's (2M) form, k-diffusion's "midpoint".  A step
     into sigma = 0 returns D.  ``history`` = (lams, outputs), newest first, replaces ``derivatives`` by the Taylor
-    derivatives of the polynomial through those outputs (multistep), folded into one weight per output.  The SDE
-    noise term is the caller's (``data_prediction_noise_scale``).
+    derivatives of the polynomial through those outputs (multistep), folded into one weight per output.
+    ``scales`` multiplies the weight of each derivative (the official DPM-Solver++ third-order step puts half the
+    Taylor weight on D'': scales (1, 1, 0.5)).  The SDE noise term is the caller's (``data_prediction_noise_scale``).
     """
     alpha_t = table.alpha[i + 1]
     if table.sigma[i + 1] == 0:
@@ -146,6 +147,8 @@ def data_prediction_step(x, table, i, derivatives=None, eta=0.0, midpoint=None, 
     out = x * (table.sigma[i + 1] / table.sigma[i] * decay)
     terms = len(derivatives) if history is None else len(history[0])
     coefficients = [alpha_t * psi(k + 1, kappa * h) / kappa ** k for k in range(terms)]
+    if scales is not None:
+        coefficients = [c * scale for c, scale in zip(coefficients, scales)]
     for d, weight in _weighted_terms(coefficients, derivatives, history):
         out.add_(d, alpha=weight)
     if midpoint is not None:

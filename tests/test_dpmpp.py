@@ -55,7 +55,8 @@ SOLVERS = {
     "2m": (lambda m, x, s, k: sample_dpmpp_2m(m, x, s, model_kind=k, lower_order_final=False, disable=True), 2),
     "2m-taylor": (lambda m, x, s, k: sample_dpmpp_2m(m, x, s, model_kind=k, lower_order_final=False,
                                                      solver_type="taylor", disable=True), 2),
-    "3m": (lambda m, x, s, k: sample_dpmpp_3m(m, x, s, model_kind=k, lower_order_final=False, disable=True), 3),
+    "3m-taylor": (lambda m, x, s, k: sample_dpmpp_3m(m, x, s, model_kind=k, lower_order_final=False,
+                                                     solver_type="taylor", disable=True), 3),
     "2s": (lambda m, x, s, k: sample_dpmpp_2s(m, x, s, model_kind=k, disable=True), 2),
 }
 STEPS = (64, 128, 256)
@@ -140,21 +141,60 @@ def test_3m_versus_kdiffusion_3m_sde_at_eta_zero():
     model = MIXTURE.denoiser()
     sigmas = logsnr_sigmas(6, 14.6, 0.1)
     x = sample_noise(8, (8,), seed=4) * 14.6
-    two = sample_dpmpp_3m(model, x, sigmas[:3], lower_order_final=False, disable=True)
+    two = sample_dpmpp_3m(model, x, sigmas[:3], lower_order_final=False, solver_type="taylor", disable=True)
     assert relative(two, _kdiffusion_3m(model, x, sigmas[:3])) < 1e-12
-    three = sample_dpmpp_3m(model, x, sigmas[:4], lower_order_final=False, disable=True)
+    three = sample_dpmpp_3m(model, x, sigmas[:4], lower_order_final=False, solver_type="taylor", disable=True)
     assert relative(three, _kdiffusion_3m(model, x, sigmas[:4])) > 1e-6
 
 
+def test_official_3m_equals_diffusers_order_3_scheduler():
+    """solver_type="official" (the default) is the DPM-Solver++ authors' third-order multistep step: on the same
+    sigmas and model it reproduces diffusers' ``DPMSolverMultistepScheduler(solver_order=3)`` (lower-order final
+    steps below 15 steps included) to diffusers' float32 arithmetic (measured 8e-7 .. 2e-6 absolute on values up to
+    6.4; the Taylor form differs by 9e-3 .. 0.85)."""
+    from dpm_solver_nodes.bench.peers import diffusers_solvers
+
+    third = next(s for s in diffusers_solvers() if s.name == "diffusers:dpmsolver++3M")
+    model = MIXTURE.denoiser()
+    for steps in (5, 10, 14, 20):
+        sigmas = karras_sigmas(steps)
+        x = sample_noise(16, (8,), seed=5) * sigmas[0]
+        theirs = third.function(model, x, sigmas, {}, "eps", steps)
+        ours = sample_dpmpp_3m(model, x, sigmas, disable=True)
+        assert (ours - theirs).abs().max().item() < 2e-5, steps
+        taylor = sample_dpmpp_3m(model, x, sigmas, solver_type="taylor", disable=True)
+        assert (taylor - theirs).abs().max().item() > 1e-3, steps   # a different method: the check can fail
+
+
+def test_official_3m_trades_order_for_accuracy_at_few_steps():
+    """The official step weights D'' by half its Taylor coefficient: second order (measured 1.99 / 1.89 / 1.90 from
+    32 to 256 steps) where the Taylor form is third order, but the more accurate below about 30 steps (measured at
+    16 steps: 1.77e-2 vs 2.95e-2; at 256: 3.5e-5 vs 3.6e-6)."""
+    model = MIXTURE.denoiser()
+    x, ref = reference("mixture", "eps")
+    errors = {}
+    for solver_type in ("official", "taylor"):
+        for n in (16, 128, 256):
+            sigmas = logsnr_sigmas(n, *SIGMA_RANGE["eps"])
+            out = sample_dpmpp_3m(model, x, sigmas, lower_order_final=False, solver_type=solver_type, disable=True)
+            errors[solver_type, n] = median_error(out, ref)
+    assert errors["official", 16] < 0.8 * errors["taylor", 16]
+    assert errors["taylor", 256] < 0.2 * errors["official", 256]
+    assert abs(math.log2(errors["official", 128] / errors["official", 256]) - 2) < 0.3
+    with pytest.raises(ValueError, match="solver_type"):
+        sample_dpmpp_3m(model, x, logsnr_sigmas(4, *SIGMA_RANGE["eps"]), solver_type="midpoint", disable=True)
+
+
 def test_3m_has_higher_measured_order_than_kdiffusion_3m():
-    """Measured on the mixture (eps, 32 -> 64 -> 128 -> 256 steps): ours 3.32 / 3.16 / 3.07, k-diffusion's 3M SDE
+    """Measured on the mixture (eps, 32 -> 64 -> 128 -> 256 steps): our Taylor form 3.32 / 3.16 / 3.07, k-diffusion's 3M SDE
     at eta = 0 1.99 / 1.89 / 1.90 (its local error is O(h^3)); at 256 steps ours 3.6e-6, theirs 3.5e-5."""
     model = MIXTURE.denoiser()
     x, ref = reference("mixture", "eps")
     ours, theirs = [], []
     for n in STEPS:
         sigmas = logsnr_sigmas(n, *SIGMA_RANGE["eps"])
-        ours.append(median_error(sample_dpmpp_3m(model, x, sigmas, lower_order_final=False, disable=True), ref))
+        ours.append(median_error(sample_dpmpp_3m(model, x, sigmas, lower_order_final=False, solver_type="taylor",
+                                                 disable=True), ref))
         theirs.append(median_error(_kdiffusion_3m(model, x, sigmas), ref))
     our_order = math.log2(ours[-2] / ours[-1])
     their_order = math.log2(theirs[-2] / theirs[-1])

@@ -53,7 +53,8 @@ class Case:
         self.sigma_min, self.sigma_max = base.sigma_min, (base.sigma_max if kind == "eps" else 0.999)
         self.noise = torch.randn((SAMPLES,) + tuple(self.shape), generator=torch.Generator().manual_seed(1234))
         sigmas = self.sigmas(300)
-        self.reference = sample_dpmpp_3m(self.model, self.noise * sigmas[0], sigmas, disable=True, model_kind=kind)
+        self.reference = sample_dpmpp_3m(self.model, self.noise * sigmas[0], sigmas, disable=True, model_kind=kind,
+                                         solver_type="taylor")
         self.ems = {}
 
     def sigmas(self, n):
