@@ -100,8 +100,8 @@ def _dpmpp_2m(lower_order_final, solver_type, thresholding, threshold_percentile
                         **_threshold_options(thresholding, threshold_percentile, threshold_max)}
 
 
-def _dpmpp_3m(lower_order_final, thresholding, threshold_percentile, threshold_max):
-    return "dpmpp_3m", {"lower_order_final": _lower_order_final(lower_order_final),
+def _dpmpp_3m(lower_order_final, solver_type, thresholding, threshold_percentile, threshold_max):
+    return "dpmpp_3m", {"lower_order_final": _lower_order_final(lower_order_final), "solver_type": solver_type,
                         **_threshold_options(thresholding, threshold_percentile, threshold_max)}
 
 
@@ -165,7 +165,11 @@ SAMPLER_NODES = (
     SamplerNodeSpec(
         NODE_PREFIX + "DPMSolverPP3M", "DPM-Solver++(3M)",
         "DPM-Solver++ multistep third-order ODE solver (no ODE 3M ships with ComfyUI).",
-        {"lower_order_final": LOWER_ORDER_FINAL_WIDGET, **THRESHOLD_WIDGETS},
+        {"lower_order_final": LOWER_ORDER_FINAL_WIDGET,
+         "solver_type": _combo(("official", "taylor"), "official",
+                               "official = the authors' and diffusers' 3M (more accurate below ~30 steps); "
+                               "taylor = exact Taylor weights (third order, better with many steps)"),
+         **THRESHOLD_WIDGETS},
         _dpmpp_3m),
     SamplerNodeSpec(
         NODE_PREFIX + "DPMSolverSDE", "DPM-Solver SDE",
