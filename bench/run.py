@@ -399,7 +399,7 @@ def update_readme(parts, readme: pathlib.Path):
     deterministic = [r for r in e["rows"] if not r.get("stochastic")]
     lines = [README_START, "",
              f"Embedded eps model (1x16x16 MNIST, SD v1 schedule), batch {info['batch']}, {info['schedule']} sigmas, "
-             f"seed {info['seed']}, {info['threads']} thread(s): RMS error against our DPM-Solver++(3M) at "
+             f"seed {info['seed']}, {info['threads']} thread(s): RMS error against our DPM-Solver++(3M, Taylor form) at "
              f"{info['reference_steps']} steps from the same noise ((n) = model calls when a solver fits fewer into "
              "the budget). Full tables, Fréchet distances, stochastic samplers and the Gaussian-mixture results: "
              "[bench/results.md](bench/results.md).", ""]
