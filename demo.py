@@ -5,9 +5,9 @@
 
 For each guidance scale w, NFE budget and sampler, all starting from the same noise (``--batch`` digits, labels
 0..9 repeating):
-- error: RMS over all pixels of the sample minus the converged reference from the same noise (our DPM-Solver++(3M)
-  with ``--reference-steps`` logSNR-uniform steps; its own error is estimated against 2M at twice the steps and
-  printed).  Stochastic samplers (SDE, ancestral, DDPM) converge to a different sample; their error is shown in
+- error: RMS over all pixels of the sample minus the converged reference from the same noise (our DPM-Solver++(3M),
+  third-order Taylor form, with ``--reference-steps`` logSNR-uniform steps; its own error is estimated against 2M at
+  twice the steps and printed).  Stochastic samplers (SDE, ancestral, DDPM) converge to a different sample; their error is shown in
   the table but left out of the plot, compare them by quality.
 - quality: Fréchet distance in the shipped digit classifier's features (lower is better; ``real floor`` = the score
   of the same number of real digits) and class confidence (mean probability of the requested digit).

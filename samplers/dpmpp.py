@@ -68,7 +68,8 @@ def sample_dpmpp_3m(model, x, sigmas, extra_args=None, callback=None, disable=No
         with order 3 (measured 3.0-3.2).  "official" is the more accurate at the step counts people use: on the
         embedded trained models 0.68-0.90x the Taylor form's error at 5-20 NFE (eps, Karras and logSNR-uniform) and
         0.73-1.02x at 6-20 NFE (flow; 1.06-1.09x at 5), about equal at 40; on the Gaussian mixture up to about 30
-        steps.  ``sample_dpmpp_3m_sde`` at eta = 0 is the "taylor" form (and the demo's reference solver).
+        logSNR-uniform steps (still at 40 Karras steps).  ``sample_dpmpp_3m_sde`` at eta = 0 is the "taylor" form,
+        and so is the demo's converged reference.
     Warm-up runs orders 1, 2, then 3; with ``lower_order_final`` the last steps run 2, 1; the "official" second-order
     steps are the paper's 2M (midpoint) step, so it equals diffusers' order-3 scheduler on the same sigmas.  Other
     options as in ``sample_dpmpp_2m``.
