@@ -108,16 +108,32 @@ def test_degenerate_ems_is_ddim_and_dpmpp_taylor(mixture_case, steps):
             taylor = sample_dpmpp_2m(model, x, sigmas, solver_type="taylor", lower_order_final=lower_order_final,
                                      disable=True)
             out = sample_dpm_solver_v3(model, x, sigmas, ems=ems, order=2, use_corrector=False,
-                                       lower_order_final=lower_order_final, disable=True)
+                                       lower_order_final=lower_order_final, disable=True, fallback=False)
             assert (out - taylor).abs().max().item() <= 2 * tolerance * scale
         third = sample_dpmpp_3m(model, x, sigmas, lower_order_final=False, solver_type="taylor", disable=True)
         out = sample_dpm_solver_v3(model, x, sigmas, ems=ems, order=3, use_corrector=False, lower_order_final=False,
-                                   disable=True)
+                                   disable=True, fallback=False)
         assert (out - third).abs().max().item() <= 2 * tolerance * scale
     # and the midpoint form (k-diffusion's) is a different method at O(h^3): the comparison can fail
     midpoint = sample_dpmpp_2m(model, x, sigmas, disable=True)
-    out = sample_dpm_solver_v3(model, x, sigmas, ems=None, order=2, use_corrector=False, disable=True)
+    out = sample_dpm_solver_v3(model, x, sigmas, ems=None, order=2, use_corrector=False, disable=True, fallback=False)
     assert (out - midpoint).abs().max().item() > 1e-3
+
+
+def test_without_ems_and_corrector_runs_the_papers_dpmpp(mixture_case, caplog):
+    """With nothing for v3 to add (no EMS, no corrector) the default ``fallback`` runs DPM-Solver++(2M) in the
+    paper's midpoint form (order 2) or the official 3M (order 3), with a log line; with EMS or the corrector it
+    stays v3."""
+    _, model, x = mixture_case
+    sigmas = log_uniform(10)
+    with caplog.at_level(logging.INFO, logger="dpm_solver_nodes"):
+        out = sample_dpm_solver_v3(model, x, sigmas, ems=None, order=2, use_corrector=False, disable=True)
+    assert torch.equal(out, sample_dpmpp_2m(model, x, sigmas, lower_order_final=True, disable=True))
+    assert any("running DPM-Solver++(2M)" in r.getMessage() for r in caplog.records)
+    out = sample_dpm_solver_v3(model, x, sigmas, ems=None, order=3, use_corrector=False, disable=True)
+    assert torch.equal(out, sample_dpmpp_3m(model, x, sigmas, lower_order_final=True, disable=True))
+    corrected = sample_dpm_solver_v3(model, x, sigmas, ems=None, order=2, disable=True)
+    assert (corrected - sample_dpmpp_2m(model, x, sigmas, disable=True)).abs().max().item() > 1e-3
 
 
 def test_without_ems_logs_once(mixture_case, caplog, monkeypatch):
