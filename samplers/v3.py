@@ -44,6 +44,7 @@ WORKSPACE_ELEMENTS = 1 << 21  # float64 elements per scratch buffer (16 MiB)
 
 _DEFAULT_EMS = None
 _warned_without_ems = False
+_warned_without_ems_or_corrector = False
 _PLAN_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _PLANS_PER_EMS = 4
 _CLAMP_LOGGED: "weakref.WeakSet" = weakref.WeakSet()
@@ -458,7 +459,7 @@ def sample_dpm_solver_v3(model, x, sigmas, extra_args=None, callback=None, disab
     The step coefficients are computed once per (EMS, sigmas, options, dtype, device) in float64 on the CPU and
     cached; fp16/bf16 latents are integrated in float32.
     """
-    global _warned_without_ems
+    global _warned_without_ems, _warned_without_ems_or_corrector
     check_positive_int("order", order, maximum=3)
     check_choice("half", half, HALF_CHOICES)
     check_positive_int("refine", refine, maximum=64)
@@ -467,8 +468,10 @@ def sample_dpm_solver_v3(model, x, sigmas, extra_args=None, callback=None, disab
         from .dpmpp import sample_dpmpp_2m, sample_dpmpp_3m
 
         solver = sample_dpmpp_3m if order == 3 else sample_dpmpp_2m
-        logger.info("DPM-Solver-v3 without EMS and without corrector is DPM-Solver++: running %s",
-                    "DPM-Solver++(3M)" if order == 3 else "DPM-Solver++(2M)")
+        if not _warned_without_ems_or_corrector:
+            _warned_without_ems_or_corrector = True
+            logger.info("DPM-Solver-v3 without EMS and without corrector is DPM-Solver++: running %s (logged once)",
+                        "DPM-Solver++(3M)" if order == 3 else "DPM-Solver++(2M)")
         return solver(model, x, sigmas, extra_args, callback, disable, model_kind=model_kind,
                       lower_order_final=bool(lower_order_final), final_step=final_step)
     if ems is None:

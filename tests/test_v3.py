@@ -120,12 +120,13 @@ def test_degenerate_ems_is_ddim_and_dpmpp_taylor(mixture_case, steps):
     assert (out - midpoint).abs().max().item() > 1e-3
 
 
-def test_without_ems_and_corrector_runs_the_papers_dpmpp(mixture_case, caplog):
+def test_without_ems_and_corrector_runs_the_papers_dpmpp(mixture_case, caplog, monkeypatch):
     """With nothing for v3 to add (no EMS, no corrector) the default ``fallback`` runs DPM-Solver++(2M) in the
     paper's midpoint form (order 2) or the official 3M (order 3), with a log line; with EMS or the corrector it
     stays v3."""
     _, model, x = mixture_case
     sigmas = log_uniform(10)
+    monkeypatch.setattr(v3_module, "_warned_without_ems_or_corrector", False)
     with caplog.at_level(logging.INFO, logger="dpm_solver_nodes"):
         out = sample_dpm_solver_v3(model, x, sigmas, ems=None, order=2, use_corrector=False, disable=True)
     assert torch.equal(out, sample_dpmpp_2m(model, x, sigmas, lower_order_final=True, disable=True))
