@@ -17,6 +17,12 @@ SOLVER_TYPES_3M = ("official", "taylor")
 OFFICIAL_3M_SCALES = (1.0, 1.0, 0.5)
 
 
+def _midpoint_2m_step(x, table, i, denoised, lam_prev, denoised_prev):
+    """The paper's DPM-Solver++(2M) step (Algorithm 2): D_s + (D_s - D_prev) / (2r) with weight 1 - e^{-h}."""
+    return data_prediction_step(x, table, i, [denoised],
+                                midpoint=(denoised - denoised_prev, table.h[i] / (table.lam[i] - lam_prev)))
+
+
 def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=None, *, model_kind="eps",
                     lower_order_final=None, final_step="denoise", solver_type="midpoint",
                     threshold_percentile=None, threshold_max=1.0):
@@ -46,11 +52,10 @@ def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=No
         if run.order(i, 2, lower_order_final, history) == 1:
             x = data_prediction_step(x, t, i, [denoised])
         else:
-            h_prev = t.lam[i] - previous[0]
             if solver_type == "midpoint":
-                x = data_prediction_step(x, t, i, [denoised], midpoint=(denoised - previous[1], t.h[i] / h_prev))
+                x = _midpoint_2m_step(x, t, i, denoised, *previous)
             else:
-                x = data_prediction_step(x, t, i, [denoised, (denoised - previous[1]) / h_prev])
+                x = data_prediction_step(x, t, i, [denoised, (denoised - previous[1]) / (t.lam[i] - previous[0])])
         previous = (t.lam[i], denoised) if math.isfinite(t.lam[i]) else None
     return run.finish(x)
 
@@ -91,8 +96,7 @@ def sample_dpmpp_3m(model, x, sigmas, extra_args=None, callback=None, disable=No
         if order == 1:
             x = data_prediction_step(x, t, i, [denoised])
         elif order == 2 and solver_type == "official":     # its warm-up / final second-order steps are the 2M's
-            midpoint = (denoised - outputs[1], t.h[i] / (lams[0] - lams[1]))
-            x = data_prediction_step(x, t, i, [denoised], midpoint=midpoint)
+            x = _midpoint_2m_step(x, t, i, denoised, lams[1], outputs[1])
         else:
             x = data_prediction_step(x, t, i, history=(lams[:order], outputs[:order]), scales=scales)
     return run.finish(x)

@@ -17,6 +17,7 @@ job ``continuous_timesteps`` interpolates the index in log sigma instead.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 
@@ -90,8 +91,7 @@ def continuous_timesteps(model):
     runs with ``quantize`` off (the "Enable quantization in K samplers" setting).  Flow samplings are left alone."""
     patched = _rounding_samplers(model)
     for sampling in patched:
-        sampling.timestep = (lambda log_sigmas: lambda sigma: interpolated_timestep(sigma, log_sigmas))(
-            sampling.log_sigmas)
+        sampling.timestep = functools.partial(interpolated_timestep, log_sigmas=sampling.log_sigmas)
     wrap = registration.denoiser_wrap(model)
     quantize = getattr(wrap, "quantize", None)
     if quantize:

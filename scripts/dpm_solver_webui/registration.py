@@ -165,14 +165,13 @@ def drop_repeated_final_zeros(sigmas):
 
     Forge's schedules that sample its predictor's timesteps ("Automatic" without a scheduler, "Uniform", "Simple")
     map timestep 0 of a flow predictor to sigma 0 and then append another 0.  A step from sigma 0 to 0 does nothing,
-    so it is dropped (logged) rather than refused."""
-    zeros = 0
-    while zeros < len(sigmas) and float(sigmas[len(sigmas) - 1 - zeros]) == 0.0:
-        zeros += 1
-    if zeros <= 1 or zeros == len(sigmas):
+    so it is dropped (logged) rather than refused.  (Sigmas are decreasing; anything else is refused downstream.)"""
+    positive = int((sigmas > 0).sum())
+    if positive == 0 or len(sigmas) - positive <= 1:
         return sigmas
-    logger.info("dpm-solver-nodes: the schedule ends with %d zero sigmas; sampling to the first of them", zeros)
-    return sigmas[:len(sigmas) - zeros + 1]
+    logger.info("dpm-solver-nodes: the schedule ends with %d zero sigmas; sampling to the first of them",
+                len(sigmas) - positive)
+    return sigmas[:positive + 1]
 
 
 def run_entry(entry, model, x, sigmas, extra_args, callback, disable, injected, host):
