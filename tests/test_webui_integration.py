@@ -71,6 +71,29 @@ def _ve_denoise(x, sigma, mu, mixture):
     return r_high * (high + gain * (x - high)) + (1 - r_high) * (low + gain * (x - low))
 
 
+def _flow_denoise(x, sigma, mu):
+    """E[x0 | x] for the Gaussian data under x = (1 - sigma) x0 + sigma n (float64):
+    mu + v (1 - sigma) / (v (1 - sigma)^2 + sigma^2) (x - (1 - sigma) mu)."""
+    import torch
+
+    sigma = sigma.reshape(-1, 1, 1, 1).to(torch.float64)
+    gain = VARIANCE * (1 - sigma) / (VARIANCE * (1 - sigma) ** 2 + sigma ** 2)
+    return mu + gain * (x.to(torch.float64) - (1 - sigma) * mu)
+
+
+def _vp_network_output(kind, x_in, sigma, mu, mixture):
+    """What an SD-style network returns for its scaled input x_in = x / sqrt(1 + sigma^2) (float64): the exact
+    epsilon ("eps") or v ("v": denoised = x / (1 + s^2) - v s / sqrt(1 + s^2))."""
+    import torch
+
+    sigma = sigma.reshape(-1, 1, 1, 1).to(torch.float64)
+    x = x_in.to(torch.float64) * (1 + sigma ** 2).sqrt()
+    x0 = _ve_denoise(x, sigma, mu, mixture)
+    if kind == "v":
+        return (x / (1 + sigma ** 2) - x0) * (1 + sigma ** 2).sqrt() / sigma
+    return (x - x0) / sigma
+
+
 def _forge_analytic_model(kind, mixture):
     """Forge's ``shared.sd_model`` stand-in: the analytic network inside Forge's own ``KModel`` + ``UnetPatcher``
     with its own predictor (SD1 discrete eps / v-prediction, or discrete flow with shift 3), so sampling runs
@@ -95,18 +118,10 @@ def _forge_analytic_model(kind, mixture):
 
         def forward(self, xc, t, context=None, control=None, transformer_options=None, **extra):
             mu = context[:, 0, 0].reshape(-1, 1, 1, 1).to(torch.float64)
-            xc = xc.to(torch.float64)
             if kind == "flow":          # timestep = 1000 sigma (PredictionDiscreteFlow.sigma() would shift it again)
-                sigma = (t / 1000).reshape(-1, 1, 1, 1).to(torch.float64)          # x = (1 - sigma) x0 + sigma n (Gaussian data), output (x - x0) / sigma
-                gain = VARIANCE * (1 - sigma) / (VARIANCE * (1 - sigma) ** 2 + sigma ** 2)
-                x0 = mu + gain * (xc - (1 - sigma) * mu)
-                return ((xc - x0) / sigma).float()
-            sigma = predictor.sigma(t).reshape(-1, 1, 1, 1).to(torch.float64)
-            x = xc * (1 + sigma ** 2).sqrt()
-            x0 = _ve_denoise(x, sigma, mu, mixture)
-            if kind == "v":             # denoised = x / (1 + s^2) - v s / sqrt(1 + s^2)
-                return ((x / (1 + sigma ** 2) - x0) * (1 + sigma ** 2).sqrt() / sigma).float()
-            return ((x - x0) / sigma).float()
+                sigma = (t / 1000).reshape(-1, 1, 1, 1).to(torch.float64)
+                return ((xc.to(torch.float64) - _flow_denoise(xc, sigma, mu)) / sigma).float()  # (x - x0) / sigma
+            return _vp_network_output(kind, xc, predictor.sigma(t), mu, mixture).float()
 
     cpu = torch.device("cpu")
     unet = UnetPatcher(KModel(AnalyticNet(), None, k_predictor=predictor), load_device=cpu, offload_device=cpu,
@@ -146,11 +161,6 @@ def _analytic_model(kind, mixture=False):
 
     if _host() == "forge":
         return _forge_analytic_model(kind, mixture)
-
-    variance = VARIANCE
-
-    def ve_denoise(x, sigma, mu):
-        return _ve_denoise(x, sigma, mu, mixture)
 
     class AnalyticSD(torch.nn.Module):
         def __init__(self):
@@ -197,24 +207,15 @@ def _analytic_model(kind, mixture=False):
         def apply_model(self, x, t, cond):
             if kind == "flow":        # SD3Denoiser passes sigma, and the model returns the denoised x0
                 mu = cond["vector"][:, 0].reshape(-1, 1, 1, 1).to(torch.float64)
-                sigma = t.reshape(-1, 1, 1, 1).to(torch.float64)
-                # x = (1 - sigma) x0 + sigma n:
-                # E[x0 | x] = mu + v (1 - sigma) / (v (1 - sigma)^2 + sigma^2) (x - (1 - sigma) mu)
-                gain = variance * (1 - sigma) / (variance * (1 - sigma) ** 2 + sigma ** 2)
-                return (mu + gain * (x.to(torch.float64) - (1 - sigma) * mu)).to(x.dtype)
+                return _flow_denoise(x, t, mu).to(x.dtype)
 
             mu = cond["c_crossattn"][0][:, 0, 0].reshape(-1, 1, 1, 1).to(torch.float64)
             log_sigmas = (((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).log().to(torch.float64)
             low = t.floor().long().clamp(0, 999)
             high = (low + 1).clamp(max=999)
             w = (t - low).to(torch.float64)
-            sigma = ((1 - w) * log_sigmas[low] + w * log_sigmas[high]).exp().reshape(-1, 1, 1, 1)
-            x_ve = x.to(torch.float64) * (1 + sigma ** 2).sqrt()     # CompVis(V)Denoiser fed x * c_in
-            x0 = ve_denoise(x_ve, sigma, mu)
-            eps = (x_ve - x0) / sigma
-            if kind == "v":             # v = sqrt(a) eps - sqrt(1 - a) x0, a = 1 / (1 + sigma^2)
-                return ((eps - sigma * x0) / (1 + sigma ** 2).sqrt()).to(x.dtype)
-            return eps.to(x.dtype)
+            sigma = ((1 - w) * log_sigmas[low] + w * log_sigmas[high]).exp()
+            return _vp_network_output(kind, x, sigma, mu, mixture).to(x.dtype)  # CompVis(V)Denoiser fed x * c_in
 
     model = AnalyticSD()
     if _host() == "reforge":
@@ -241,12 +242,7 @@ def _reforge_unet(kind, mixture):
 
         def forward(self, xc, t, context=None, control=None, transformer_options=None, **extra):
             mu = context[:, 0, 0].reshape(-1, 1, 1, 1).to(torch.float64)
-            sigma = sampling.sigma(t).reshape(-1, 1, 1, 1).to(torch.float64)
-            x = xc.to(torch.float64) * (1 + sigma ** 2).sqrt()
-            x0 = _ve_denoise(x, sigma, mu, mixture)
-            if kind == "v":
-                return ((x / (1 + sigma ** 2) - x0) * (1 + sigma ** 2).sqrt() / sigma).float()
-            return ((x - x0) / sigma).float()
+            return _vp_network_output(kind, xc, sampling.sigma(t), mu, mixture).float()
 
     model_type = model_base.ModelType.V_PREDICTION if kind == "v" else model_base.ModelType.EPS
     base = model_base.BaseModel(supported_models.SD15({"disable_unet_model_creation": True}), model_type=model_type)

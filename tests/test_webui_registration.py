@@ -463,7 +463,7 @@ def test_entry_script_loads_the_package_under_its_unique_name_and_reloads(tmp_pa
     assert scripts == ["dpm_solver_nodes_webui.py"]   # the WebUI executes every scripts/*.py
 
 
-# ---- Forge / reForge: continuous timesteps for the EMS job---------------------------------------------------------------
+# ---- Forge / reForge: continuous timesteps for the EMS job ---------------------------------------------------------
 
 def sd1_sigmas():
     betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
