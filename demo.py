@@ -98,7 +98,7 @@ def ems_loader(model_kind):
 def select_solvers(all_solvers, wanted):
     if not wanted:
         return all_solvers
-    from .bench.peers import FAMILIES
+    from .peers import FAMILIES
 
     chosen, known = [], {s.name: s for s in all_solvers}
     for name in wanted:
@@ -141,7 +141,7 @@ def reference(model, noise, extra_args, model_kind, sigma_min, sigma_max, steps)
 def run_demo(args):
     from tqdm.auto import tqdm
 
-    from .bench.peers import Unavailable, solvers
+    from .peers import Unavailable, solvers
     from .bench.sigmas import make_sigmas
     from .embedded import QualityScore, load_model
 

@@ -32,7 +32,7 @@ import warnings
 
 import torch
 
-from .peers import Unavailable, solvers
+from ..peers import Unavailable, solvers
 
 log = logging.getLogger("dpm_solver_nodes.bench")
 HERE = pathlib.Path(__file__).resolve().parent

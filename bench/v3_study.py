@@ -111,10 +111,10 @@ class Setup:
 
 
 def unipc_bh2(model, x, sigmas, disable=None, model_kind="eps", **_):
-    """diffusers' UniPCMultistepScheduler (bh2) on our sigmas (bench.peers.diffusers_run)."""
+    """diffusers' UniPCMultistepScheduler (bh2) on our sigmas (peers.diffusers_run)."""
     import diffusers
 
-    from .peers import SD_V1_CONFIG, diffusers_run
+    from ..peers import SD_V1_CONFIG, diffusers_run
 
     return diffusers_run(diffusers.UniPCMultistepScheduler(**SD_V1_CONFIG, solver_type="bh2"), model, x, sigmas, None)
 

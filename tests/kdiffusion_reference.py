@@ -1,12 +1,12 @@
 """PyPI k-diffusion's ``sampling.py`` without its package ``__init__`` (which imports torchvision, clip, ...).
 
-``load()`` returns the module ``k_diffusion.sampling`` (loaded by ``bench.peers.load_kdiffusion``, the one loader of
+``load()`` returns the module ``k_diffusion.sampling`` (loaded by ``peers.load_kdiffusion``, the one loader of
 the project) or calls ``pytest.skip`` with the reason when k-diffusion is not installed (install it with
 ``pip install --no-deps k-diffusion==0.1.1.post1``).
 """
 import pytest
 
-from dpm_solver_nodes.bench.peers import Unavailable, load_kdiffusion
+from dpm_solver_nodes.peers import Unavailable, load_kdiffusion
 
 
 def load():

@@ -84,3 +84,65 @@ def test_schedules_span_the_model_range(schedule, kind):
                                                         sigma_max=sigma_max)[:-1])
         torch.testing.assert_close(t[:-1] - t[1:], torch.full((10,), (t[0] - t[-1]).item() / 10,
                                                               dtype=torch.float64))
+
+
+# ---- layering of the top floor -----------------------------------------------------------------------------------
+
+TOP_FLOOR = ("demo", "peers", "bench", "__main__")
+
+
+def _imports(path, module):
+    """The package modules (dotted, without ``dpm_solver_nodes.``) that ``path`` imports, at any depth in the file."""
+    import ast
+
+    package = module.split(".")[:-1] if path.name != "__init__.py" else module.split(".")
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[:len(package) - node.level + 1] + (node.module.split(".") if node.module else [])
+            elif node.module and node.module.startswith("dpm_solver_nodes"):
+                base = node.module.split(".")[1:]
+            else:
+                continue
+            found.add(".".join(base))
+            found.update(".".join(base + [alias.name]) for alias in node.names)
+        elif isinstance(node, ast.Import):
+            found.update(".".join(alias.name.split(".")[1:]) for alias in node.names
+                         if alias.name.startswith("dpm_solver_nodes."))
+    return {name for name in found if name}
+
+
+def _package_modules(root):
+    for path in sorted(root.rglob("*.py")):
+        parts = path.relative_to(root).with_suffix("").parts
+        if parts[0] in ("tests", "workflows") or any(part.startswith(".") for part in parts):
+            continue
+        yield path, ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def test_top_floor_layering():
+    """Only the top floor (demo, peers, bench) imports the top floor; peers imports neither demo nor bench; the demo
+    and the benchmark share the registry in ``peers`` and only ``bench.run`` runs the demo, so no cycle."""
+    import pathlib
+
+    root = pathlib.Path(demo.__file__).resolve().parent
+    graph = {module: _imports(path, module) for path, module in _package_modules(root)}
+    assert {"demo", "peers", "bench.run"} <= set(graph)
+
+    def top(name):
+        return name.split(".")[0] in TOP_FLOOR
+
+    for module, imported in graph.items():
+        if not top(module):
+            assert not {name for name in imported if top(name)}, module
+    assert not {name for name in graph["peers"] if name.split(".")[0] in ("demo", "bench")}
+    assert "peers" in graph["demo"] and "peers" in graph["bench.run"] and "demo" in graph["bench.run"]
+    # the sigma builders are the one thing the demo still takes from bench/ (they move to samplers/, issue 11)
+    assert {name for name in graph["demo"] if name.startswith("bench")} <= {"bench", "bench.sigmas",
+                                                                          "bench.sigmas.make_sigmas"}
+    tests = root / "tests"
+    for path in tests.glob("*.py"):
+        imported = _imports(path, "tests." + path.stem)
+        assert not {name for name in imported if name.startswith("bench") and not name.startswith("bench.sigmas")
+                    and name != "bench"}, path.name

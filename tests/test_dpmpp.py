@@ -152,7 +152,7 @@ def test_official_3m_equals_diffusers_order_3_scheduler():
     sigmas and model it reproduces diffusers' ``DPMSolverMultistepScheduler(solver_order=3)`` (lower-order final
     steps below 15 steps included) to diffusers' float32 arithmetic (measured 8e-7 .. 2e-6 absolute on values up to
     6.4; the Taylor form differs by 9e-3 .. 0.85)."""
-    from dpm_solver_nodes.bench.peers import diffusers_solvers
+    from dpm_solver_nodes.peers import diffusers_solvers
 
     third = next(s for s in diffusers_solvers() if s.name == "diffusers:dpmsolver++3M")
     model = MIXTURE.denoiser()

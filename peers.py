@@ -1,4 +1,6 @@
-"""Every solver the demo and the benchmark run, behind one interface, ours and the peers'.
+"""Every solver the demo and the benchmark run, behind one interface, ours and the peers': the top floor's solver
+registry.  ``demo`` and ``bench`` both import it and ``bench.run`` runs the demo, never the other way round; the
+tests take their k-diffusion loader and diffusers schedulers from here.  Nothing below the top floor imports it.
 
 ``solvers(families)`` returns ``Solver`` objects; ``solver.run(model, noise, sigmas, extra_args, nfe, model_kind)``
 starts from ``noise * sigmas[0]`` (eps) or ``noise`` (flow, sigmas[0] = 1) and returns ``(x0, model calls, note)``.
@@ -28,7 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-log = logging.getLogger("dpm_solver_nodes.bench")
+log = logging.getLogger("dpm_solver_nodes.peers")
 
 FAMILIES = ("ours", "k-diffusion", "diffusers")
 
@@ -136,7 +138,7 @@ STOCHASTIC_OURS = ("sde", "ddpm", "ancestral")
 
 def ours(ems_for=None):
     """The pack's samplers (``samplers.SAMPLERS``); ``ems_for(model_kind, extra_args)`` supplies v3's EMS (or None)."""
-    from ..samplers import SAMPLERS
+    from .samplers import SAMPLERS
 
     result = []
     for name, fn in SAMPLERS.items():
@@ -169,7 +171,7 @@ def _dpm_solver_fast(model, x, sigmas, extra_args, model_kind, steps):
     """DPM-Solver-fast (the paper's Sec. 3.4 order mix, ``samplers.dpm_solver.fast_schedule``) with ``steps - 1``
     calls on uniform-lambda sigmas to sigma_min, then one call denoising there: k-diffusion's ``sample_dpm_fast``
     as the demo runs it."""
-    from ..samplers.dpm_solver import fast_schedule, sample_dpm_solver
+    from .samplers.dpm_solver import fast_schedule, sample_dpm_solver
 
     positive = sigmas[sigmas > 0]
     sigma_min, sigma_max = positive.min().item(), positive.max().item()
