@@ -457,7 +457,7 @@ def _ems_round_trip(shared, sd_samplers, webui, ems_tab, infotext_utils, process
     shared.sd_model = _analytic_model("eps", mixture=True)
     shared.opts.dpm_solver_ems_grid, shared.opts.dpm_solver_ems_samples = 10, 8
     shared.opts.dpm_solver_v3_corrector = "Automatic"
-    without, p0 = _sample("DPM-Solver-v3", shared.sd_model, STEPS)
+    without, p0 = _sample("DPM-Solver-v3 (dpm-solver-nodes)", shared.sd_model, STEPS)
     result["without_ems"] = p0.extra_generation_params.get("DPM-Solver-v3 EMS")
     # jvp="auto": forward AD through the WebUI's CFG denoiser (finite differences if it raises)
     job = ems_tab.EMSJob(webui.STORE, N=10, K=8, reduction="per_channel", seed=0, x0_steps=8,
@@ -493,7 +493,7 @@ def _ems_round_trip(shared, sd_samplers, webui, ems_tab, infotext_utils, process
     package_logger.addHandler(handler)
     package_logger.setLevel(logging.INFO)
     try:
-        with_ems, p1 = _sample("DPM-Solver-v3", shared.sd_model, STEPS)
+        with_ems, p1 = _sample("DPM-Solver-v3 (dpm-solver-nodes)", shared.sd_model, STEPS)
     finally:
         package_logger.removeHandler(handler)
         package_logger.setLevel(level)
@@ -688,7 +688,7 @@ def test_ems_computed_in_the_webui_are_used_and_recorded():
     assert ems["with_ems"].startswith("5eed5eed5e cfg 5 N 10 K 8 per_channel")
     # the EMS change the result, or their stored check sent this NFE to DPM-Solver++(2M) (logged): both use them
     assert ems["changed_by_ems"] > 0 or ems["fallback_logged"], (ems["changed_by_ems"], ems["v3_check"])
-    assert ems["parsed_sampler"] == "DPM-Solver-v3"
+    assert ems["parsed_sampler"] == "DPM-Solver-v3 (dpm-solver-nodes)"
     assert "DPM-Solver-v3 EMS: 5eed5eed5e cfg 5 N 10 K 8 per_channel" in ems["infotext"]
     # pasting the parameters restores the v3 settings that differ from the current ones
     assert ems["override_settings"] == {"dpm_solver_v3_order": 2}

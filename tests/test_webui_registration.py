@@ -11,6 +11,7 @@ import functools
 import importlib
 import inspect
 import os
+import re
 import subprocess
 import sys
 import types
@@ -35,6 +36,17 @@ A1111_SCHEDULERS = ("automatic", "Automatic", "uniform", "Uniform", "karras", "K
                     "align_your_steps", "Align Your Steps", "simple", "Simple", "normal", "Normal", "ddim", "DDIM",
                     "beta", "Beta")
 NEVER_INJECTED = {"n", "sigma_min", "sigma_max", "sigma_sched", "solver_type", "s_churn", "s_tmin", "s_tmax"}
+# The labels of 0.1.0 (4cdd6d3), as old infotexts and X/Y/Z grids have them, and the method each one ran.
+LABELS_0_1_0 = {"DPM++ 2M (dpm-solver-nodes)": ("dpmpp_2m", {}), "DPM++ 2S (dpm-solver-nodes)": ("dpmpp_2s", {}),
+                "DPM++ 3M": ("dpmpp_3m", {}), "DPM-Solver": ("dpm_solver", {"order": 2, "method": "multistep"}),
+                "DPM-Solver 3S": ("dpm_solver", {"order": 3, "method": "singlestep"}),
+                "DPM-Solver adaptive": ("dpm_solver_adaptive", {"order": 3}),
+                "DPM-Solver++ 2M SDE": ("dpmpp_2m_sde", {"solver_type": "midpoint"}),
+                "DPM-Solver++ 2M SDE Heun": ("dpmpp_2m_sde", {"solver_type": "heun"}),
+                "DPM-Solver++ 3M SDE": ("dpmpp_3m_sde", {}), "DPM-Solver++ 1 SDE": ("dpmpp_sde_1", {}),
+                "DPM-Solver 2M SDE": ("dpm_solver_sde_2m", {"solver_type": "midpoint"}),
+                "DPM-Solver 1 SDE": ("dpm_solver_sde_1", {}), "DPM-Solver-v3": ("dpm_solver_v3", {})}
+V3 = "DPM-Solver-v3 (dpm-solver-nodes)"
 
 
 # ---- stub WebUI ----------------------------------------------------------------------------------------------------
@@ -103,11 +115,11 @@ def labels_of(sd):
 @pytest.mark.parametrize("forge", [False, True], ids=["a1111", "forge"])
 def test_registration_adds_each_label_once_and_reload_replaces_in_place(forge):
     sd, common, kd = make_stub_webui(forge=forge)
-    sd.get_sampler_and_scheduler("DPM-Solver-v3", None)            # cached before registration: must be cleared
+    sd.get_sampler_and_scheduler(V3, None)                          # cached before registration: must be cleared
     host = registration.Host(opts=Options())
     first = registration.setup(host, modules=(sd, common, kd))
     assert first == [entry.label for entry in catalog.ENTRIES]
-    assert sd.get_sampler_and_scheduler("DPM-Solver-v3", None)[0] == "DPM-Solver-v3"
+    assert sd.get_sampler_and_scheduler(V3, None)[0] == V3
     order = labels_of(sd)
     second = registration.setup(host, modules=(sd, common, kd))   # "Reload UI"
     assert second == first
@@ -121,29 +133,61 @@ def test_registration_adds_each_label_once_and_reload_replaces_in_place(forge):
     assert sd.set_samplers_calls >= 2
 
 
-def test_label_taken_by_another_sampler_gets_suffix():
-    sd, common, kd = make_stub_webui(existing=("DPM++ 3M",))
+def test_a_label_another_extension_took_is_left_to_it():
+    sd, common, kd = make_stub_webui(existing=("DPM++ 3M (dpm-solver-nodes)",))
     labels = registration.setup(registration.Host(opts=Options()), modules=(sd, common, kd))
-    assert "DPM++ 3M" not in labels and "DPM++ 3M (dpm-solver-nodes)" in labels
-    assert not registration.is_ours(sd.all_samplers_map["DPM++ 3M"])
-    assert labels_of(sd).count("DPM++ 3M") == 1
+    assert "DPM++ 3M (dpm-solver-nodes)" not in labels and len(labels) == len(catalog.ENTRIES) - 1
+    assert not registration.is_ours(sd.all_samplers_map["DPM++ 3M (dpm-solver-nodes)"])
+    assert labels_of(sd).count("DPM++ 3M (dpm-solver-nodes)") == 1
 
 
-def test_labels_do_not_collide_with_builtins_or_scheduler_suffixes():
+def test_one_naming_scheme_next_to_the_builtins():
+    """Every label is "<method> (dpm-solver-nodes)", the method written as the WebUI writes its built-ins ("DPM++"
+    for DPM-Solver++, order + S/M), every alias "dpm_solver_nodes_<method>"; no label is a built-in's or ends in a
+    scheduler's name (the WebUI would split it off)."""
     builtin = {"DPM++ 2M", "DPM++ SDE", "DPM++ 2M SDE", "DPM++ 2M SDE Heun", "DPM++ 2S a", "DPM++ 3M SDE",
                "DPM fast", "DPM adaptive", "DPM2", "DPM2 a"}
     labels = [entry.label for entry in catalog.ENTRIES]
-    assert len(labels) == len(set(labels)) and not builtin & set(labels)
-    aliases = [entry.alias for entry in catalog.ENTRIES]
-    assert len(aliases) == len(set(aliases))
-    for label in labels:
-        assert not any(label.endswith(" " + name) for name in A1111_SCHEDULERS), label
+    assert len(labels) == len(set(labels)) == 13 and not builtin & set(labels)
+    for entry in catalog.ENTRIES:
+        assert entry.label == entry.method + " (dpm-solver-nodes)"
+        assert not any(entry.label.endswith(" " + name) for name in A1111_SCHEDULERS), entry.label
+        assert re.fullmatch(r"dpm_solver_nodes_(dpmpp|dpm_solver)(_[a-z0-9]+)*", entry.alias), entry.alias
+        assert entry.alias.count("dpm_solver_nodes") == 1, entry.alias
+        family = "DPM++ " if entry.sampler.startswith("dpmpp") else "DPM-Solver"
+        assert entry.method.startswith(family), entry.method
+        assert ("SDE" in entry.method) == entry.stochastic, entry.method
+    assert len({entry.alias for entry in catalog.ENTRIES}) == len(labels)
+    # the SDE methods that are the built-ins' methods carry the built-ins' names
+    for name in ("DPM++ 2M SDE", "DPM++ 2M SDE Heun", "DPM++ 3M SDE"):
+        assert name + " (dpm-solver-nodes)" in labels
+
+
+@pytest.mark.parametrize("forge", [False, True], ids=["a1111", "forge"])
+def test_labels_of_0_1_0_stay_resolvable(forge):
+    """An old infotext's "Sampler:" (pasted) and an old X/Y/Z grid value (aliases) reach the entry running the same
+    method with the same fixed options; a name another sampler has now is left to that sampler."""
+    sd, common, kd = make_stub_webui(forge=forge, existing=("DPM++ 3M",))
+    registration.setup(registration.Host(opts=Options()), modules=(sd, common, kd))
+    for old, (sampler, fixed) in LABELS_0_1_0.items():
+        params = {"Sampler": old, "Schedule type": "Karras"}
+        registration.upgrade_pasted_infotext("", params, sd)
+        if old == "DPM++ 3M":                       # another extension's sampler now: not ours to take
+            assert params["Sampler"] == "DPM++ 3M" and sd.samplers_map["dpm++ 3m"] == "DPM++ 3M"
+            continue
+        entry = catalog.ENTRIES_BY_LABEL[params["Sampler"]]
+        assert (entry.sampler, entry.fixed) == (sampler, fixed), old
+        assert params["Schedule type"] == "Karras" and sd.samplers_map[old.lower()] == entry.label
+    params = {"Sampler": "DPM++ 2M"}
+    registration.upgrade_pasted_infotext("", params, sd)
+    assert params == {"Sampler": "DPM++ 2M"}
+    assert "DPM++ 3M" not in sd.all_samplers_map["DPM++ 3M (dpm-solver-nodes)"].aliases
 
 
 def test_constructor_builds_the_webui_sampler_class_and_s_noise_is_registered():
     sd, common, kd = make_stub_webui()
     registration.setup(registration.Host(opts=Options()), modules=(sd, common, kd))
-    data = sd.all_samplers_map["DPM-Solver++ 2M SDE"]
+    data = sd.all_samplers_map["DPM++ 2M SDE (dpm-solver-nodes)"]
     sampler = data.constructor("model")
     assert isinstance(sampler, kd.KDiffusionSampler) and sampler.sd_model == "model"
     assert kd.sampler_extra_params[sampler.func] == ["s_noise"]
@@ -284,8 +328,8 @@ def test_sde_takes_noise_from_the_injected_noise_sampler():
         requests.append((float(sigma), float(sigma_next)))
         return torch.full_like(x, 0.5)
 
-    out = functions["DPM-Solver++ 2M SDE"](WebUIModel(), x, sigmas=sigmas, extra_args={}, disable=True,
-                                           noise_sampler=noise_sampler, eta=0.7, s_noise=1.0)
+    out = functions["DPM++ 2M SDE (dpm-solver-nodes)"](WebUIModel(), x, sigmas=sigmas, extra_args={}, disable=True,
+                                                       noise_sampler=noise_sampler, eta=0.7, s_noise=1.0)
     direct = sample_dpmpp_2m_sde(MIXTURE.denoiser(), x, sigmas, disable=True,
                                  noise_sampler=lambda s, t: torch.full_like(x, 0.5), eta=0.7, solver_type="midpoint")
     assert torch.equal(out, direct)
@@ -303,8 +347,8 @@ def test_sde_without_noise_sampler_uses_the_webui_rng():
     p = types.SimpleNamespace(rng=RNG(), extra_generation_params={})
     sigmas = karras(6)
     x = torch.randn(2, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(2)) * sigmas[0]
-    out = registered_functions()["DPM-Solver++ 1 SDE"](WebUIModel(p=p), x, sigmas=sigmas, extra_args={},
-                                                       disable=True, noise_sampler=None)
+    out = registered_functions()["DPM++ 1 SDE (dpm-solver-nodes)"](WebUIModel(p=p), x, sigmas=sigmas, extra_args={},
+                                                                   disable=True, noise_sampler=None)
     assert torch.isfinite(out).all() and len(draws) == len(sigmas) - 2
 
 
@@ -319,8 +363,7 @@ def test_v3_options_and_infotext_fields():
     opts = Options(dpm_solver_v3_order=3, dpm_solver_v3_corrector="Noisy half", dpm_solver_v3_use_ems=True)
     sigmas = karras(12)
     x = torch.randn(2, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(4)) * sigmas[0]
-    out = registered_functions(opts, find_ems)["DPM-Solver-v3"](WebUIModel(p=p), x, sigmas=sigmas, extra_args={},
-                                                                disable=True)
+    out = registered_functions(opts, find_ems)[V3](WebUIModel(p=p), x, sigmas=sigmas, extra_args={}, disable=True)
     assert torch.isfinite(out).all() and seen == {"kind": "eps", "cfg": 7.0}
     assert p.extra_generation_params == {"DPM-Solver-v3 order": 3, "DPM-Solver-v3 corrector": "Noisy half",
                                          "DPM-Solver-v3 use EMS": True, "DPM-Solver-v3 EMS": "none"}
@@ -331,6 +374,22 @@ def test_v3_options_and_infotext_fields():
     # infotext names are the settings' infotext names, so pasting the PNG's parameters restores the settings
     infotext_names = {s.infotext for s in settings.SETTINGS if s.infotext}
     assert set(p.extra_generation_params) - {"DPM-Solver-v3 EMS"} == infotext_names
+
+
+def test_adaptive_records_the_model_calls_it_made_whatever_steps_says():
+    """"DPM-Solver adaptive" takes its step sizes from the error tolerance: Steps 6 and 30 give the same sigma range
+    (Karras), the same sample and the same calls, and the infotext records that count."""
+    function = registered_functions()["DPM-Solver adaptive (dpm-solver-nodes)"]
+    x = torch.randn(2, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(6)) * 14.6
+    outputs, records = [], []
+    for steps in (6, 30):
+        p = types.SimpleNamespace(extra_generation_params={})
+        model = WebUIModel(p=p)
+        outputs.append(function(model, x.clone(), sigmas=karras(steps), extra_args={}, disable=True))
+        records.append((model.calls, p.extra_generation_params[registration.ADAPTIVE_INFOTEXT]))
+    assert torch.equal(outputs[0], outputs[1]) and records[0] == records[1]
+    calls, text = records[0]
+    assert calls > 6 and text.startswith(f"{calls} model calls (") and "," not in text and ":" not in text
 
 
 @pytest.mark.parametrize("choice, cfg, expected", [("Automatic", 3.0, (True, None)), ("Automatic", 7.5, (False, None)),
@@ -423,7 +482,7 @@ common = types.ModuleType("modules.sd_samplers_common"); common.SamplerData = Sa
 kd = types.ModuleType("modules.sd_samplers_kdiffusion"); kd.sampler_extra_params = {}
 kd.KDiffusionSampler = lambda func, model: (func, model)
 cb = types.ModuleType("modules.script_callbacks")
-for hook in ("on_ui_settings", "on_model_loaded", "on_ui_tabs"):
+for hook in ("on_ui_settings", "on_model_loaded", "on_ui_tabs", "on_infotext_pasted"):
     setattr(cb, hook, lambda fn, name=None, hook=hook: callbacks.append(hook))
 for name, module in (("modules", modules), ("modules.sd_samplers", sd), ("modules.sd_samplers_common", common),
                      ("modules.sd_samplers_kdiffusion", kd), ("modules.script_callbacks", cb)):
@@ -458,7 +517,7 @@ def test_entry_script_loads_the_package_under_its_unique_name_and_reloads(tmp_pa
     labels = [entry.label for entry in catalog.ENTRIES]
     assert report["registered"] == labels
     assert report["names"] == ["DPM++ 2M"] + labels
-    assert report["callbacks"] == ["on_ui_settings", "on_model_loaded", "on_ui_tabs"] * 2
+    assert report["callbacks"] == ["on_ui_settings", "on_model_loaded", "on_ui_tabs", "on_infotext_pasted"] * 2
     scripts = [name for name in os.listdir(os.path.join(ROOT, "scripts")) if name.endswith(".py")]
     assert scripts == ["dpm_solver_nodes_webui.py"]   # the WebUI executes every scripts/*.py
 

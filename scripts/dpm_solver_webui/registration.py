@@ -11,7 +11,9 @@ fixed options and, for DPM-Solver-v3, the settings and the checkpoint's EMS.
 Registration (``register``) is idempotent: "Reload UI" re-executes the scripts but not ``modules.sd_samplers``, so
 an entry already registered by us is replaced in place and every label appears once.  Forge has
 ``sd_samplers.add_sampler``; A1111 and reForge need ``all_samplers`` + ``all_samplers_map`` + ``set_samplers()``.
-A label already taken by another sampler is registered as "<label> (dpm-solver-nodes)" instead.
+Every label ends in " (dpm-solver-nodes)" (``catalog``); a label another extension already registered is left to it
+(logged).  Labels of 0.1.0 stay resolvable: as aliases (X/Y/Z grid) and, through ``upgrade_pasted_infotext``, when an
+old infotext is pasted, wherever no other sampler has that name.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from . import catalog, settings
 logger = logging.getLogger("dpm_solver_nodes")
 
 MARKER = "dpm_solver_nodes"          # key in SamplerData.options marking our entries
-CLASH_SUFFIX = " (dpm-solver-nodes)"
+ADAPTIVE_INFOTEXT = "DPM-Solver adaptive"  # infotext field: the model calls the adaptive solver made
 INJECTED_DEFAULTS = {"noise_sampler": None, "eta": 1.0, "s_noise": 1.0}
 
 
@@ -199,7 +201,16 @@ def run_entry(entry, model, x, sigmas, extra_args, callback, disable, injected, 
     if p is not None and infotext and hasattr(p, "extra_generation_params"):
         p.extra_generation_params.update(infotext)
     sampler = SAMPLERS[entry.sampler]
-    return sampler(model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable, **kwargs)
+    if entry.sampler != "dpm_solver_adaptive":
+        return sampler(model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable, **kwargs)
+    # The error tolerance, not Steps, sets the number of model calls (Steps and the schedule only set the sigma
+    # range): the infotext records the calls made.
+    x, info = sampler(model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable, return_info=True,
+                      **kwargs)
+    if p is not None and hasattr(p, "extra_generation_params"):
+        p.extra_generation_params[ADAPTIVE_INFOTEXT] = (f"{info['nfe']} model calls (set by the error tolerance; "
+                                                        "Steps and Schedule type only set the sigma range)")
+    return x
 
 
 def build_sampler_function(entry, host=None):
@@ -239,7 +250,17 @@ def is_ours(data) -> bool:
     return bool(options.get(MARKER))
 
 
-def sampler_data(entry, function, label, sd_samplers_common, sd_samplers_kdiffusion):
+def names_of_others(sd_samplers):
+    """Lower-cased names and aliases of the samplers that are not ours."""
+    names = set()
+    for data in sd_samplers.all_samplers:
+        if not is_ours(data):
+            names.update(name.lower() for name in [data.name, *(getattr(data, "aliases", None) or [])])
+    return names
+
+
+def sampler_data(entry, function, sd_samplers_common, sd_samplers_kdiffusion, taken=()):
+    """The WebUI's SamplerData for ``entry``: aliases are the clean alias and the 0.1.0 labels not in ``taken``."""
     options = dict(entry.options)
     options[MARKER] = entry.label
     kdiffusion = sd_samplers_kdiffusion
@@ -247,7 +268,8 @@ def sampler_data(entry, function, label, sd_samplers_common, sd_samplers_kdiffus
     def constructor(sd_model, function=function):
         return kdiffusion.KDiffusionSampler(function, sd_model)
 
-    return sd_samplers_common.SamplerData(label, constructor, [entry.alias], options)
+    aliases = [entry.alias] + [name for name in entry.legacy_labels if name.lower() not in taken]
+    return sd_samplers_common.SamplerData(entry.label, constructor, aliases, options)
 
 
 def register(entries, functions, sd_samplers, sd_samplers_common, sd_samplers_kdiffusion):
@@ -256,19 +278,15 @@ def register(entries, functions, sd_samplers, sd_samplers_common, sd_samplers_kd
     ``functions[entry.label]`` is the function built by ``build_sampler_function``.
     """
     registered = []
+    taken = names_of_others(sd_samplers)
     for entry in entries:
         function = functions[entry.label]
         label = entry.label
         existing = sd_samplers.all_samplers_map.get(label)
         if existing is not None and not is_ours(existing):
-            label = entry.label + CLASH_SUFFIX
-            existing = sd_samplers.all_samplers_map.get(label)
-            if existing is not None and not is_ours(existing):
-                logger.warning("dpm-solver-nodes: sampler names %r and %r are both taken; %s not added",
-                               entry.label, label, entry.label)
-                continue
-            logger.info("dpm-solver-nodes: %r is taken by another sampler; registered as %r", entry.label, label)
-        data = sampler_data(entry, function, label, sd_samplers_common, sd_samplers_kdiffusion)
+            logger.warning("dpm-solver-nodes: another extension registered the sampler name %r; ours not added", label)
+            continue
+        data = sampler_data(entry, function, sd_samplers_common, sd_samplers_kdiffusion, taken)
         if "s_noise" in entry.accepts:
             sd_samplers_kdiffusion.sampler_extra_params[function] = ["s_noise"]
         if existing is not None:
@@ -285,6 +303,17 @@ def register(entries, functions, sd_samplers, sd_samplers_common, sd_samplers_kd
     if hasattr(cached, "cache_clear"):                      # functools.cache'd in A1111 >= 1.9
         cached.cache_clear()
     return registered
+
+
+def upgrade_pasted_infotext(infotext, params, sd_samplers=None):
+    """``script_callbacks.on_infotext_pasted`` hook: "Sampler: <a 0.1.0 label>" becomes today's label, unless another
+    sampler has that name now."""
+    name = params.get("Sampler")
+    if name not in catalog.LEGACY_LABELS:
+        return
+    if sd_samplers is None:
+        from modules import sd_samplers
+    params["Sampler"] = catalog.current_label(name, taken=sd_samplers.all_samplers_map)
 
 
 def _replace(sd_samplers, data):

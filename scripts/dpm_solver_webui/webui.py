@@ -48,5 +48,6 @@ def setup():
     script_callbacks.on_ui_settings(on_ui_settings, name="dpm_solver_nodes settings")
     script_callbacks.on_model_loaded(on_model_loaded, name="dpm_solver_nodes EMS refresh")
     script_callbacks.on_ui_tabs(on_ui_tabs, name="dpm_solver_nodes EMS tab")
+    script_callbacks.on_infotext_pasted(registration.upgrade_pasted_infotext, name="dpm_solver_nodes old labels")
     logger.info("dpm-solver-nodes: registered samplers %s", ", ".join(labels))
     return labels
