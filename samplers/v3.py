@@ -306,7 +306,7 @@ def _step(intervals, lams, s, points, pseudo, alpha_s, alpha_t):
 
 
 def _schedule_orders(table, order, lower_order_final, use_corrector, c_pseudo, half, half_sigma, first):
-    """Predictor order of each finite step and corrector order at each point (Algorithm 2; spec 4.2-4.3)."""
+    """Predictor order of each finite step and corrector order at each point (Algorithm 2; docs section 4.2-4.3)."""
     steps = table.steps
     orders, corrector_orders = {}, {}
     for i in range(steps):

@@ -29,7 +29,7 @@ def grid(N, sigma_max=SIGMA_MAX, sigma_min=SIGMA_MIN):
     return torch.linspace(-math.log(sigma_max), -math.log(sigma_min), N + 1, dtype=torch.float64)
 
 
-# ---- single Gaussian with exact EMS (spec 6.2) ----------------------------------------------------------------
+# ---- single Gaussian with exact EMS (docs/dpm_solver_v3.md 6.2) -----------------------------------------------
 
 def single_gaussian(seed=1):
     g = torch.Generator().manual_seed(seed)
@@ -83,7 +83,7 @@ def test_refine_cuts_quadrature_error(gaussian_case):
     # so refine helps only as far as the EMS grid resolves them)
 
 
-# ---- degenerate EMS (spec 6.1) ---------------------------------------------------------------------------------
+# ---- degenerate EMS (docs/dpm_solver_v3.md 6.1) ----------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def mixture_case():
@@ -99,7 +99,7 @@ def test_degenerate_ems_is_ddim_and_dpmpp_taylor(mixture_case, steps):
     sigmas = log_uniform(steps)
     explicit = EMS.degenerate(grid(1200))
     for ems, tolerance in ((None, 2e-6), (explicit, 1e-4)):
-        # ems=None uses a fine built-in grid; N = 1200 has the spec's trapezoid error (~3.5e-5 relative)
+        # ems=None uses a fine built-in grid; N = 1200 has the trapezoid error of docs/dpm_solver_v3.md 6.1
         scale = x.abs().max().item() / SIGMA_MAX * 5
         ddim = sample_ddim(model, x, sigmas, disable=True)
         out = sample_dpm_solver_v3(model, x, sigmas, ems=ems, order=1, use_corrector=False, disable=True)
@@ -146,7 +146,7 @@ def test_without_ems_logs_once(mixture_case, caplog, monkeypatch):
     assert len([r for r in caplog.records if "without EMS" in r.getMessage()]) == 1
 
 
-# ---- Gaussian mixture with exact-Jacobian EMS (spec 6.3) -------------------------------------------------------
+# ---- Gaussian mixture with exact-Jacobian EMS (docs/dpm_solver_v3.md 6.3) --------------------------------------
 
 def exact_jacobian_ems(mixture, N=120, samples=2048, seed=0):
     """EMS of the analytic mixture on q_lambda (x = x0 + sigma z, one z per sample at every node): l from the exact
@@ -179,7 +179,7 @@ def exact_jacobian_ems(mixture, N=120, samples=2048, seed=0):
         f_mean, f_dot_mean = f.mean(0), f_dot.mean(0)
         var = ((f - f_mean) ** 2).mean(0)
         cov = ((f - f_mean) * (f_dot - f_dot_mean)).mean(0)
-        # the spec's floor 1e-10 (a^2 C_xx + C_DD) misses dimensions where a, C_xx and C_DD all vanish (x0 constant:
+        # section 3.1's floor 1e-10 (a^2 C_xx + C_DD) misses dimensions where a, C_xx and C_DD all vanish (x0 constant:
         # l = 1, f = -x0); measuring it against E[f]^2 as well catches them
         floor = 1e-10 * (a * a * x.var(0) + D.var(0) + f_mean ** 2) + 1e-300
         s[k] = torch.where(var > floor, cov / var.clamp_min(1e-300), torch.zeros_like(var))
@@ -208,7 +208,7 @@ def test_mixture_exact_jacobian_ems_beats_dpmpp_2m(mixture_case, mixture_ems, sc
         dpmpp = median_error(sample_dpmpp_2m(model, x, sigmas, disable=True))
         # measured (log-uniform / Karras): v3 0.24-0.40 at 5-6 NFE vs DPM++(2M) 0.60-1.09, 0.17 vs 0.31-0.43 at 10
         assert v3 < 0.8 * dpmpp, (schedule.__name__, steps, v3, dpmpp)
-    for steps in (10, 20):  # spec 6.3: first-order v3 beats DDIM (measured 0.70-0.75x at 10, 0.55-0.60x at 20 NFE)
+    for steps in (10, 20):  # section 6.3: first-order v3 beats DDIM (measured 0.70-0.75x at 10, 0.55-0.60x at 20 NFE)
         sigmas = schedule(steps)
         first = median_error(sample_dpm_solver_v3(model, x, sigmas, ems=mixture_ems, order=1, use_corrector=False,
                                                   disable=True))
@@ -265,7 +265,7 @@ def test_flow_rejects_eps_statistics(mixture_case):
                              model_kind="flow", disable=True)
 
 
-# ---- odd inputs: no NaN/Inf (spec 6.4) -------------------------------------------------------------------------
+# ---- odd inputs: no NaN/Inf (docs/dpm_solver_v3.md 6.4) --------------------------------------------------------
 
 def test_odd_schedules_stay_finite_and_accurate(mixture_case, mixture_ems):
     _, model, x = mixture_case
@@ -436,7 +436,7 @@ def test_bad_options_raise(mixture_case):
         sample_dpm_solver_v3(model, x, sigmas.flip(0), disable=True)
 
 
-# ---- parity with the official implementation (spec 6.5) --------------------------------------------------------
+# ---- parity with the official implementation (docs/dpm_solver_v3.md 6.5) ---------------------------------------
 
 def _load_official():
     """thu-ml/DPM-Solver-v3's ``dpm_solver_v3.py`` from $DPM_SOLVER_V3_OFFICIAL, its hard-coded ``.cuda()`` removed
