@@ -6,6 +6,7 @@ file the same file names (its module docstring's, before the bare citation).  "s
 reported.  A section is a numbered Markdown heading
 ("## 3. ...", "### 3.1 ...").
 """
+import os
 import pathlib
 import re
 
@@ -79,13 +80,16 @@ def citation_problems(text, where, docs=DOCS):
 
 
 def repository_files():
-    for path in sorted(ROOT.rglob("*")):
-        relative = path.relative_to(ROOT)
-        if path.suffix not in (".py", ".md") or SKIP_DIRS & set(relative.parts[:-1]):
-            continue
-        if relative.parts[0] == "bench" and "results" in path.stem:  # generated tables
-            continue
-        yield path, relative
+    for folder, subfolders, names in os.walk(ROOT):
+        subfolders[:] = sorted(name for name in subfolders if name not in SKIP_DIRS)  # never walk into .venv
+        for name in sorted(names):
+            path = pathlib.Path(folder) / name
+            relative = path.relative_to(ROOT)
+            if path.suffix not in (".py", ".md"):
+                continue
+            if relative.parts[0] == "bench" and "results" in path.stem:  # generated tables
+                continue
+            yield path, relative
 
 
 def test_every_cited_docs_file_and_section_exists():
