@@ -2,6 +2,7 @@
 import csv
 import importlib.util
 import math
+import pathlib
 
 import pytest
 import torch
@@ -114,18 +115,22 @@ def _imports(path, module):
 
 
 def _package_modules(root):
-    for path in sorted(root.rglob("*.py")):
-        parts = path.relative_to(root).with_suffix("").parts
-        if parts[0] in ("tests", "workflows") or any(part.startswith(".") for part in parts):
-            continue
-        yield path, ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+    import os
+
+    for folder, subfolders, names in os.walk(root):
+        if folder == str(root):  # not the package: tests, workflows; never walk into virtual environments
+            subfolders[:] = [name for name in subfolders if name not in ("tests", "workflows", "venv")]
+        subfolders[:] = sorted(name for name in subfolders if not name.startswith((".", "__")))
+        for name in sorted(names):
+            if name.endswith(".py"):
+                path = pathlib.Path(folder) / name
+                parts = path.relative_to(root).with_suffix("").parts
+                yield path, ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
 def test_top_floor_layering():
     """Only the top floor (demo, peers, bench) imports the top floor; peers imports neither demo nor bench; the demo
     and the benchmark share the registry in ``peers`` and only ``bench.run`` runs the demo, so no cycle."""
-    import pathlib
-
     root = pathlib.Path(demo.__file__).resolve().parent
     graph = {module: _imports(path, module) for path, module in _package_modules(root)}
     assert {"demo", "peers", "bench.run"} <= set(graph)
