@@ -96,7 +96,7 @@ def _imports(path, module):
     """The package modules (dotted, without ``dpm_solver_nodes.``) that ``path`` imports, at any depth in the file."""
     import ast
 
-    package = module.split(".")[:-1] if path.name != "__init__.py" else module.split(".")
+    package = [part for part in (module.split(".")[:-1] if path.name != "__init__.py" else module.split(".")) if part]
     found = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.ImportFrom):
