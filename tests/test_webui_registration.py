@@ -170,13 +170,13 @@ def test_labels_of_0_1_0_stay_resolvable(forge):
     sd, common, kd = make_stub_webui(forge=forge, existing=("DPM++ 3M",))
     registration.setup(registration.Host(opts=Options()), modules=(sd, common, kd))
     for old, (sampler, fixed) in LABELS_0_1_0.items():
-        params = {"Sampler": old, "Schedule type": "Karras"}
+        params = {"Sampler": old, "Schedule type": "Karras", "Hires sampler": old}
         registration.upgrade_pasted_infotext("", params, sd)
         if old == "DPM++ 3M":                       # another extension's sampler now: not ours to take
             assert params["Sampler"] == "DPM++ 3M" and sd.samplers_map["dpm++ 3m"] == "DPM++ 3M"
             continue
         entry = catalog.ENTRIES_BY_LABEL[params["Sampler"]]
-        assert (entry.sampler, entry.fixed) == (sampler, fixed), old
+        assert (entry.sampler, entry.fixed) == (sampler, fixed) and params["Hires sampler"] == entry.label, old
         assert params["Schedule type"] == "Karras" and sd.samplers_map[old.lower()] == entry.label
     params = {"Sampler": "DPM++ 2M"}
     registration.upgrade_pasted_infotext("", params, sd)

@@ -306,14 +306,15 @@ def register(entries, functions, sd_samplers, sd_samplers_common, sd_samplers_kd
 
 
 def upgrade_pasted_infotext(infotext, params, sd_samplers=None):
-    """``script_callbacks.on_infotext_pasted`` hook: "Sampler: <a 0.1.0 label>" becomes today's label, unless another
-    sampler has that name now."""
-    name = params.get("Sampler")
-    if name not in catalog.LEGACY_LABELS:
+    """``script_callbacks.on_infotext_pasted`` hook: "Sampler:" / "Hires sampler:" naming one of our 0.1.0 labels
+    becomes today's label, unless another sampler has that name now."""
+    fields = [field for field in ("Sampler", "Hires sampler") if params.get(field) in catalog.LEGACY_LABELS]
+    if not fields:
         return
     if sd_samplers is None:
         from modules import sd_samplers
-    params["Sampler"] = catalog.current_label(name, taken=sd_samplers.all_samplers_map)
+    for field in fields:
+        params[field] = catalog.current_label(params[field], taken=sd_samplers.all_samplers_map)
 
 
 def _replace(sd_samplers, data):
