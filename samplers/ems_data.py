@@ -110,11 +110,12 @@ def validate_arrays(lambdas, stats, where="EMS"):
 
 
 class EMSData:
-    """EMS arrays (validated, CPU, ``lambdas`` float64) plus ``model_kind`` and ``decisions`` (a tuple of
-    ``NFEDecision``, possibly empty).  Treated as immutable: the sampler caches its plans per object."""
+    """EMS arrays (validated, CPU, ``lambdas`` float64) plus ``model_kind`` ("eps", "flow" or None: not stated, the
+    sampler takes them for either) and ``decisions`` (a tuple of ``NFEDecision``, possibly empty).  Treated as immutable: the sampler caches its plans per object."""
 
-    def __init__(self, lambdas, l, s, b, model_kind="eps", decisions=(), where="EMS"):
-        check_model_kind(model_kind)
+    def __init__(self, lambdas, l, s, b, model_kind=None, decisions=(), where="EMS"):
+        if model_kind is not None:
+            check_model_kind(model_kind)
         lambdas = torch.as_tensor(lambdas).detach().to("cpu", torch.float64)
         stats = {}
         for name, value in zip(STAT_NAMES, (l, s, b)):

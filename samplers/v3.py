@@ -486,7 +486,7 @@ def sample_dpm_solver_v3(model, x, sigmas, extra_args=None, callback=None, disab
             _warned_without_ems = True
             logger.info("DPM-Solver-v3 without EMS: using l = 1, s = b = 0 (DPM-Solver++ with the v3 corrector)")
         ems = _degenerate_ems()
-    elif ems.model_kind != model_kind:
+    elif ems.model_kind is not None and ems.model_kind != model_kind:
         raise ValueError(f"the EMS were computed for model_kind={ems.model_kind!r} but the sampler runs "
                          f"model_kind={model_kind!r}")
     if half_sigma is None:

@@ -108,8 +108,8 @@ def validate_metadata(metadata, source="EMS", lambdas=None, stat_shape=None):
             raise ValueError(f"{source}: metadata must map strings to strings, got {key!r}: {type(value).__name__}")
         if len(value) > MAX_METADATA_VALUE:
             raise ValueError(f"{source}: metadata {key} is {len(value)} characters long (limit {MAX_METADATA_VALUE})")
-    model_kind = metadata.get("model_kind", "eps")
-    if model_kind not in MODEL_KINDS:
+    model_kind = metadata.get("model_kind")
+    if model_kind is not None and model_kind not in MODEL_KINDS:
         raise ValueError(f"{source}: metadata model_kind = {model_kind!r:.80} is not one of {MODEL_KINDS}")
     for name in _INTEGER_FIELDS:
         if name in metadata:
@@ -142,7 +142,7 @@ class EMS(EMSData):
       lambdas: (N + 1,) strictly increasing grid, index 0 the noisiest node (VE lambda = -log sigma~).
       l, s, b: (N + 1, *stat_shape) float tensors, stat_shape (C, H, W), (C, 1, 1) or (1, 1, 1).
       metadata: dict of strings describing the statistics (values are converted with ``str``), validated
-        (``validate_metadata``): ``model_kind`` (default "eps") and ``v3_decisions`` set the sampler's
+        (``validate_metadata``): ``model_kind`` (absent: usable for either kind; reported as "eps") and ``v3_decisions`` set the sampler's
         ``model_kind`` and ``decisions``.
       standard_errors: optional dict name -> tensor of the Monte-Carlo standard errors (e.g. of l, s, b).
       decisions: the v3 decision per NFE (``samplers.ems_data.NFEDecision`` or (nfe, solver, ratio)); given, it
@@ -179,12 +179,12 @@ class EMS(EMSData):
     @property
     def sigma_max(self) -> float:
         """The host sigma (of ``model_kind``) at the noisiest grid node."""
-        return _sigma_from_ve_lambda(float(self.lambdas[0]), self.model_kind)
+        return _sigma_from_ve_lambda(float(self.lambdas[0]), self.model_kind or "eps")
 
     @property
     def sigma_min(self) -> float:
         """The host sigma (of ``model_kind``) at the cleanest grid node."""
-        return _sigma_from_ve_lambda(float(self.lambdas[-1]), self.model_kind)
+        return _sigma_from_ve_lambda(float(self.lambdas[-1]), self.model_kind or "eps")
 
     def __repr__(self):
         return (f"EMS(N={self.N}, stat_shape={self.stat_shape}, reduction={self.reduction!r}, "
@@ -209,7 +209,7 @@ class EMS(EMSData):
             tensors[f"se_{name}"] = value.to(dtype).contiguous()
         metadata = dict(self.metadata)
         metadata.update({"format": FORMAT, "version": VERSION, "N": str(self.N), "reduction": self.reduction,
-                         "model_kind": self.model_kind, "tensor_sha256": tensor_digest(tensors),
+                         "tensor_sha256": tensor_digest(tensors),
                          "grid_min_lambda": repr(float(self.lambdas[0])),
                          "grid_max_lambda": repr(float(self.lambdas[-1]))})
         metadata.setdefault("library_version", _package_version())

@@ -18,7 +18,7 @@ import torch
 CHUNK = 1 << 22  # values rounded to float16 at a time
 
 
-def _tensor_sums(tensor: torch.Tensor) -> bytes:
+def tensor_sums(tensor: torch.Tensor) -> bytes:
     """Shape, then the exact integer sums of the float16-rounded values' bit patterns (module docstring)."""
     flat = tensor.detach().reshape(-1)
     if flat.is_quantized:
@@ -50,7 +50,7 @@ def weights_digest(weights) -> str:
         elif tensor.device.type == "meta":
             digest.update(f"{name}:{tuple(tensor.shape)}:meta;".encode())
         else:
-            digest.update(f"{name}:".encode() + _tensor_sums(tensor))
+            digest.update(f"{name}:".encode() + tensor_sums(tensor))
     return digest.hexdigest()
 
 
@@ -129,4 +129,4 @@ if __name__ == "__main__":
     main()
 
 
-__all__ = ["weights_digest", "CachedWeightsDigest", "fingerprint_state_dict", "sigma_digest"]
+__all__ = ["weights_digest", "tensor_sums", "CachedWeightsDigest", "fingerprint_state_dict", "sigma_digest"]

@@ -62,7 +62,8 @@ class EMSJobInterrupted(RuntimeError):
 @dataclasses.dataclass
 class JobResult:
     """``ems``; ``path`` where it is stored (None if it could not be saved anywhere); ``source`` "cached" or
-    "computed"; ``save_error`` the message when the store could not take it; ``seconds``; ``cost`` (model rows)."""
+    "computed"; ``save_error`` the message when the store could not take it; ``seconds``; ``cost`` (model rows);
+    ``x0`` the samples (CPU) when computed."""
 
     ems: EMS
     path: str
@@ -70,6 +71,7 @@ class JobResult:
     seconds: float
     save_error: str = None
     cost: dict = None
+    x0: torch.Tensor = None  # the model's samples the EMS were estimated on (computed results only)
 
 
 class _Counter:
@@ -112,6 +114,7 @@ class EMSJob:
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         self.target, self.settings, self.batch_size, self.dtype = target, settings, batch_size, dtype
         self.key = EMSKey(target, settings)
+        self.state = None
         self.metadata = {str(k): str(v) for k, v in (metadata or {}).items()}
 
     def cost(self) -> dict:
@@ -133,6 +136,7 @@ class EMSJob:
         if resume is not None and resume.key_json != key_json:
             raise ValueError("resume belongs to another EMS job (its settings or target differ)")
         state = resume or JobState(key_json)
+        self.state = state
         counter = _Counter(self._calls(), progress, should_stop)
         counter.state = state
         shape = tuple(t.latent_shape)
@@ -245,7 +249,7 @@ class EMSJob:
         seconds = time.perf_counter() - started
         if path and not save_error:
             logger.info("DPM-Solver-v3: EMS saved to %s (%.1f s)", path, seconds)
-        return JobResult(ems, path, "computed", seconds, save_error, self.cost())
+        return JobResult(ems, path, "computed", seconds, save_error, self.cost(), self.state.x0)
 
 
 __all__ = ["EMSJob", "ModelAccess", "JobResult", "JobState", "EMSJobInterrupted", "PHASES", "FALLBACK_FOLDER"]

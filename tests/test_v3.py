@@ -258,8 +258,7 @@ def test_flow_start_at_sigma_one(mixture_case, mixture_ems):
 
 def test_flow_rejects_eps_statistics(mixture_case):
     mixture, _, x = mixture_case
-    ems = EMS.degenerate(grid(10))
-    ems.metadata["model_kind"] = "eps"
+    ems = EMS.degenerate(grid(10)).replace(metadata={"model_kind": "eps"})
     with pytest.raises(ValueError, match="model_kind"):
         sample_dpm_solver_v3(mixture.denoiser("flow"), x, torch.tensor([0.9, 0.5, 0.0]), ems=ems,
                              model_kind="flow", disable=True)
