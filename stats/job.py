@@ -83,17 +83,29 @@ class _Counter:
         self.phase = None
         self.state = None
 
-    def wrap(self, model):
+    def wrap(self, model, report=True):
+        """``model`` counted; with ``report``, asking ``should_stop`` and reporting progress around each call.  The
+        estimator gets ``report=False`` and does both between its chunks: an exception raised inside a model call
+        there would read as a failure of forward AD."""
         def call(x, sigma, **kwargs):
-            if self.should_stop is not None and self.should_stop():
-                raise EMSJobInterrupted(self.state, self.phase)
+            if report:
+                self.check()
             out = model(x, sigma, **kwargs)
             self.done += int(x.shape[0])
-            if self.progress is not None:
-                self.progress(min(self.done, self.total), self.total)
+            if report:
+                self.report()
             return out
 
         return call
+
+    def check(self):
+        if self.should_stop is not None and self.should_stop():
+            raise EMSJobInterrupted(self.state, self.phase)
+        return False
+
+    def report(self, *_):
+        if self.progress is not None:
+            self.progress(min(self.done, self.total), self.total)
 
 
 class EMSJob:
@@ -158,9 +170,10 @@ class EMSJob:
                 def estimate(model, extra_args, device):
                     try:
                         return estimate_ems(
-                            counter.wrap(model), state.x0.to(device, self.dtype), t.sigma_min, t.sigma_max,
-                            model_kind=t.model_kind, batch_size=self.batch_size, extra_args=extra_args,
-                            resume_state=state.estimation, should_stop=None, **s.estimate_options())
+                            counter.wrap(model, report=False), state.x0.to(device, self.dtype), t.sigma_min,
+                            t.sigma_max, model_kind=t.model_kind, batch_size=self.batch_size, extra_args=extra_args,
+                            resume_state=state.estimation, should_stop=counter.check, progress=counter.report,
+                            **s.estimate_options())
                     except BaseException as error:
                         state.estimation = getattr(error, "estimation_state", state.estimation)
                         raise
