@@ -93,6 +93,13 @@ def _number(text, source, name, integer=False, positive=False):
     return value
 
 
+def _reduction_fits(reduction, stat_shape) -> bool:
+    """Whether statistics of ``stat_shape`` can come from ``reduction`` (one channel: per_channel is scalar-shaped;
+    a 1x1 latent: per_element is per_channel-shaped)."""
+    ones = all(v == 1 for v in stat_shape[1:])
+    return {"per_element": True, "per_channel": ones, "scalar": ones and stat_shape[0] == 1}.get(reduction, False)
+
+
 # metadata fields with a meaning: their values are checked when a file is read (other fields are free text)
 _INTEGER_FIELDS = ("N", "K", "n_probes", "smooth", "error_groups", "x0_steps", "substeps", "forward_rows",
                    "jvp_rows", "seed")
@@ -124,7 +131,7 @@ def validate_metadata(metadata, source="EMS", lambdas=None, stat_shape=None):
         raise ValueError(f"{source}: metadata latent_shape = {metadata['latent_shape']!r:.80} is not like 4x64x64")
     if lambdas is not None and "N" in metadata and int(metadata["N"]) != lambdas.shape[0] - 1:
         raise ValueError(f"{source}: metadata N = {metadata['N']} but the grid has {lambdas.shape[0] - 1} cells")
-    if stat_shape is not None and "reduction" in metadata and metadata["reduction"] != reduction_of(stat_shape):
+    if stat_shape is not None and "reduction" in metadata and not _reduction_fits(metadata["reduction"], stat_shape):
         raise ValueError(f"{source}: metadata reduction = {metadata['reduction']!r:.80} but the statistics have "
                          f"shape {stat_shape} ({reduction_of(stat_shape)})")
     if "cache_key" in metadata:
@@ -208,8 +215,8 @@ class EMS(EMSData):
         for name, value in self.standard_errors.items():
             tensors[f"se_{name}"] = value.to(dtype).contiguous()
         metadata = dict(self.metadata)
-        metadata.update({"format": FORMAT, "version": VERSION, "N": str(self.N), "reduction": self.reduction,
-                         "tensor_sha256": tensor_digest(tensors),
+        metadata.setdefault("reduction", self.reduction)
+        metadata.update({"format": FORMAT, "version": VERSION, "N": str(self.N), "tensor_sha256": tensor_digest(tensors),
                          "grid_min_lambda": repr(float(self.lambdas[0])),
                          "grid_max_lambda": repr(float(self.lambdas[-1]))})
         metadata.setdefault("library_version", _package_version())
