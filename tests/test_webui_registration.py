@@ -10,6 +10,7 @@ import collections
 import functools
 import importlib
 import inspect
+import logging
 import os
 import subprocess
 import sys
@@ -358,24 +359,49 @@ def test_settings_defaults_and_validation():
 # ---- EMS store -----------------------------------------------------------------------------------------------------
 
 def test_ems_store_nearest_cfg_and_identity(tmp_path):
-    from dpm_solver_nodes.stats import EMS
+    from dpm_solver_nodes.stats import EMS, EMSKey, EMSSettings, EMSTarget
 
     store = ems_store.EMSStore(lambda: str(tmp_path))
     lambdas = torch.linspace(-3, 4, 11, dtype=torch.float64)
     table = torch.linspace(0.03, 14.6, 1000)
     digest = ems_store.sigma_digest(table)
+    settings = EMSSettings(N=10, K=16, reduction="per_channel")
     for cfg in (3.0, 7.0):
+        key = EMSKey(EMSTarget("ab" * 32, "eps", cfg, (4, 8, 8), 0.03, 14.6, digest), settings)
         ems = EMS.degenerate(lambdas, channels=4)
-        ems = EMS(ems.lambdas, ems.l * (1 + cfg / 100), ems.s, ems.b, metadata={"cfg": cfg})
-        store.put(store.make_key("ab" * 32, "eps", digest, cfg, (4, 8, 8), 10, 16, "per_channel", 0.03, 14.6), ems)
-    found, description = store.find("ab" * 32, "eps", digest, 6.0, 10, 16, "per_channel", (4, 64, 64))
+        ems = EMS(ems.lambdas, ems.l * (1 + cfg / 100), ems.s, ems.b,
+                  metadata={"cfg": cfg, "cache_key": key.to_json()})
+        store.save(ems, store.file_name(key))
+    found, description = store.find_for_generation("ab" * 32, "eps", digest, 6.0, 10, 16, "per_channel",
+                                                   (4, 64, 64))
     assert found is not None and found.metadata["cfg"] == "7.0" and description.startswith("abababab")
-    assert store.find("cd" * 32, "eps", digest, 6.0, 10, 16, "per_channel", (4, 8, 8))[0] is None
-    assert store.find("ab" * 32, "flow", digest, 6.0, 10, 16, "per_channel", (4, 8, 8))[0] is None
-    assert store.find("ab" * 32, "eps", ems_store.sigma_digest(table * 2), 6.0, 10, 16, "per_channel",
-                      (4, 8, 8))[0] is None
-    assert store.find("ab" * 32, "eps", digest, 6.0, 20, 16, "per_channel", (4, 8, 8))[0] is None
+    again, _ = store.find_for_generation("ab" * 32, "eps", digest, 6.0, 10, 16, "per_channel", (4, 64, 64))
+    assert again is found  # kept in memory: v3's plan cache hits on the next generation
+    assert store.find_for_generation("cd" * 32, "eps", digest, 6.0, 10, 16, "per_channel", (4, 8, 8))[0] is None
+    assert store.find_for_generation("ab" * 32, "flow", digest, 6.0, 10, 16, "per_channel", (4, 8, 8))[0] is None
+    assert store.find_for_generation("ab" * 32, "eps", ems_store.sigma_digest(table * 2), 6.0, 10, 16,
+                                     "per_channel", (4, 8, 8))[0] is None
+    assert store.find_for_generation("ab" * 32, "eps", digest, 6.0, 20, 16, "per_channel", (4, 8, 8))[0] is None
     assert ems_store.sigma_digest(table) == ems_store.sigma_digest(table.double())
+
+
+def test_one_bad_file_does_not_break_v3_for_any_checkpoint(tmp_path, caplog):
+    """main: one file whose cache_key was JSON but not a dict made ``EMSStore.find`` raise for every checkpoint."""
+    store = ems_store.EMSStore(lambda: str(tmp_path))
+    from safetensors.torch import save_file
+
+    from dpm_solver_nodes.stats.ems import tensor_digest
+
+    tensors = {"lambdas": torch.linspace(-3, 4, 11, dtype=torch.float64), "l": torch.ones(11, 4, 1, 1),
+               "s": torch.zeros(11, 4, 1, 1), "b": torch.zeros(11, 4, 1, 1)}
+    for name, cache_key in (("list", "[1, 2]"), ("no_cfg", '{"target": {}, "settings": {}, "version": "3"}')):
+        save_file(tensors, str(tmp_path / f"{name}.safetensors"),
+                  metadata={"format": "dpm_solver_nodes.ems", "version": "2", "cache_key": cache_key,
+                            "tensor_sha256": tensor_digest(tensors)})
+    with caplog.at_level(logging.WARNING, logger="dpm_solver_nodes"):
+        assert store.find_for_generation("ab" * 32, "eps", "0" * 16, 6.0, 10, 16, "per_channel", (4, 8, 8)) == (
+            None, "none")
+    assert sum("skipping EMS file" in r.getMessage() for r in caplog.records) == 2
 
 
 def test_fixed_batch_model_matches_direct_calls():
