@@ -43,6 +43,22 @@ def _choice(name, value, choices):
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
+def _from_dict(cls, values, source, what, required=()):
+    """``cls(**values)`` for a JSON object read from a file; ValueError naming ``source`` and the problem."""
+    if not isinstance(values, dict):
+        raise ValueError(f"{source}: {what} must be a JSON object, got {type(values).__name__}")
+    missing = [name for name in required if name not in values]
+    if missing:
+        raise ValueError(f"{source}: {what} lacks {missing}")
+    unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise ValueError(f"{source}: unknown {what} fields {unknown}")
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{source}: {error}") from None
+
+
 @dataclasses.dataclass(frozen=True)
 class EMSSettings:
     """How EMS are estimated (``stats.estimate.estimate_ems`` documents each field) and checked.
@@ -138,19 +154,9 @@ class EMSSettings:
 
     @classmethod
     def from_dict(cls, values, source="EMS settings"):
-        if not isinstance(values, dict):
-            raise ValueError(f"{source}: settings must be a JSON object, got {type(values).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"{source}: unknown EMS settings {unknown}")
-        values = dict(values)
-        if isinstance(values.get("check_nfes"), list):
-            values["check_nfes"] = tuple(values["check_nfes"])
-        try:
-            return cls(**values)
-        except (TypeError, ValueError) as error:
-            raise ValueError(f"{source}: {error}") from None
+        if isinstance(values, dict) and isinstance(values.get("check_nfes"), list):
+            values = dict(values, check_nfes=tuple(values["check_nfes"]))
+        return _from_dict(cls, values, source, "settings")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,18 +204,8 @@ class EMSTarget:
 
     @classmethod
     def from_dict(cls, values, source="EMS target"):
-        if not isinstance(values, dict):
-            raise ValueError(f"{source}: target must be a JSON object, got {type(values).__name__}")
-        missing = [f.name for f in dataclasses.fields(cls) if f.name not in values and f.name != "sigma_digest"]
-        if missing:
-            raise ValueError(f"{source}: target lacks {missing}")
-        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ValueError(f"{source}: unknown target fields {unknown}")
-        try:
-            return cls(**values)
-        except (TypeError, ValueError) as error:
-            raise ValueError(f"{source}: {error}") from None
+        return _from_dict(cls, values, source, "target", required=("fingerprint", "model_kind", "cfg", "latent_shape",
+                                                                  "sigma_min", "sigma_max"))
 
 
 @dataclasses.dataclass(frozen=True)
