@@ -428,8 +428,9 @@ def sample_dpm_solver_v3(model, x, sigmas, extra_args=None, callback=None, disab
     """DPM-Solver-v3 (Algorithm 2): multistep predictor with the EMS-based update and a corrector at no extra NFE.
 
     Options (the official names where they exist):
-      ems: the model's EMS (``samplers.ems_data.EMSData``, e.g. a ``stats.EMS``); ``None`` uses l = 1, s = b = 0, i.e. DPM-Solver++ (Taylor form) plus the v3
-        corrector, and logs that once per process.  Per-element EMS of another latent size use their per-channel
+      ems: the model's EMS (``samplers.ems_data.EMSData``, e.g. a ``stats.EMS``; anything else is a TypeError);
+        ``None`` uses l = 1, s = b = 0, i.e. DPM-Solver++ (Taylor form) plus the v3 corrector, and logs that once
+        per process.  Per-element EMS of another latent size use their per-channel
         means (logged).  Statistics whose metadata name another model_kind are rejected.  |l| or |s| above 10
         (degenerate fits, e.g. zero-variance dimensions) are clamped with one log line: any bounded l, s, b keeps
         the update exact (App. I.3), and e^{S} must fit the float32 step weights.  The EMS are treated as
@@ -454,8 +455,8 @@ def sample_dpm_solver_v3(model, x, sigmas, extra_args=None, callback=None, disab
       refine: split every EMS grid cell into this many trapezoid cells (l, s, b interpolated linearly), cutting
         the O(dlambda^2) quadrature error of the coefficients by refine^2 at refine times the (small) setup cost.
       fallback: where the EMS carry a decision (``ems.decisions``, from the EMS job's check) that sends the NFE
-        nearest to this run's (in log NFE) to DPM-Solver++(2M), run ``sample_dpmpp_2m`` instead and log why.  Without EMS and without corrector (order 2 or
-        3) v3 is DPM-Solver++ in its Taylor form; the paper's DPM-Solver++(2M) / the official 3M then run instead
+        nearest to this run's (in log NFE) to DPM-Solver++(2M), run ``sample_dpmpp_2m`` instead and log why.
+        Without EMS and without corrector (order 2 or 3) v3 is DPM-Solver++ in its Taylor form; the paper's DPM-Solver++(2M) / the official 3M then run instead
         (logged; the 2M measured 0.54-0.91x the Taylor form's error at 5-20 NFE on the embedded models and the
         test mixtures, 1.04-1.09x at 5 NFE on flow logSNR-uniform steps).  False always runs v3.
       snap: round each sigma to the nearest EMS grid node as the official code does (parity tests only; the model

@@ -183,7 +183,7 @@ class EMSStore:
                     tuple(target.latent_shape) != tuple(latent_shape):
                 continue
             distance = abs(target.cfg - float(cfg)) if cfg is not None and math.isfinite(float(cfg)) else 0.0
-            candidates.append((distance, -os.path.getmtime(path), path))
+            candidates.append((distance, -self._headers[path][0][0], path))  # ties: the newest file
         for _, _, path in sorted(candidates):
             try:
                 return self.load(path), path
