@@ -2,13 +2,12 @@
 
     python -m dpm_solver_nodes.embedded.make_ems eps --cfg 1 5 [--N 200] [--K 50] [--reduction per_channel]
 
-writes ``mnist16_<kind>_ems_cfg<w>.safetensors`` next to the weights (``EMS.save``: temp file + ``os.replace``).
-x0 are the model's own samples at the same guidance scale (``stats.estimate.generate_x0``), sample k with label
-k mod 10: the model wrapper gives row r of every call the label r mod 10 and the batch size is a multiple of 10, so
-each x0 is always noised and denoised under its own label.  Settings: ``stats.estimate.RECOMMENDED_SETTINGS``
-(N = 200, per_channel, s and b fitted over +-0.5 in lambda, ridge 0.01 on s; bench/results_v3_study.md), then
-``check_v3_against_dpmpp_2m`` stores the v3 / DPM-Solver++(2M) error ratio per NFE in the file, which the sampler's
-automatic fallback reads.
+writes ``mnist16_<kind>_ems_cfg<w>.safetensors`` next to the weights (``EMS.save``: temp file + ``os.replace``)
+through the package's one EMS job (``stats.EMSJob``): x0 are the model's own samples at the same guidance scale,
+sample k with label k mod 10 (the model wrapper gives row r of every call the label r mod 10 and the batch size is a
+multiple of 10, so each x0 is always noised and denoised under its own label); settings ``embedded_settings``
+(``EMSSettings`` defaults: N = 200, per_channel, s and b fitted over +-0.5 in lambda, ridge 0.01 on s;
+bench/results_v3_study.md); the job's check stores the v3 / DPM-Solver++(2M) decision per NFE in the file.
 """
 from __future__ import annotations
 
@@ -18,6 +17,9 @@ import time
 
 import torch
 
+from ..stats.fingerprint import weights_digest
+from ..stats.job import EMSJob, ModelAccess
+from ..stats.settings import EMSSettings, EMSTarget
 from .model import HERE, NUM_CLASSES, load_model
 
 BATCH = 50
@@ -40,26 +42,26 @@ def ems_path(kind, cfg_scale):
     return HERE / f"mnist16_{kind}_ems_cfg{float(cfg_scale):g}.safetensors"
 
 
-def make_ems(kind, cfg_scale, N=200, K=50, reduction="per_channel", seed=0, out=None):
-    from ..stats.estimate import RECOMMENDED_SETTINGS, check_v3_against_dpmpp_2m, estimate_ems, generate_x0
+def embedded_settings(N=200, K=50, reduction="per_channel", seed=0):
+    """The shipped files' settings: ``EMSSettings`` defaults (window 0.5, ridge 0.01) with K = 50 samples of 100
+    steps, checked on 50 references of 100 steps (the check of the files before the EMS job existed)."""
+    return EMSSettings(N=N, K=K, reduction=reduction, seed=seed, x0_steps=100, check_samples=50, check_steps=100)
 
+
+def make_ems(kind, cfg_scale, N=200, K=50, reduction="per_channel", seed=0, out=None):
+    """Run the EMS job for the embedded ``kind`` model at ``cfg_scale`` and write the file (``out`` or
+    ``ems_path``); returns (path, EMS)."""
     if K % BATCH:
         raise ValueError(f"K must be a multiple of {BATCH} (labels follow the row position), got {K}")
     model = load_model(kind)
     wrapped = LabelledByRow(model, cfg_scale)
     sigma_max = model.sigma_max if kind == "eps" else 0.999
-    start = time.perf_counter()
-    x0 = generate_x0(wrapped, model.shape, K, sigma_max, model.sigma_min, kind, steps=100, seed=seed,
-                     batch_size=BATCH)
-    x0_seconds = time.perf_counter() - start
-    ems = estimate_ems(wrapped, x0, model.sigma_min, sigma_max, model_kind=kind, N=N, K=K, reduction=reduction,
-                       sb_window=RECOMMENDED_SETTINGS["sb_window"], s_ridge=RECOMMENDED_SETTINGS["s_ridge"],
-                       batch_size=BATCH, seed=seed,
-                       metadata={"model": f"embedded mnist16_{kind}", "guidance": f"{float(cfg_scale):g}",
-                                 "x0_source": "model samples (generate_x0, 100 steps), label k mod 10",
-                                 "x0_seconds": f"{x0_seconds:.1f}"})
-    ems = check_v3_against_dpmpp_2m(wrapped, ems, model.shape, model.sigma_min, sigma_max, seed=seed, steps=100,
-                                    model_kind=kind)
+    target = EMSTarget(weights_digest(model.state_dict())[:32], kind, float(cfg_scale), tuple(model.shape),
+                       model.sigma_min, sigma_max)
+    job = EMSJob(target, embedded_settings(N, K, reduction, seed), batch_size=BATCH,
+                 metadata={"model": f"embedded mnist16_{kind}",
+                           "x0_source": "model samples (100 steps), label k mod 10"})
+    ems = job.compute(ModelAccess(wrapped))
     path = out or ems_path(kind, cfg_scale)
     ems.save(path)
     return path, ems

@@ -13,31 +13,16 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
-import time
 
 import torch
 
+from ..stats.job import EMSJob
+from ..stats.settings import GUIDANCE_MODES, EMSSettings, EMSTarget
 from . import ems_store
-from .ems_store import FOLDER_NAME, EMSIndex
 from .fingerprint import model_fingerprint
 from .model_kind import detect_model_kind
 
 logger = logging.getLogger("dpm_solver_nodes")
-
-GUIDANCE_MODES = ("guided", "uncond")
-_INDEX = None
-CHECK_SAMPLES = 16  # reference trajectories for the v3-vs-DPM-Solver++(2M) check (samples * (steps + 128) rows)
-CHECK_STEPS = 100  # DPM-Solver++(2M) steps of those references
-
-
-def index() -> EMSIndex:
-    global _INDEX
-    if _INDEX is None:
-        import folder_paths
-
-        _INDEX = EMSIndex(lambda: folder_paths.get_folder_paths(FOLDER_NAME))
-    return _INDEX
 
 
 # ---- continuous timesteps for discrete models ---------------------------------------------------------------------
@@ -78,36 +63,44 @@ def sigma_range(model_sampling, kind):
     return sigma_min, sigma_max
 
 
-# ---- estimation ---------------------------------------------------------------------------------------------------
+# ---- the EMS job through ComfyUI's model path ---------------------------------------------------------------------
 
-class _Progress:
-    """ComfyUI progress bar over both phases (x0 generation ~ 1/4, estimation ~ 3/4) + Interrupt checks."""
+class ComfyModelAccess:
+    """``stats.job``'s model access: every phase runs inside a ``CFGGuider.sample`` whose sampler is a probe, so the
+    model is loaded, patched and guided exactly as for an image.  "estimate" uses the negative-prompt network at
+    cfg 1 when ``guidance="uncond"``; "estimate" and "check" run with inference mode off (forward AD)."""
 
-    def __init__(self, generation_rows, estimation_rows):
-        import comfy.model_management
-        import comfy.utils
+    def __init__(self, model, positive, negative, cfg, latent_shape, seed, guidance):
+        import comfy.samplers
 
-        self._interrupt = comfy.model_management.throw_exception_if_processing_interrupted
-        self.generation_rows = max(generation_rows, 1)
-        self.bar = comfy.utils.ProgressBar(1000)
-        self.rows = 0
+        model_sampling = model.get_model_object("model_sampling")
+        self.kind = detect_model_kind(model_sampling)
+        self.sigma_min, self.sigma_max = sigma_range(model_sampling, self.kind)
+        patched = model.clone()
+        continuous = continuous_model_sampling(model_sampling)
+        if continuous is not None:
+            patched.add_object_patch("model_sampling", continuous)
+        self.guided = comfy.samplers.CFGGuider(patched)
+        self.guided.set_conds(positive, negative)
+        self.guided.set_cfg(cfg)
+        self.unguided = self.guided
+        if guidance == "uncond":  # the paper's reading (App. J.2): EMS of the unguided network on cfg-guided data
+            self.unguided = comfy.samplers.CFGGuider(patched)
+            self.unguided.set_conds(negative, negative)
+            self.unguided.set_cfg(1.0)
+        self.sigmas = torch.tensor([float(model_sampling.sigma_max), self.sigma_min], dtype=torch.float32)
+        self.latent_shape, self.seed = tuple(latent_shape), seed
 
-    def generation(self, rows):
-        self._interrupt()
-        self.rows += rows
-        self.bar.update_absolute(min(250, int(250 * self.rows / self.generation_rows)))
+    def run(self, phase, work):
+        guider = self.unguided if phase == "estimate" else self.guided
 
-    def estimation(self, done, total):
-        self._interrupt()
-        self.bar.update_absolute(250 + int(750 * done / max(total, 1)))
+        def probe(model, x, extra_args):
+            if phase == "x0":
+                return work(model, extra_args, x.device)
+            with torch.inference_mode(False), torch.no_grad():
+                return work(model, extra_args, x.device)
 
-
-def _counting(model, progress):
-    def call(x, sigma, **kwargs):
-        progress.generation(x.shape[0])
-        return model(x, sigma, **kwargs)
-
-    return call
+        return _run_probe(guider, self.latent_shape, self.sigmas, self.seed, probe)
 
 
 def _run_probe(guider, latent_shape, sigmas, seed, probe):
@@ -122,65 +115,8 @@ def _run_probe(guider, latent_shape, sigmas, seed, probe):
 
     latent = torch.zeros((1,) + tuple(latent_shape))
     guider.sample(torch.zeros_like(latent), latent, comfy.samplers.KSAMPLER(sampler_function), sigmas,
-                  disable_pbar=True, seed=seed)
+                  disable_pbar=True, seed=seed % (2 ** 64))
     return result["value"]
-
-
-def compute_ems(model, positive, negative, cfg, latent_shape, *, N, K, reduction, seed, x0_steps, batch_size,
-                guidance, jvp, metadata):
-    """Generate K latents at ``cfg`` with the model itself and estimate its EMS (see the module docstring)."""
-    import comfy.samplers
-
-    model_sampling = model.get_model_object("model_sampling")
-    kind = detect_model_kind(model_sampling)
-    sigma_min, sigma_max = sigma_range(model_sampling, kind)
-    patched = model.clone()
-    continuous = continuous_model_sampling(model_sampling)
-    if continuous is not None:
-        patched.add_object_patch("model_sampling", continuous)
-
-    guider = comfy.samplers.CFGGuider(patched)
-    guider.set_conds(positive, negative)
-    guider.set_cfg(cfg)
-    sigmas = torch.tensor([float(model_sampling.sigma_max), sigma_min], dtype=torch.float32)
-    rows_generation = K * (x0_steps + 1) * (2 if cfg != 1.0 else 1)
-    progress = _Progress(rows_generation, (N + 1) * K)
-
-    from ..stats.estimate import RECOMMENDED_SETTINGS, check_v3_against_dpmpp_2m, estimate_ems, generate_x0
-
-    def generate(denoiser, x, extra_args):
-        return generate_x0(_counting(denoiser, progress), tuple(latent_shape), K, float(model_sampling.sigma_max),
-                           sigma_min, kind, steps=x0_steps, seed=seed, extra_args=extra_args,
-                           batch_size=batch_size, dtype=torch.float32, device=x.device).cpu()
-
-    started = time.perf_counter()
-    x0 = _run_probe(guider, latent_shape, sigmas, seed, generate)
-    generation_seconds = time.perf_counter() - started
-
-    guided = guider
-    if guidance == "uncond":  # the paper's reading (App. J.2): EMS of the unguided network on cfg-guided data
-        guider = comfy.samplers.CFGGuider(patched)
-        guider.set_conds(negative, negative)
-        guider.set_cfg(1.0)
-
-    def estimate(denoiser, x, extra_args):
-        with torch.inference_mode(False), torch.no_grad():
-            data = x0.clone().to(x.device, torch.float32)
-            return estimate_ems(denoiser, data, sigma_min, sigma_max, model_kind=kind, N=N, K=K,
-                                reduction=reduction, sb_window=RECOMMENDED_SETTINGS["sb_window"],
-                                s_ridge=RECOMMENDED_SETTINGS["s_ridge"], jvp=jvp, batch_size=batch_size, seed=seed,
-                                extra_args=extra_args, progress=progress.estimation,
-                                metadata={**metadata, "x0_seconds": f"{generation_seconds:.1f}"})
-
-    ems = _run_probe(guider, latent_shape, sigmas, seed, estimate)
-
-    def check(denoiser, x, extra_args):  # the data of v3's automatic fallback, on the guided model that samples
-        with torch.inference_mode(False), torch.no_grad():
-            return check_v3_against_dpmpp_2m(denoiser, ems, tuple(latent_shape), sigma_min, sigma_max, seed=seed,
-                                             steps=CHECK_STEPS, samples=min(K, CHECK_SAMPLES), model_kind=kind,
-                                             extra_args=extra_args, batch_size=batch_size, device=x.device)
-
-    return _run_probe(guided, latent_shape, sigmas, seed, check)
 
 
 def latent_shape_of(model, width, height):
@@ -191,42 +127,30 @@ def latent_shape_of(model, width, height):
 
 def compute_or_load(model, positive, negative, cfg, width, height, grid_size, sample_count, reduction, seed,
                     x0_steps, batch_size, guidance, jvp, filename_prefix, recompute):
-    """The EMS for these settings from models/dpm_solver_v3_ems (by cache key) or freshly computed and saved.
+    """The EMS for these settings from models/dpm_solver_v3_ems (by cache key) or computed by ``stats.EMSJob`` and
+    saved there (the folder is checked for writing first; a failed save keeps the EMS, see ``EMSJob.run``).
 
-    Returns (ems, path, "cached" | "computed", seconds)."""
-    from ..stats import load_ems
+    Returns a ``stats.job.JobResult`` (ems, path, source "cached" | "computed", seconds, save_error, cost)."""
+    import comfy.model_management
+    import comfy.utils
 
-    started = time.perf_counter()
-    kind = detect_model_kind(model.get_model_object("model_sampling"))
-    fingerprint = model_fingerprint(model)
     shape = latent_shape_of(model, width, height)
-    settings = {"fingerprint": fingerprint, "cfg": float(cfg), "guidance": guidance, "reduction": reduction,
-                "N": int(grid_size), "K": int(sample_count), "x0_steps": int(x0_steps), "seed": int(seed),
-                "jvp": jvp, "latent_shape": list(shape) if reduction == "per_element" else [shape[0]]}
-    key = ems_store.cache_key(settings)
-    path = None if recompute else index().by_cache_key(key)
-    if path is not None:
-        try:
-            ems = load_ems(path, expect={"fingerprint": fingerprint, "model_kind": kind})
-            logger.info("DPM-Solver-v3: EMS loaded from %s", path)
-            return ems, path, "cached", time.perf_counter() - started
-        except ValueError as error:
-            logger.warning("DPM-Solver-v3: cached EMS %s unusable (%s); recomputing", path, error)
-    metadata = {"fingerprint": fingerprint, "cache_key": key, "cfg": repr(float(cfg)), "guidance": guidance,
-                "model_kind": kind, "x0_source": f"model samples, dpmpp_2m {int(x0_steps)} steps at this cfg",
-                "x0_steps": str(int(x0_steps)), "host": "comfyui"}
-    logger.info("DPM-Solver-v3: computing EMS (N=%d, K=%d, %s, cfg %s) for model %s", grid_size, sample_count,
-                reduction, cfg, fingerprint[:16])
-    ems = compute_ems(model, positive, negative, float(cfg), shape, N=int(grid_size), K=int(sample_count),
-                      reduction=reduction, seed=int(seed), x0_steps=int(x0_steps), batch_size=int(batch_size),
-                      guidance=guidance, jvp=jvp, metadata=metadata)
-    import folder_paths
+    settings = EMSSettings(N=int(grid_size), K=int(sample_count), reduction=reduction, seed=int(seed),
+                           x0_steps=int(x0_steps), guidance=guidance, jvp=jvp)
+    access = ComfyModelAccess(model, positive, negative, float(cfg), shape, int(seed), guidance)
+    target = EMSTarget(model_fingerprint(model), access.kind, float(cfg), shape, access.sigma_min, access.sigma_max)
+    job = EMSJob(target, settings, batch_size=int(batch_size), metadata={"host": "comfyui"})
+    bar = comfy.utils.ProgressBar(1000)
 
-    path = os.path.join(ems_store.write_folder(folder_paths), ems_store.file_name(filename_prefix, key))
-    ems.save(path)
-    seconds = time.perf_counter() - started
-    logger.info("DPM-Solver-v3: EMS saved to %s (%.1f s)", path, seconds)
-    return ems, path, "computed", seconds
+    def progress(done, total):
+        bar.update_absolute(int(1000 * done / total))
+
+    def should_stop():
+        comfy.model_management.throw_exception_if_processing_interrupted()  # raises on Interrupt
+        return False
+
+    return job.run(access, ems_store.store(), name_prefix=filename_prefix, recompute=recompute, progress=progress,
+                   should_stop=should_stop)
 
 
-__all__ = ["compute_or_load", "compute_ems", "continuous_model_sampling", "sigma_range", "index", "GUIDANCE_MODES"]
+__all__ = ["compute_or_load", "ComfyModelAccess", "continuous_model_sampling", "sigma_range", "GUIDANCE_MODES"]

@@ -8,6 +8,7 @@ import os
 import comfy.samplers
 import folder_paths
 
+from ..stats.settings import JVP_BACKENDS as JVP_MODES, REDUCTIONS
 from . import comfy_ems, ems_store
 from .comfy_sampling import comfy_sampler_function, register_dropdown_samplers
 from .options import CATEGORY, NODE_PREFIX, SAMPLER_NODES
@@ -15,8 +16,6 @@ from .options import CATEGORY, NODE_PREFIX, SAMPLER_NODES
 logger = logging.getLogger("dpm_solver_nodes")
 
 EMS_CATEGORY = "sampling/custom_sampling/dpm_solver_v3"
-REDUCTIONS = ("per_channel", "scalar", "per_element")
-JVP_MODES = ("auto", "forward", "finite_difference")
 
 
 def sampler_node_class(spec):
@@ -92,12 +91,14 @@ class ComputeEMS:
 
     def compute(self, model, positive, negative, cfg, width, height, grid_size, sample_count, reduction, seed,
                 x0_steps=20, batch_size=4, guidance="guided", jvp="auto", filename_prefix="ems", recompute=False):
-        ems, path, source, seconds = comfy_ems.compute_or_load(
+        result = comfy_ems.compute_or_load(
             model, positive, negative, cfg, width, height, grid_size, sample_count, reduction, seed, x0_steps,
             batch_size, guidance, jvp, filename_prefix, recompute)
-        info = {"file": os.path.basename(path), "source": source, "seconds": round(seconds, 3),
-                "fingerprint": ems.metadata.get("fingerprint", "")}
-        return {"ui": {"ems": [info]}, "result": (ems,)}
+        info = {"file": os.path.basename(result.path) if result.path else "", "source": result.source,
+                "seconds": round(result.seconds, 3), "fingerprint": result.ems.metadata.get("fingerprint", "")}
+        if result.save_error:
+            info["save_error"] = result.save_error
+        return {"ui": {"ems": [info]}, "result": (result.ems,)}
 
 
 class LoadEMS:
@@ -119,12 +120,10 @@ class LoadEMS:
         return os.path.getmtime(path) if path else ""
 
     def load(self, ems_name):
-        from ..stats import load_ems
-
         path = folder_paths.get_full_path(ems_store.FOLDER_NAME, ems_name)
         if path is None:
             raise ValueError(f"EMS file {ems_name!r} not found in models/{ems_store.FOLDER_NAME}")
-        return (load_ems(path),)
+        return (ems_store.store().load(path),)
 
 
 class SaveEMS:
@@ -141,10 +140,7 @@ class SaveEMS:
     DESCRIPTION = __doc__
 
     def save(self, ems, filename):
-        stem = ems_store.safe_stem(filename[:-len(ems_store.EXTENSION)] if filename.endswith(ems_store.EXTENSION)
-                                   else filename)
-        path = os.path.join(ems_store.write_folder(folder_paths), stem + ems_store.EXTENSION)
-        ems.save(path)
+        path = ems_store.store().save(ems, filename)  # refuses '', '.', '..' and over-long names
         return {"ui": {"ems": [{"file": os.path.basename(path)}]}}
 
 

@@ -43,11 +43,12 @@ def comfy_sampler_function(name):
 
 # ---- DPM-Solver-v3: EMS of the model being sampled ----------------------------------------------------------------
 
-def find_cached_ems(model, kind):
-    """The EMS stored for the model a sampler is running (found by fingerprint, nearest cfg), or None."""
-    from . import comfy_ems
+def find_cached_ems(model, kind, x=None):
+    """The EMS stored for the model a sampler is running (``stats.EMSStore.find``: by fingerprint, nearest cfg,
+    per-element files only at their latent shape), or None.  The store keeps loaded EMS in memory, so repeated
+    generations get the same object and v3 reuses its step plan; bad files are skipped with one log line."""
+    from . import ems_store
     from .fingerprint import model_fingerprint
-    from ..stats import load_ems
 
     patcher = find_attribute(model, "model_patcher")
     if patcher is None:
@@ -56,26 +57,17 @@ def find_cached_ems(model, kind):
         return None
     fingerprint = model_fingerprint(patcher)
     cfg = find_attribute(model, "cfg")
-    path = comfy_ems.index().for_model(fingerprint, cfg)
-    if path is None:
+    ems, path = ems_store.store().find(fingerprint, kind, cfg=cfg,
+                                       latent_shape=None if x is None else tuple(x.shape[1:]))
+    if ems is None:
         log_once(("missing", fingerprint), logging.WARNING,
                  "DPM-Solver-v3: no EMS stored for this model (fingerprint %s) in models/%s; sampling with the "
                  "degenerate EMS (l = 1, s = b = 0, equivalent to DPM-Solver++). Compute them once with the "
                  "'DPM-Solver-v3 EMS compute' node (DPMSolverNodes_ComputeEMS).",
-                 fingerprint[:16], comfy_ems.FOLDER_NAME)
-        return None
-    try:
-        ems = load_ems(path, expect={"model_kind": kind})
-    except ValueError as error:
-        log_once(("bad", path), logging.WARNING, "DPM-Solver-v3: ignoring EMS file %s (%s); using the degenerate "
-                                                 "EMS", path, error)
+                 fingerprint[:16], ems_store.FOLDER_NAME)
         return None
     ems_cfg = ems.metadata.get("cfg")
-    try:
-        differs = cfg is not None and ems_cfg is not None and not math.isclose(float(ems_cfg), float(cfg),
-                                                                               rel_tol=1e-6)
-    except ValueError:
-        differs = False
+    differs = cfg is not None and ems_cfg is not None and not math.isclose(float(ems_cfg), float(cfg), rel_tol=1e-6)
     if differs:
         log_once(("cfg", path, float(cfg)), logging.WARNING,
                  "DPM-Solver-v3: EMS %s were computed at cfg %s, sampling at cfg %s; EMS depend on the guidance "
@@ -106,7 +98,7 @@ def sample_dpm_solver_v3(model, x, sigmas, extra_args=None, callback=None, disab
     degenerate EMS (logged once per model)."""
     kind = model_kind_of_sampler_model(model)
     if ems is None:
-        ems = find_cached_ems(model, kind)
+        ems = find_cached_ems(model, kind, x)
     else:
         _check_ems_model(model, ems)
     return library.sample_dpm_solver_v3(model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable,

@@ -3,13 +3,14 @@
 A MODEL carries no file name or hash (docs/hosts.md 1.6), so the fingerprint is built from what determines the
 denoiser's output, each part cheap to read (about a millisecond for SD1.5):
 
-  weights        a sample of the *base* weights: all names and shapes plus the first 4096 values of every 16th
-                 tensor (the rule of ``stats.fingerprint_state_dict``), hashed after rounding to float16 and without
-                 the dtype, so one checkpoint loaded in fp32 on a CPU or fp16/bf16 on a GPU finds the same EMS.  ComfyUI patches LoRAs into the weights in place while a model is loaded
-                 and keeps the originals in ``patcher.backup`` (shared by all clones), so backed-up tensors are read
-                 from there: the fingerprint is the same before, during and after sampling.
-  weight patches every patched key with its strengths, offset, function and a sample of the patch tensors (LoRA,
-                 LoCon, diff, ...), so a LoRA or a different LoRA strength gives another fingerprint.
+  weights        every value of every *base* weight (``stats.fingerprint.weights_digest``: exact integer sums of
+                 the float16-rounded values, so one checkpoint loaded in fp32 on a CPU or fp16 on a GPU finds the
+                 same EMS; about 1-2 s for SD1.5 on one CPU thread, then cached while the tensors and their in-place
+                 version counters stay the same).  ComfyUI patches LoRAs into the weights in place while a model is
+                 loaded and keeps the originals in ``patcher.backup`` (shared by all clones), so backed-up tensors
+                 are read from there: the fingerprint is the same before, during and after sampling.
+  weight patches every patched key with its strengths, offset, function and the full-data digest of the patch
+                 tensors (LoRA, LoCon, diff, ...), so a LoRA or a different LoRA strength gives another fingerprint.
   model_sampling its class hierarchy, a digest of its sigma table (covers ModelSamplingDiscrete zero-SNR,
                  ModelSamplingSD3/Flux shift) and its scalar parameters.
   object patches the names and classes of other object patches.
@@ -23,30 +24,9 @@ import hashlib
 
 import torch
 
-PATCH_VALUES = 256  # values hashed per patch tensor
-WEIGHT_EVERY = 16  # every 16th weight tensor (sorted by name) is sampled ...
-WEIGHT_VALUES = 4096  # ... by its first 4096 values
+from ..stats.fingerprint import CachedWeightsDigest, tensor_sums, sigma_digest
 
-
-def _tensor_digest(tensor: torch.Tensor, values: int) -> bytes:
-    header = f"{tuple(tensor.shape)}|".encode()
-    flat = tensor.detach().reshape(-1)[:values].to("cpu")
-    if flat.is_floating_point():
-        flat = flat.to(torch.float32).to(torch.float16)
-    else:  # integer / quantized storage: hash the stored values as they are
-        flat = flat.contiguous().view(torch.uint8) if flat.element_size() > 0 else flat
-    return header + flat.numpy().tobytes()
-
-
-def weights_digest(weights) -> str:
-    """sha256 of the sorted names and shapes and a float16 sample of every WEIGHT_EVERY-th tensor."""
-    digest = hashlib.sha256()
-    for index, name in enumerate(sorted(weights)):
-        tensor = weights[name]
-        digest.update(f"{name}:{tuple(tensor.shape)};".encode())
-        if index % WEIGHT_EVERY == 0 and tensor.device.type != "meta":
-            digest.update(_tensor_digest(tensor, WEIGHT_VALUES))
-    return digest.hexdigest()
+_WEIGHTS = CachedWeightsDigest()
 
 
 def _describe(value, sink, depth=0):
@@ -54,7 +34,7 @@ def _describe(value, sink, depth=0):
     if depth > 8:
         sink(b"<deep>")
     elif isinstance(value, torch.Tensor):
-        sink(b"T" + _tensor_digest(value, PATCH_VALUES))
+        sink(b"T" + tensor_sums(value))
     elif isinstance(value, (list, tuple)):
         sink(f"[{len(value)}".encode())
         for item in value:
@@ -125,8 +105,6 @@ def model_sampling_description(model_sampling, sigma_digest) -> str:
 
 def model_fingerprint(patcher) -> str:
     """A hex fingerprint of a ComfyUI ModelPatcher (see the module docstring for what it covers)."""
-    from ..stats.cache import sigma_digest
-
     base = patcher.model
     latent_format = getattr(base, "latent_format", None)
     extra = [
@@ -145,10 +123,10 @@ def model_fingerprint(patcher) -> str:
     objects = sorted((name, type(obj).__qualname__) for name, obj in (getattr(patcher, "object_patches", {}) or
                                                                         {}).items() if name != "model_sampling")
     extra.append("object_patches=" + repr(objects))
-    digest = hashlib.sha256(weights_digest(base_weights(patcher)).encode())
+    digest = hashlib.sha256(_WEIGHTS(base_weights(patcher)).encode())
     for item in extra:
         digest.update(b"\x00" + item.encode())
     return digest.hexdigest()[:32]
 
 
-__all__ = ["model_fingerprint", "weights_digest", "base_weights", "model_sampling_description"]
+__all__ = ["model_fingerprint", "base_weights", "model_sampling_description"]

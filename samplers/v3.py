@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from .common import SamplerRun, check_choice, check_positive_int
+from .ems_data import EMSData
 from .exponential import first_order_data_step
 
 logger = logging.getLogger("dpm_solver_nodes")
@@ -54,9 +55,7 @@ def _degenerate_ems():
     """l = 1, s = b = 0 on a fine scalar grid (used when no EMS are given): DPM-Solver++ with the v3 corrector."""
     global _DEFAULT_EMS
     if _DEFAULT_EMS is None:
-        from ..stats.ems import EMS
-
-        _DEFAULT_EMS = EMS.degenerate(torch.linspace(-12.0, 12.0, 24001, dtype=torch.float64))
+        _DEFAULT_EMS = EMSData.degenerate(torch.linspace(-12.0, 12.0, 24001, dtype=torch.float64))
     return _DEFAULT_EMS
 
 
@@ -403,16 +402,23 @@ def _snap_sigmas(sigmas, ems, schedule):
 
 
 def _fallback_reason(ems, steps):
-    """Why the EMS check says DPM-Solver++(2M) beats v3 at ``steps`` model calls (nearest checked NFE), or None."""
-    check = ems.metadata.get("v3_check")
-    if not check or steps < 1:
+    """Why the EMS's stored decision sends ``steps`` model calls (nearest checked NFE) to DPM-Solver++(2M), or None."""
+    decision = ems.decision_for(steps)
+    if decision is None or decision.solver == "v3":
         return None
-    ratios = {int(n): float(r) for n, r in (item.split(":") for item in check.split(","))}
-    nearest = min(ratios, key=lambda n: (abs(math.log(n / steps)), n))
-    if ratios[nearest] < 1:
-        return None
-    return (f"the EMS check measured v3 / DPM-Solver++(2M) error {ratios[nearest]:.2f} >= 1 at {nearest} NFE "
+    return (f"the EMS check measured v3 / DPM-Solver++(2M) error {decision.ratio:.2f} at {decision.nfe} NFE "
             f"(this run: {steps} steps)")
+
+
+def _check_v3_options(ems, flags):
+    """``ems`` must be EMS data (or None) and the on/off options real bools: a file name or "no" is a mistake."""
+    if ems is not None and not isinstance(ems, EMSData):
+        hint = " (read a file with stats.load_ems(path))" if isinstance(ems, (str, bytes)) or hasattr(
+            ems, "__fspath__") else ""
+        raise TypeError(f"ems must be an EMS object or None, got {type(ems).__name__} {ems!r:.80}{hint}")
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be True or False, got {value!r}")
 
 
 def sample_dpm_solver_v3(model, x, sigmas, extra_args=None, callback=None, disable=None, *, ems=None, order=2,
@@ -422,8 +428,9 @@ def sample_dpm_solver_v3(model, x, sigmas, extra_args=None, callback=None, disab
     """DPM-Solver-v3 (Algorithm 2): multistep predictor with the EMS-based update and a corrector at no extra NFE.
 
     Options (the official names where they exist):
-      ems: the model's ``stats.EMS``; ``None`` uses l = 1, s = b = 0, i.e. DPM-Solver++ (Taylor form) plus the v3
-        corrector, and logs that once per process.  Per-element EMS of another latent size use their per-channel
+      ems: the model's EMS (``samplers.ems_data.EMSData``, e.g. a ``stats.EMS``; anything else is a TypeError);
+        ``None`` uses l = 1, s = b = 0, i.e. DPM-Solver++ (Taylor form) plus the v3 corrector, and logs that once
+        per process.  Per-element EMS of another latent size use their per-channel
         means (logged).  Statistics whose metadata name another model_kind are rejected.  |l| or |s| above 10
         (degenerate fits, e.g. zero-variance dimensions) are clamped with one log line: any bounded l, s, b keeps
         the update exact (App. I.3), and e^{S} must fit the float32 step weights.  The EMS are treated as
@@ -447,10 +454,9 @@ def sample_dpm_solver_v3(model, x, sigmas, extra_args=None, callback=None, disab
         a positive sigma returns x there, unevaluated (official behaviour).
       refine: split every EMS grid cell into this many trapezoid cells (l, s, b interpolated linearly), cutting
         the O(dlambda^2) quadrature error of the coefficients by refine^2 at refine times the (small) setup cost.
-      fallback: where the EMS carry the estimation-time check of ``stats.estimate.check_v3_against_dpmpp_2m``
-        (metadata ``v3_check``) and it measured v3 no better than DPM-Solver++(2M) at the NFE nearest to this run's
-        (in log NFE), run ``sample_dpmpp_2m`` instead and log why.  Without EMS and without corrector (order 2 or
-        3) v3 is DPM-Solver++ in its Taylor form; the paper's DPM-Solver++(2M) / the official 3M then run instead
+      fallback: where the EMS carry a decision (``ems.decisions``, from the EMS job's check) that sends the NFE
+        nearest to this run's (in log NFE) to DPM-Solver++(2M), run ``sample_dpmpp_2m`` instead and log why.
+        Without EMS and without corrector (order 2 or 3) v3 is DPM-Solver++ in its Taylor form; the paper's DPM-Solver++(2M) / the official 3M then run instead
         (logged; the 2M measured 0.54-0.91x the Taylor form's error at 5-20 NFE on the embedded models and the
         test mixtures, 1.04-1.09x at 5 NFE on flow logSNR-uniform steps).  False always runs v3.
       snap: round each sigma to the nearest EMS grid node as the official code does (parity tests only; the model
@@ -460,6 +466,8 @@ def sample_dpm_solver_v3(model, x, sigmas, extra_args=None, callback=None, disab
     cached; fp16/bf16 latents are integrated in float32.
     """
     global _warned_without_ems, _warned_without_ems_or_corrector
+    _check_v3_options(ems, {"p_pseudo": p_pseudo, "use_corrector": use_corrector, "c_pseudo": c_pseudo,
+                            "lower_order_final": lower_order_final, "snap": snap, "fallback": fallback})
     check_positive_int("order", order, maximum=3)
     check_choice("half", half, HALF_CHOICES)
     check_positive_int("refine", refine, maximum=64)
@@ -479,8 +487,8 @@ def sample_dpm_solver_v3(model, x, sigmas, extra_args=None, callback=None, disab
             _warned_without_ems = True
             logger.info("DPM-Solver-v3 without EMS: using l = 1, s = b = 0 (DPM-Solver++ with the v3 corrector)")
         ems = _degenerate_ems()
-    elif "model_kind" in ems.metadata and ems.metadata["model_kind"] != model_kind:
-        raise ValueError(f"the EMS were computed for model_kind={ems.metadata['model_kind']!r} but the sampler runs "
+    elif ems.model_kind is not None and ems.model_kind != model_kind:
+        raise ValueError(f"the EMS were computed for model_kind={ems.model_kind!r} but the sampler runs "
                          f"model_kind={model_kind!r}")
     if half_sigma is None:
         half_sigma = 0.5 if model_kind == "flow" else SD_HALF_SIGMA

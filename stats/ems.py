@@ -11,28 +11,40 @@ sigma~ = sigma / (1 - sigma) for ``model_kind="flow"`` (the same number as the f
   (C, 1, 1)  "per_channel" (resolution-free),
   (1, 1, 1)  "scalar".
 
-File format (one safetensors file, see docs/dpm_solver_v3.md section 5): tensors ``lambdas``, ``l``, ``s``, ``b`` and
-optional standard errors ``se_<name>``; string metadata with ``format=dpm_solver_nodes.ems`` and ``version`` plus
-whatever describes the statistics (model_kind, reduction, latent_shape, N, K, cfg, guidance, fingerprint, ...).
+File format (one safetensors file, version 2): tensors ``lambdas``, ``l``, ``s``, ``b`` and optional standard errors
+``se_<name>``; string metadata with ``format=dpm_solver_nodes.ems``, ``version``, ``tensor_sha256`` (sha256 of the
+tensor names, dtypes, shapes and bytes, verified on every read), ``model_kind``, ``N``, ``reduction`` and, from the
+EMS job, ``cache_key`` (the JSON of ``stats.settings.EMSKey``) and ``v3_decisions`` (JSON [[nfe, solver, ratio],
+...]).  Every field with a meaning is validated when a file is read, with an error naming the file; other fields
+(host, prompt, timings) are free text of bounded length.  Files are read through one open (bytes read once, then
+parsed), written atomically.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import os
 import re
-import tempfile
+import secrets
 
 import numpy as np
 import torch
 
+from ..samplers.ems_data import STAT_NAMES, EMSData, reduction_of, validate_arrays, validate_decisions
+from ..samplers.schedule import MODEL_KINDS
+
 logger = logging.getLogger("dpm_solver_nodes")
 
 FORMAT = "dpm_solver_nodes.ems"
-VERSION = "1"
-SUPPORTED_VERSIONS = ("1",)
+VERSION = "2"  # 2: sha256 of the tensor data, validated metadata, structured v3 decisions
+SUPPORTED_VERSIONS = ("2",)
 REDUCTIONS = ("per_element", "per_channel", "scalar")
-STAT_NAMES = ("l", "s", "b")
+TMP_PREFIX = ".ems-"
+TMP_SUFFIX = ".tmp"
+MAX_METADATA_VALUE = 4096  # characters per metadata string
+MAX_HEADER_BYTES = 1 << 20
 
 
 def _package_version() -> str:
@@ -44,80 +56,142 @@ def _package_version() -> str:
         return "unknown"
 
 
-def reduction_of(stat_shape) -> str:
-    """The reduction a stat shape (C, H, W) stands for."""
-    stat_shape = tuple(stat_shape)
-    if stat_shape == (1, 1, 1):
-        return "scalar"
-    if len(stat_shape) == 3 and stat_shape[1:] == (1, 1):
-        return "per_channel"
-    return "per_element"
-
-
 def _sigma_from_ve_lambda(lam: float, model_kind: str) -> float:
     sigma_ve = math.exp(-lam)
     return sigma_ve / (1 + sigma_ve) if model_kind == "flow" else sigma_ve
 
 
-class EMS:
+def tensor_digest(tensors) -> str:
+    """sha256 over the tensors' names, dtypes, shapes and bytes in name order (stored as ``tensor_sha256``)."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        value = tensors[name].detach().contiguous().cpu()
+        digest.update(f"{name}|{value.dtype}|{tuple(value.shape)}|".encode())
+        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def encode_decisions(decisions) -> str:
+    return json.dumps([[d.nfe, d.solver, round(d.ratio, 6)] for d in decisions], separators=(",", ":"))
+
+
+def _parse_decisions(text, source):
+    try:
+        return validate_decisions([tuple(item) if isinstance(item, list) else item for item in json.loads(text)])
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"{source}: metadata v3_decisions {text[:80]!r} is invalid ({error})") from error
+
+
+def _number(text, source, name, integer=False, positive=False):
+    try:
+        value = int(text) if integer else float(text)
+    except (TypeError, ValueError):
+        raise ValueError(f"{source}: metadata {name} = {text!r:.80} is not {'an integer' if integer else 'a number'}"
+                         ) from None
+    if not math.isfinite(value) or (positive and value <= 0):
+        raise ValueError(f"{source}: metadata {name} = {text!r:.80} must be {'> 0 and ' if positive else ''}finite")
+    return value
+
+
+def _reduction_fits(reduction, stat_shape) -> bool:
+    """Whether statistics of ``stat_shape`` can come from ``reduction`` (one channel: per_channel is scalar-shaped;
+    a 1x1 latent: per_element is per_channel-shaped)."""
+    ones = all(v == 1 for v in stat_shape[1:])
+    return {"per_element": True, "per_channel": ones, "scalar": ones and stat_shape[0] == 1}.get(reduction, False)
+
+
+# metadata fields with a meaning: their values are checked when a file is read (other fields are free text)
+_INTEGER_FIELDS = ("N", "K", "n_probes", "smooth", "error_groups", "x0_steps", "substeps", "forward_rows",
+                   "jvp_rows", "seed")
+_POSITIVE_FIELDS = ("sigma_min", "sigma_max")
+_NUMBER_FIELDS = ("cfg", "sb_window", "s_ridge", "seconds", "x0_seconds")
+
+
+def validate_metadata(metadata, source="EMS", lambdas=None, stat_shape=None):
+    """Check every metadata field with a meaning (module docstring); ValueError naming ``source`` and the field.
+    Returns (model_kind, decisions)."""
+    for key, value in metadata.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise ValueError(f"{source}: metadata must map strings to strings, got {key!r}: {type(value).__name__}")
+        if len(value) > MAX_METADATA_VALUE:
+            raise ValueError(f"{source}: metadata {key} is {len(value)} characters long (limit {MAX_METADATA_VALUE})")
+    model_kind = metadata.get("model_kind")
+    if model_kind is not None and model_kind not in MODEL_KINDS:
+        raise ValueError(f"{source}: metadata model_kind = {model_kind!r:.80} is not one of {MODEL_KINDS}")
+    for name in _INTEGER_FIELDS:
+        if name in metadata:
+            _number(metadata[name], source, name, integer=True)
+    for name in _POSITIVE_FIELDS:
+        if name in metadata:
+            _number(metadata[name], source, name, positive=True)
+    for name in _NUMBER_FIELDS:
+        if name in metadata:
+            _number(metadata[name], source, name)
+    if "latent_shape" in metadata and not re.fullmatch(r"\d{1,6}(x\d{1,6}){0,4}", metadata["latent_shape"]):
+        raise ValueError(f"{source}: metadata latent_shape = {metadata['latent_shape']!r:.80} is not like 4x64x64")
+    if lambdas is not None and "N" in metadata and int(metadata["N"]) != lambdas.shape[0] - 1:
+        raise ValueError(f"{source}: metadata N = {metadata['N']} but the grid has {lambdas.shape[0] - 1} cells")
+    if stat_shape is not None and "reduction" in metadata and not _reduction_fits(metadata["reduction"], stat_shape):
+        raise ValueError(f"{source}: metadata reduction = {metadata['reduction']!r:.80} but the statistics have "
+                         f"shape {stat_shape} ({reduction_of(stat_shape)})")
+    if "cache_key" in metadata:
+        from .settings import EMSKey
+
+        EMSKey.from_json(metadata["cache_key"], source)
+    decisions = _parse_decisions(metadata["v3_decisions"], source) if "v3_decisions" in metadata else ()
+    return model_kind, decisions
+
+
+class EMS(EMSData):
     """Empirical model statistics l, s, b on a lambda grid (see the module docstring for the conventions).
 
     Args:
       lambdas: (N + 1,) strictly increasing grid, index 0 the noisiest node (VE lambda = -log sigma~).
       l, s, b: (N + 1, *stat_shape) float tensors, stat_shape (C, H, W), (C, 1, 1) or (1, 1, 1).
-      metadata: dict of strings describing the statistics (values are converted with ``str``).
+      metadata: dict of strings describing the statistics (values are converted with ``str``), validated
+        (``validate_metadata``): ``model_kind`` (absent: usable for either kind) and ``v3_decisions`` set the
+        sampler's ``model_kind`` and ``decisions``.
       standard_errors: optional dict name -> tensor of the Monte-Carlo standard errors (e.g. of l, s, b).
+      decisions: the v3 decision per NFE (``samplers.ems_data.NFEDecision`` or (nfe, solver, ratio)); given, it
+        replaces ``metadata["v3_decisions"]``.
 
-    The tensors are kept on the CPU; ``lambdas`` in float64.  Bad shapes or non-finite values raise ``ValueError``.
+    The tensors are kept on the CPU; ``lambdas`` in float64.  Bad shapes, values or metadata raise ``ValueError``.
     """
 
-    def __init__(self, lambdas, l, s, b, metadata=None, standard_errors=None):
-        lambdas = torch.as_tensor(lambdas).detach().to("cpu", torch.float64)
-        stats = {}
-        for name, value in zip(STAT_NAMES, (l, s, b)):
-            value = torch.as_tensor(value).detach().cpu()
-            if not value.is_floating_point():
-                value = value.to(torch.float64)
-            stats[name] = value
-        _validate_arrays(lambdas, stats)
-        self.lambdas = lambdas
-        self.l, self.s, self.b = stats["l"], stats["s"], stats["b"]
-        self.metadata = {str(k): str(v) for k, v in (metadata or {}).items()}
+    def __init__(self, lambdas, l, s, b, metadata=None, standard_errors=None, decisions=None, where="EMS"):
+        metadata = {str(k): str(v) for k, v in (metadata or {}).items()}
+        if decisions is not None:
+            decisions = validate_decisions(decisions)
+            if decisions:
+                metadata["v3_decisions"] = encode_decisions(decisions)
+            else:
+                metadata.pop("v3_decisions", None)
+        model_kind, parsed = validate_metadata(metadata, where)
+        super().__init__(lambdas, l, s, b, model_kind=model_kind, decisions=parsed, where=where)
+        validate_metadata(metadata, where, self.lambdas, self.stat_shape)
+        self.metadata = metadata
         self.standard_errors = {}
         for name, value in (standard_errors or {}).items():
             value = torch.as_tensor(value).detach().cpu()
             if not torch.isfinite(value).all():
-                raise ValueError(f"standard error {name!r} contains NaN or inf")
+                raise ValueError(f"{where}: standard error {name!r} contains NaN or inf")
             self.standard_errors[str(name)] = value
-        self._fallback_logged = set()
+
+    def replace(self, metadata=None, decisions=None):
+        """A copy with ``metadata`` merged in and, if given, other ``decisions`` (arrays shared, not copied)."""
+        return EMS(self.lambdas, self.l, self.s, self.b, metadata={**self.metadata, **(metadata or {})},
+                   standard_errors=self.standard_errors, decisions=decisions)
 
     # ---- description ---------------------------------------------------------------------------------------------
     @property
-    def N(self) -> int:
-        return self.lambdas.shape[0] - 1
-
-    @property
-    def stat_shape(self) -> tuple:
-        return tuple(self.l.shape[1:])
-
-    @property
-    def reduction(self) -> str:
-        return reduction_of(self.stat_shape)
-
-    @property
-    def model_kind(self) -> str:
-        """``metadata["model_kind"]``, "eps" when the metadata does not say."""
-        return self.metadata.get("model_kind", "eps")
-
-    @property
     def sigma_max(self) -> float:
         """The host sigma (of ``model_kind``) at the noisiest grid node."""
-        return _sigma_from_ve_lambda(float(self.lambdas[0]), self.model_kind)
+        return _sigma_from_ve_lambda(float(self.lambdas[0]), self.model_kind or "eps")
 
     @property
     def sigma_min(self) -> float:
         """The host sigma (of ``model_kind``) at the cleanest grid node."""
-        return _sigma_from_ve_lambda(float(self.lambdas[-1]), self.model_kind)
+        return _sigma_from_ve_lambda(float(self.lambdas[-1]), self.model_kind or "eps")
 
     def __repr__(self):
         return (f"EMS(N={self.N}, stat_shape={self.stat_shape}, reduction={self.reduction!r}, "
@@ -126,50 +200,14 @@ class EMS:
     @classmethod
     def degenerate(cls, lambdas, channels=1):
         """l = 1, s = b = 0 (DPM-Solver++, the official ``degenerated=True``), per channel (scalar if channels=1)."""
-        lambdas = torch.as_tensor(lambdas, dtype=torch.float64)
-        shape = (lambdas.shape[0], channels, 1, 1)
-        return cls(lambdas, torch.ones(shape, dtype=torch.float64), torch.zeros(shape, dtype=torch.float64),
-                   torch.zeros(shape, dtype=torch.float64), metadata={"estimator": "degenerate"})
-
-    # ---- use -----------------------------------------------------------------------------------------------------
-    def for_latent(self, shape):
-        """l, s, b of shape (N + 1, *per_sample) where ``per_sample`` broadcasts against a latent of full shape
-        ``shape`` = (batch, C, ...).
-
-        Per-element statistics of another latent size fall back to their per-channel means (logged once per
-        shape); a channel count that differs from the latent's raises ``ValueError`` (scalar statistics fit any).
-        """
-        shape = tuple(int(v) for v in shape)
-        if len(shape) < 2:
-            raise ValueError(f"for_latent needs a batched latent shape (batch, C, ...), got {shape}")
-        per_sample = shape[1:]
-        channels = self.stat_shape[0]
-        rows = self.N + 1
-        if self.reduction == "scalar":
-            view = (rows,) + (1,) * len(per_sample)
-            return tuple(t.reshape(view) for t in (self.l, self.s, self.b))
-        if channels != per_sample[0]:
-            raise ValueError(
-                f"the EMS have {channels} channels (stat shape {self.stat_shape}) but the latent has "
-                f"{per_sample[0]} channels (shape {shape}): these statistics belong to another model family")
-        if self.reduction == "per_element" and self.stat_shape == per_sample:
-            return self.l, self.s, self.b
-        if self.reduction == "per_element" and per_sample not in self._fallback_logged:
-            self._fallback_logged.add(per_sample)
-            logger.warning(
-                "DPM-Solver-v3: per-element EMS of shape %s do not fit a latent of shape %s; using their per-channel "
-                "means", self.stat_shape, per_sample)
-        view = (rows, channels) + (1,) * (len(per_sample) - 1)
-        return tuple(t.reshape(rows, channels, -1).mean(-1).reshape(view) for t in (self.l, self.s, self.b))
+        data = EMSData.degenerate(lambdas, channels)
+        return cls(data.lambdas, data.l, data.s, data.b, metadata={"estimator": "degenerate"})
 
     # ---- files ---------------------------------------------------------------------------------------------------
-    def save(self, path, dtype=torch.float32):
-        """Write one safetensors file atomically (temp file in the same folder + ``os.replace``).
-
-        ``lambdas`` are stored in float64, l, s, b and standard errors in ``dtype`` (float32 is enough: the
-        Monte-Carlo error dominates).  Two processes saving the same path leave one complete file.
-        """
-        from safetensors.torch import save_file
+    def to_bytes(self, dtype=torch.float32) -> bytes:
+        """The safetensors file: ``lambdas`` in float64, l, s, b and standard errors in ``dtype`` (float32 is
+        enough: the Monte-Carlo error dominates), metadata with ``tensor_sha256`` of the tensor data."""
+        from safetensors.torch import save
 
         tensors = {"lambdas": self.lambdas.contiguous()}
         for name in STAT_NAMES:
@@ -177,22 +215,28 @@ class EMS:
         for name, value in self.standard_errors.items():
             tensors[f"se_{name}"] = value.to(dtype).contiguous()
         metadata = dict(self.metadata)
-        metadata.update({"format": FORMAT, "version": VERSION, "N": str(self.N), "reduction": self.reduction,
+        metadata.setdefault("reduction", self.reduction)
+        metadata.update({"format": FORMAT, "version": VERSION, "N": str(self.N),
+                         "tensor_sha256": tensor_digest(tensors),
                          "grid_min_lambda": repr(float(self.lambdas[0])),
                          "grid_max_lambda": repr(float(self.lambdas[-1]))})
         metadata.setdefault("library_version", _package_version())
+        return save(tensors, metadata=metadata)
+
+    def save(self, path, dtype=torch.float32):
+        """Write one safetensors file atomically (temp file ``.ems-<pid>-<random>.tmp`` in the same folder, fsync,
+        ``os.replace``); two processes saving the same path leave one complete file.  Returns the path."""
         path = os.fspath(path)
+        data = self.to_bytes(dtype)
         folder = os.path.dirname(os.path.abspath(path))
         os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".ems-", suffix=".tmp", dir=folder)
-        os.close(fd)
+        tmp = os.path.join(folder, f"{TMP_PREFIX}{os.getpid()}-{secrets.token_hex(6)}{TMP_SUFFIX}")
         try:
-            save_file(tensors, tmp, metadata=metadata)
-            with open(tmp, "rb") as handle:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies: shareable file
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
                 os.fsync(handle.fileno())
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a shareable file gets the usual permissions
             os.replace(tmp, path)
         except BaseException:
             try:
@@ -201,32 +245,6 @@ class EMS:
                 pass
             raise
         return path
-
-
-def _validate_arrays(lambdas, stats, where="EMS"):
-    if lambdas.ndim != 1 or lambdas.shape[0] < 2:
-        raise ValueError(f"{where}: lambdas must be 1-D with at least 2 nodes, got shape {tuple(lambdas.shape)}")
-    if not torch.isfinite(lambdas).all():
-        raise ValueError(f"{where}: lambdas contain NaN or inf")
-    steps = lambdas[1:] - lambdas[:-1]
-    if (steps <= 0).any():
-        k = int(torch.nonzero(steps <= 0)[0])
-        raise ValueError(f"{where}: lambdas must be strictly increasing (noisiest first); lambdas[{k}] = "
-                         f"{lambdas[k].item():.6g} >= lambdas[{k + 1}] = {lambdas[k + 1].item():.6g}")
-    rows = lambdas.shape[0]
-    shape = None
-    for name, value in stats.items():
-        if value.ndim != 4:
-            raise ValueError(f"{where}: {name} must have shape (N + 1, C, H, W), got {tuple(value.shape)}")
-        if value.shape[0] != rows:
-            raise ValueError(f"{where}: {name} has {value.shape[0]} rows but lambdas has {rows} nodes")
-        if shape is None:
-            shape = tuple(value.shape)
-        elif tuple(value.shape) != shape:
-            raise ValueError(f"{where}: l, s, b shapes differ: {name} is {tuple(value.shape)}, expected {shape}")
-        if not torch.isfinite(value).all():
-            bad = int((~torch.isfinite(value)).sum())
-            raise ValueError(f"{where}: {name} contains {bad} NaN or inf values")
 
 
 def _values_match(expected, actual) -> bool:
@@ -267,52 +285,94 @@ def check_expectations(ems: EMS, expect, source="EMS"):
             raise ValueError(f"{source}: {key} mismatch: expected {value!r}, the file has {actual!r}")
 
 
+def read_header(data: bytes, source):
+    """The ``__metadata__`` dict of safetensors bytes (at least the header); ValueError naming ``source``."""
+    if len(data) < 8:
+        raise ValueError(f"EMS file {source} is corrupt or truncated ({len(data)} bytes)")
+    size = int.from_bytes(data[:8], "little")
+    if size > MAX_HEADER_BYTES or len(data) < 8 + size:
+        raise ValueError(f"EMS file {source} is corrupt or truncated (header of {size} bytes)")
+    try:
+        header = json.loads(data[8:8 + size])
+    except ValueError as error:
+        raise ValueError(f"EMS file {source} is corrupt (header is not JSON: {error})") from None
+    if not isinstance(header, dict) or not isinstance(header.get("__metadata__", {}), dict):
+        raise ValueError(f"EMS file {source} is corrupt (header is not a JSON object)")
+    metadata = header.get("__metadata__", {})
+    if metadata.get("format") != FORMAT:
+        raise ValueError(f"{source} is not a {FORMAT} file (format = {metadata.get('format')!r:.80})")
+    if metadata.get("version") not in SUPPORTED_VERSIONS:
+        raise ValueError(f"{source} has EMS format version {metadata.get('version')!r:.20}; this library reads "
+                         f"{SUPPORTED_VERSIONS} (files of version 1 have no checksum: compute the EMS again)")
+    return metadata
+
+
+def read_file_header(path):
+    """(metadata, (mtime_ns, size, inode)) of an EMS file, reading only its header through one open."""
+    with open(path, "rb") as handle:
+        stat = os.fstat(handle.fileno())
+        head = handle.read(8)
+        size = int.from_bytes(head, "little") if len(head) == 8 else 0
+        head += handle.read(min(size, MAX_HEADER_BYTES))
+    return read_header(head, repr(path)), (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+
+
+def ems_from_bytes(data: bytes, source="EMS") -> EMS:
+    """Parse and validate a whole EMS file: header, ``tensor_sha256``, shapes, bounds, metadata."""
+    from safetensors.torch import load
+
+    metadata = read_header(data, source)
+    try:
+        tensors = load(data)
+    except Exception as error:  # safetensors raises its own error types for bad headers and short files
+        raise ValueError(f"EMS file {source} is corrupt or truncated ({type(error).__name__}: {error})") from error
+    stored = metadata.get("tensor_sha256")
+    if stored is None:
+        raise ValueError(f"EMS file {source} has no tensor_sha256 checksum")
+    if tensor_digest(tensors) != stored:
+        raise ValueError(f"EMS file {source} is corrupt: its tensor data do not match the stored sha256")
+    missing = [k for k in ("lambdas",) + STAT_NAMES if k not in tensors]
+    if missing:
+        raise ValueError(f"{source} lacks the tensors {missing}")
+    stats = {k: tensors[k] for k in STAT_NAMES}
+    lambdas = tensors["lambdas"].to(torch.float64)
+    validate_arrays(lambdas, stats, where=source)
+    errors = {k[3:]: v for k, v in tensors.items() if k.startswith("se_")}
+    for name, value in errors.items():
+        if name in stats and tuple(value.shape) != tuple(stats[name].shape):
+            raise ValueError(f"{source}: se_{name} has shape {tuple(value.shape)}, {name} has "
+                             f"{tuple(stats[name].shape)}")
+    return EMS(lambdas, stats["l"], stats["s"], stats["b"], metadata=metadata, standard_errors=errors, where=source)
+
+
+def read_ems_file(path):
+    """(EMS, (mtime_ns, size, inode)) read through one open: the bytes are read once and parsed from memory, so
+    a concurrent ``os.replace`` cannot mix two files' header and data."""
+    with open(path, "rb") as handle:
+        stat = os.fstat(handle.fileno())
+        data = handle.read()
+    return ems_from_bytes(data, repr(os.fspath(path))), (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+
+
 def load_ems(path, expect=None, **official_options):
     """Read an EMS file written by ``EMS.save`` (or an official thu-ml folder, see ``import_official_ems``).
 
-    Everything is validated (format, version, shapes, strictly increasing lambdas, finite values); a corrupt or
-    truncated file raises ``ValueError`` saying so.  ``expect`` is a dict of properties that must match (see
-    ``check_expectations``), e.g. ``{"channels": 4, "model_kind": "eps", "fingerprint": "..."}``.
+    Everything is validated (format, version, the sha256 of the tensor data, shapes, strictly increasing lambdas,
+    finite and bounded values, every metadata field with a meaning); a bad file raises ``ValueError`` naming it.
+    ``expect`` is a dict of properties that must match (see ``check_expectations``), e.g. ``{"channels": 4,
+    "model_kind": "eps", "fingerprint": "..."}``.
     """
     path = os.fspath(path)
     if os.path.isdir(path):
         ems = import_official_ems(path, **official_options)
         check_expectations(ems, expect, source=path)
         return ems
-    if not os.path.isfile(path):
-        raise ValueError(f"EMS file {path!r} does not exist")
     try:
-        from safetensors import safe_open
-
-        with safe_open(path, framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            keys = set(handle.keys())
-            tensors = {k: handle.get_tensor(k) for k in keys}
-    except Exception as error:  # safetensors raises its own error types for bad headers and short files
-        raise ValueError(f"EMS file {path!r} is corrupt or truncated ({type(error).__name__}: {error})") from error
-    if metadata.get("format") != FORMAT:
-        raise ValueError(f"{path!r} is not a {FORMAT} file (format = {metadata.get('format')!r})")
-    if metadata.get("version") not in SUPPORTED_VERSIONS:
-        raise ValueError(f"{path!r} has EMS format version {metadata.get('version')!r}; this library reads "
-                         f"{SUPPORTED_VERSIONS}")
-    missing = [k for k in ("lambdas",) + STAT_NAMES if k not in keys]
-    if missing:
-        raise ValueError(f"{path!r} lacks the tensors {missing}")
-    lambdas = tensors["lambdas"].to(torch.float64)
-    stats = {k: tensors[k] for k in STAT_NAMES}
-    _validate_arrays(lambdas, stats, where=repr(path))
-    if "N" in metadata and metadata["N"] != str(lambdas.shape[0] - 1):
-        raise ValueError(f"{path!r}: metadata N = {metadata['N']} but the grid has {lambdas.shape[0] - 1} cells")
-    shape = tuple(stats["l"].shape[1:])
-    if "reduction" in metadata and metadata["reduction"] != reduction_of(shape):
-        raise ValueError(f"{path!r}: metadata reduction = {metadata['reduction']!r} but the statistics have shape "
-                         f"{shape} ({reduction_of(shape)})")
-    errors = {k[3:]: v for k, v in tensors.items() if k.startswith("se_")}
-    for name, value in errors.items():
-        if name in stats and tuple(value.shape) != tuple(stats[name].shape):
-            raise ValueError(f"{path!r}: se_{name} has shape {tuple(value.shape)}, {name} has "
-                             f"{tuple(stats[name].shape)}")
-    ems = EMS(lambdas, stats["l"], stats["s"], stats["b"], metadata=metadata, standard_errors=errors)
+        ems, _ = read_ems_file(path)
+    except FileNotFoundError:
+        raise ValueError(f"EMS file {path!r} does not exist") from None
+    except (IsADirectoryError, PermissionError) as error:
+        raise ValueError(f"EMS file {path!r} cannot be read ({error})") from None
     check_expectations(ems, expect, source=repr(path))
     return ems
 
@@ -417,4 +477,5 @@ def import_official_ems(directory, sigma_min=None, sigma_max=None, model="sd"):
     return EMS(lambdas, torch.from_numpy(l), torch.from_numpy(s), torch.from_numpy(b), metadata=metadata)
 
 
-__all__ = ["EMS", "load_ems", "import_official_ems", "check_expectations", "FORMAT", "VERSION", "REDUCTIONS"]
+__all__ = ["EMS", "load_ems", "import_official_ems", "check_expectations", "read_ems_file", "read_file_header",
+           "ems_from_bytes", "validate_metadata", "tensor_digest", "FORMAT", "VERSION", "REDUCTIONS"]

@@ -59,21 +59,14 @@ import torch
 from ..samplers.common import NonFiniteError
 from ..samplers.schedule import check_model_kind
 from .ems import EMS
+from .settings import CHECK_NFES, ESTIMATOR_VERSION, JVP_BACKENDS, REDUCTIONS, SAMPLE_SOURCES
 
 logger = logging.getLogger("dpm_solver_nodes")
 
-ESTIMATOR_VERSION = "2"  # 2: host jobs fit s, b with the window and the slope ridge (RECOMMENDED_SETTINGS)
-REDUCTIONS = ("per_element", "per_channel", "scalar")
-JVP_BACKENDS = ("auto", "forward", "finite_difference")
-SAMPLE_SOURCES = ("diffused", "trajectory")
 DEFAULT_N = 100
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_SMOOTH = 5
 DEFAULT_ERROR_GROUPS = 8
-# Settings measured on the embedded trained model (bench/v3_study.py, bench/results_v3_study.md): with them v3 beats
-# DPM-Solver++(2M) at 5-20 NFE at guidance 1 and 5 from K = 32 samples (about 10 s CPU); callers pass them
-# explicitly (the function's own defaults stay the paper's per-node fit, sb_window = 0).
-RECOMMENDED_SETTINGS = {"N": 200, "reduction": "per_channel", "sb_window": 0.5, "s_ridge": 0.01}
 RELATIVE_VARIANCE_FLOOR = 1e-10
 MAX_MOMENT_BYTES = 2 ** 31  # float64 moments kept on the CPU across all error groups
 
@@ -449,13 +442,13 @@ def estimate_ems(model, x0, sigma_min, sigma_max, *, model_kind="eps", N=DEFAULT
         x0 + sigma~_max z; recommended for guided models, see the module docstring).
       substeps: DPM-Solver++(2M) steps per grid cell for ``samples="trajectory"``.
       sb_window: fit s and b over +-sb_window in lambda instead of per node (``statistics_from_moments``); 0 (the
-        default) is the paper's per-node fit.  ``RECOMMENDED_SETTINGS`` uses 0.5 with N = 200: on the embedded
+        default) is the paper's per-node fit.  ``EMSSettings`` (the EMS job) uses 0.5 with N = 200: on the embedded
         trained model that made v3 beat DPM-Solver++(2M) at 5-20 NFE where the per-node fit lost at 10-20 NFE
         (bench/results_v3_study.md).  Only post-processing: it does not change the cost or the resume state.
       s_ridge: ridge on the slope, s = Cov(f, f') / (Var f + s_ridge (Var f + E[f]^2)) (0, the default, is the
         paper's least squares).  Where f barely varies relative to its size (high noise on multi-modal data) the
         slope is ill-conditioned, yet it enters the solver as e^{-int s}: with cheap EMS (N = 10, K = 8) the plain fit
-        gave s ~ -800 and v3 errors 1e3-1e10 times those without EMS; 0.01 (``RECOMMENDED_SETTINGS``) kept s O(1)
+        gave s ~ -800 and v3 errors 1e3-1e10 times those without EMS; 0.01 (``EMSSettings``) kept s O(1)
         there and changed v3's errors on the embedded trained model by at most 0.01 of the ratio to DPM-Solver++(2M)
         (tests/test_estimate.py::test_slope_ridge_keeps_v3_stable_where_f_barely_varies).
       error_groups: sample groups for the jackknife standard errors (1: none).  Memory for the moments is
@@ -626,9 +619,6 @@ def generate_x0(model, shape, K, sigma_max, sigma_min, model_kind="eps", *, step
     return torch.cat(samples)
 
 
-CHECK_NFES = (5, 6, 8, 10, 15, 20)
-
-
 def check_v3_against_dpmpp_2m(model, ems, shape, sigma_min, sigma_max, *, seed, steps=100, samples=50,
                               nfes=CHECK_NFES, model_kind="eps", extra_args=None, batch_size=None,
                               dtype=torch.float32, device="cpu", **v3_options) -> EMS:
@@ -639,8 +629,9 @@ def check_v3_against_dpmpp_2m(model, ems, shape, sigma_min, sigma_max, *, seed, 
     same seed and steps start with the same samples).  From that noise, ``sample_dpm_solver_v3`` with ``ems`` (and
     ``v3_options``) and ``sample_dpmpp_2m`` run at each NFE on generate_x0's spacing (uniform in lambda for eps, in
     sigma for flow) and ending in a final denoise; the ratio of their mean RMS errors is stored in a copy of ``ems``
-    as metadata ``v3_check`` ("5:0.742,6:0.651,...") with ``v3_check_samples``.  ``sample_dpm_solver_v3`` runs
-    ``sample_dpmpp_2m`` instead (logged) where the check's ratio at the nearest NFE is >= 1.  Cost: samples *
+    as its ``decisions`` (metadata ``v3_decisions`` [[5, "v3", 0.742], ...], "dpmpp_2m" where the ratio is >= 1)
+    with ``v3_check_samples``.  ``sample_dpm_solver_v3`` runs ``sample_dpmpp_2m`` instead (logged) where the
+    decision at the nearest NFE says so.  Cost: samples *
     (steps + 2 * sum(nfes)) model rows, 11,400 for the defaults (1.5 s CPU on the embedded model).  Measured there
     (bench/results_v3_study.md): the check's ratios follow 100 held-out samples within about 0.07 except where v3
     and 2M are within ~10 % of each other, where 20-50 samples can fall either way (guidance 7.5, 8 NFE: 0.87 to
@@ -681,11 +672,11 @@ def check_v3_against_dpmpp_2m(model, ems, shape, sigma_min, sigma_max, *, seed, 
     if losing:
         logger.info("DPM-Solver-v3 EMS check: v3 / DPM-Solver++(2M) error %s; the sampler will use DPM-Solver++(2M) "
                     "at %s NFE", ", ".join(f"{n}: {r:.2f}" for n, r in ratios.items()), losing)
-    metadata = dict(ems.metadata, v3_check=",".join(f"{n}:{r:.4f}" for n, r in ratios.items()),
-                    v3_check_samples=str(samples))
-    return EMS(ems.lambdas, ems.l, ems.s, ems.b, metadata=metadata, standard_errors=ems.standard_errors)
+    decisions = [(n, "dpmpp_2m" if r >= 1 else "v3", r) for n, r in ratios.items()]
+    return ems.replace(metadata={"v3_check_samples": str(samples), "v3_check_steps": str(steps)},
+                       decisions=decisions)
 
 
 __all__ = ["estimate_ems", "generate_x0", "EstimationState", "EstimationInterrupted", "statistics_from_moments",
            "smoothed_derivative", "fit_terms", "ESTIMATOR_VERSION", "REDUCTIONS", "JVP_BACKENDS", "SAMPLE_SOURCES",
-           "RECOMMENDED_SETTINGS", "CHECK_NFES", "check_v3_against_dpmpp_2m"]
+           "CHECK_NFES", "check_v3_against_dpmpp_2m"]

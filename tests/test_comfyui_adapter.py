@@ -4,6 +4,7 @@ and the EMS file index.  The adapter against a real ComfyUI is tests/test_comfyu
 from __future__ import annotations
 
 import inspect
+import os
 import math
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import torch
 
 from dpm_solver_nodes import samplers
 from dpm_solver_nodes.analytic.gaussian_mixture import GaussianMixture, reference_solution, sample_noise
-from dpm_solver_nodes.nodes import comfy_sampling, ems_store, fingerprint, model_kind, options
+from dpm_solver_nodes.nodes import comfy_sampling, fingerprint, model_kind, options
 from dpm_solver_nodes.stats import EMS
 
 
@@ -313,11 +314,12 @@ def test_fingerprint_stable_for_equal_models_and_across_processes():
 def test_fingerprint_changes_with_weights_channels_and_model_sampling():
     reference = _fp(_Patcher(_Base(seed=0)))
     assert _fp(_Patcher(_Base(seed=1))) != reference
-    base = _Base(seed=0)
-    first = sorted(fingerprint.base_weights(_Patcher(base)))[0]  # sampled: every 16th name in sorted order
-    with torch.no_grad():
-        dict(base.named_parameters())[first].view(-1)[0] += 1e-2
-    assert _fp(_Patcher(base)) != reference
+    for index in (0, 1, 39):  # every tensor counts (main sampled every 16th tensor's first 4096 values)
+        base = _Base(seed=0)
+        name = sorted(fingerprint.base_weights(_Patcher(base)))[index]
+        with torch.no_grad():
+            dict(base.named_parameters())[name].view(-1)[-1] += 1e-2
+        assert _fp(_Patcher(base)) != reference, name
     assert _fp(_Patcher(_Base(seed=0, channels=16))) != reference
     assert _fp(_Patcher(_Base(seed=0, width=17))) != reference
     patcher = _Patcher(_Base(seed=0))  # zero-terminal-SNR-like change of the sigma table
@@ -331,6 +333,18 @@ def test_fingerprint_changes_with_weights_channels_and_model_sampling():
     for p, shift in zip(shifted, (1.0, 3.0)):
         p.object_patches["model_sampling"] = _sampling(P.ModelSamplingDiscreteFlow, P.CONST, shift=shift)
     assert len({_fp(shifted[0]), _fp(shifted[1]), reference}) == 3
+
+
+def test_fingerprint_sees_in_place_changes_of_the_same_tensors():
+    """The digest is cached per tensor identity and torch's in-place version counter: an in-place edit of a weight
+    of the very same model object must still change the fingerprint."""
+    patcher = _Patcher(_Base(seed=0))
+    before = _fp(patcher)
+    assert _fp(patcher) == before
+    name = sorted(fingerprint.base_weights(patcher))[7]
+    with torch.no_grad():
+        dict(patcher.model.named_parameters())[name].view(-1)[-1] += 1e-2
+    assert _fp(patcher) != before
 
 
 def _lora(base, key, strength, seed):
@@ -358,7 +372,6 @@ def test_fingerprint_ignores_in_place_patching_and_dtype():
     fingerprint must be the same before and during sampling, and for an fp16 load of the same weights."""
     patcher = _Patcher(_Base(seed=0))
     key = [k for k in sorted(fingerprint.base_weights(patcher)) if k.endswith("weight")][0]
-    assert sorted(fingerprint.base_weights(patcher)).index(key) % fingerprint.WEIGHT_EVERY == 0  # sampled
     patcher.patches[key] = _lora(patcher.model, key, 1.0, 0)
     before = _fp(patcher)
     weight = dict(patcher.model.named_parameters())[key]
@@ -370,35 +383,182 @@ def test_fingerprint_ignores_in_place_patching_and_dtype():
     assert _fp(half) == _fp(_Patcher(_Base(seed=0)))
 
 
-# ---- EMS files --------------------------------------------------------------------------------------------------
+# ---- EMS files ----------------------------------------------------------------------------------------------------
 
-def _ems_file(folder, name, fingerprint_value, cfg, key="k"):
-    ems = EMS.degenerate(torch.linspace(-2.6, 3.5, 5), channels=4)
-    ems.metadata.update({"fingerprint": fingerprint_value, "cfg": repr(cfg), "cache_key": key, "model_kind": "eps"})
+def _ems_file(folder, name, fingerprint_value, cfg, reduction="per_channel", shape=(4, 8, 8)):
+    from dpm_solver_nodes.stats import EMSKey, EMSSettings, EMSTarget
+
+    key = EMSKey(EMSTarget(fingerprint_value, "eps", cfg, shape, 0.03, 14.6), EMSSettings(N=4, reduction=reduction))
+    lambdas = torch.linspace(-2.6, 3.5, 5, dtype=torch.float64)
+    stat = (5,) + (shape if reduction == "per_element" else (4, 1, 1))
+    ems = EMS(lambdas, torch.full(stat, 0.9), torch.zeros(stat), torch.zeros(stat),
+              metadata={"fingerprint": fingerprint_value, "cfg": repr(cfg), "cache_key": key.to_json(),
+                        "model_kind": "eps"})
     return ems.save(folder / name)
 
 
-def test_ems_index_finds_by_fingerprint_nearest_cfg_and_cache_key(tmp_path):
+def test_store_finds_by_fingerprint_nearest_cfg_and_latent_shape(tmp_path):
+    from dpm_solver_nodes.stats import EMSStore
+
     (tmp_path / "sub").mkdir()
-    _ems_file(tmp_path, "a.safetensors", "fp1", 7.5, key="key-a")
-    _ems_file(tmp_path / "sub", "b.safetensors", "fp1", 4.0, key="key-b")
-    _ems_file(tmp_path, "c.safetensors", "fp2", 7.5, key="key-c")
+    _ems_file(tmp_path, "a.safetensors", "fp1", 7.5)
+    _ems_file(tmp_path / "sub", "b.safetensors", "fp1", 4.0)
+    _ems_file(tmp_path, "c.safetensors", "fp2", 7.5)
+    _ems_file(tmp_path, "d.safetensors", "fp3", 7.5, reduction="per_element")
     (tmp_path / "broken.safetensors").write_bytes(b"not a safetensors file")
-    index = ems_store.EMSIndex(lambda: [str(tmp_path), str(tmp_path / "missing")])
-    assert index.for_model("fp1", 7.0).endswith("a.safetensors")
-    assert index.for_model("fp1", 5.0).endswith("b.safetensors")
-    assert index.for_model("fp2", 1.0).endswith("c.safetensors")
-    assert index.for_model("fp3", 7.5) is None
-    assert index.by_cache_key("key-b").endswith("b.safetensors")
-    assert index.by_cache_key("nope") is None
-    _ems_file(tmp_path, "a.safetensors", "fp9", 7.5, key="key-a")  # rewritten file: header re-read
-    assert index.for_model("fp1", 7.0).endswith("b.safetensors")
+    store = EMSStore(lambda: [str(tmp_path), str(tmp_path / "missing")])
+    assert store.find("fp1", "eps", cfg=7.0)[1].endswith("a.safetensors")
+    assert store.find("fp1", "eps", cfg=5.0)[1].endswith("b.safetensors")
+    assert store.find("fp2", "eps", cfg=1.0)[1].endswith("c.safetensors")
+    assert store.find("fp2", "flow", cfg=1.0) == (None, None)
+    assert store.find("fp9", "eps", cfg=7.5) == (None, None)
+    assert store.find("fp3", "eps", cfg=7.5, latent_shape=(4, 8, 8))[1].endswith("d.safetensors")
+    assert store.find("fp3", "eps", cfg=7.5, latent_shape=(4, 16, 16)) == (None, None)  # per_element: its size only
+    _ems_file(tmp_path, "a.safetensors", "fp9", 7.5)  # rewritten file: header re-read
+    assert store.find("fp1", "eps", cfg=7.0)[1].endswith("b.safetensors")
 
 
-def test_cache_key_and_file_names():
-    settings = {"fingerprint": "f", "cfg": 7.5, "N": 100}
-    assert ems_store.cache_key(settings) == ems_store.cache_key(dict(reversed(settings.items())))
-    assert ems_store.cache_key(settings) != ems_store.cache_key({**settings, "cfg": 7.0})
-    assert ems_store.safe_stem("../../etc/passwd") == "etc_passwd"
-    assert ems_store.safe_stem("") == "ems"
-    assert ems_store.file_name("sd15 cfg7.5", "0123456789abcdef0123") == "sd15_cfg7.5-0123456789abcdef.safetensors"
+def test_save_node_names_are_validated(tmp_path):
+    from dpm_solver_nodes.stats import EMSStore, validate_name
+
+    store = EMSStore([str(tmp_path)])
+    ems = EMS.degenerate(torch.linspace(-2.6, 3.5, 5), channels=4)
+    for bad in ("", ".", "..", " .. ", "x" * 300, ".safetensors"):
+        with pytest.raises(ValueError, match="EMS file name"):
+            store.save(ems, bad)
+    assert validate_name("../../etc/passwd") == "_._.._etc_passwd"
+    assert store.save(ems, "sd15 cfg7.5.safetensors").endswith("sd15_cfg7.5.safetensors")
+    assert sorted(os.listdir(tmp_path)) == ["sd15_cfg7.5.safetensors"]
+
+
+def test_dropdown_reuses_the_stored_ems_and_builds_v3s_plan_once(fake_comfy_model_sampling, tmp_path,
+                                                                 monkeypatch):
+    """Two generations in a row with the dropdown's v3: the EMS file is read once and v3's step plan built once
+    (main re-read the file on every generation, so the plan cache never hit)."""
+    from dpm_solver_nodes.nodes import ems_store as comfy_store
+    from dpm_solver_nodes.samplers import v3 as v3_module
+    from dpm_solver_nodes.stats import EMSStore
+    from dpm_solver_nodes.stats import store as store_module
+
+    patcher = _Patcher(_Base(seed=0))
+    _ems_file(tmp_path, "model.safetensors", _fp(patcher), 5.0)
+    monkeypatch.setattr(comfy_store, "_STORE", EMSStore([str(tmp_path)]))
+    builds, reads = [], []
+    build, read = v3_module._build_plan, store_module.read_ems_file
+    monkeypatch.setattr(v3_module, "_build_plan", lambda *a, **k: builds.append(1) or build(*a, **k))
+    monkeypatch.setattr(store_module, "read_ems_file", lambda *a, **k: reads.append(1) or read(*a, **k))
+    mixture = GaussianMixture.random(dim=4, components=3, seed=2)
+    denoiser = mixture.denoiser("eps")
+
+    class Wrapper:  # KSamplerX0Inpaint -> CFGGuider (cfg, model_patcher) -> BaseModel
+        inner_model = types.SimpleNamespace(cfg=5.0, model_patcher=patcher, inner_model=types.SimpleNamespace(
+            model_sampling=_sampling(P.ModelSamplingDiscrete, P.EPS)))
+
+        def __call__(self, x, sigma, **extra):
+            return denoiser(x.reshape(x.shape[0], -1), sigma).reshape(x.shape)
+
+    sigmas = torch.tensor([14.0, 3.0, 0.8, 0.1, 0.0], dtype=torch.float64)
+    x = sample_noise(2, (4, 1, 1), seed=5) * 14.0
+    outputs = [comfy_sampling.sample_dpm_solver_v3(Wrapper(), x, sigmas, disable=True) for _ in range(2)]
+    assert torch.equal(outputs[0], outputs[1])
+    assert len(reads) == 1 and len(builds) == 1, (reads, builds)
+    degenerate = samplers.sample_dpm_solver_v3(denoiser, x, sigmas, disable=True)
+    assert not torch.allclose(outputs[0], degenerate)  # the stored EMS (l = 0.9) were used
+
+
+class _Interrupted(Exception):
+    pass
+
+
+@pytest.fixture
+def fake_comfy(monkeypatch, tmp_path):
+    """The parts of ComfyUI the EMS node's job uses: a CFGGuider that runs the sampler function with a Gaussian
+    mixture as the guided model, KSAMPLER, ProgressBar, the Interrupt check and ModelSamplingDiscrete."""
+    from dpm_solver_nodes.nodes import ems_store as comfy_store
+    from dpm_solver_nodes.stats import EMSStore
+
+    mixture = GaussianMixture.random(dim=4, components=3, seed=4)
+    denoiser = mixture.denoiser("eps")
+    state = {"interrupt_after": None, "calls": 0, "bar": []}
+
+    def model(x, sigma, **_):
+        state["calls"] += 1
+        return denoiser(x.reshape(x.shape[0], -1).double(), sigma.double()).reshape(x.shape).to(x.dtype)
+
+    class CFGGuider:
+        def __init__(self, patcher):
+            self.patcher = patcher
+
+        def set_conds(self, positive, negative):
+            pass
+
+        def set_cfg(self, cfg):
+            pass
+
+        def sample(self, noise, latent, sampler, sigmas, disable_pbar=False, seed=None):
+            assert 0 <= seed < 2 ** 64
+            return sampler.function(model, noise, sigmas, extra_args={})
+
+    class ModelSamplingDiscrete(P.ModelSamplingDiscrete):
+        sigma_min, sigma_max = 0.03, 14.6
+
+        def timestep(self, sigma):
+            return sigma
+
+    def check_interrupt():
+        if state["interrupt_after"] is not None and state["calls"] >= state["interrupt_after"]:
+            raise _Interrupted()
+
+    modules = {
+        "comfy.samplers": types.SimpleNamespace(CFGGuider=CFGGuider,
+                                                KSAMPLER=lambda fn: types.SimpleNamespace(function=fn)),
+        "comfy.utils": types.SimpleNamespace(ProgressBar=lambda total: types.SimpleNamespace(
+            update_absolute=lambda value: state["bar"].append(value))),
+        "comfy.model_management": types.SimpleNamespace(throw_exception_if_processing_interrupted=check_interrupt),
+        "comfy.model_sampling": types.SimpleNamespace(ModelSamplingDiscrete=ModelSamplingDiscrete,
+                                                      **{n: getattr(P, n) for n in ("EPS", "V_PREDICTION", "EDM",
+                                                                                    "X0", "CONST")}),
+    }
+    comfy = types.ModuleType("comfy")
+    for name, module in modules.items():
+        setattr(comfy, name.split(".")[1], module)
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setitem(sys.modules, "comfy", comfy)
+    monkeypatch.setattr(comfy_store, "_STORE", EMSStore([str(tmp_path)]))
+
+    class Patcher(_Patcher):
+        def clone(self):
+            return self
+
+        def add_object_patch(self, name, value):
+            self.object_patches[name] = value
+
+    patcher = Patcher(_Base(seed=0))
+    patcher.model.model_sampling = type("ModelSampling", (ModelSamplingDiscrete, P.EPS), {})()
+    return patcher, state
+
+
+def test_ems_node_runs_the_one_job_stores_reuses_and_resumes(fake_comfy, tmp_path):
+    """ComfyUI's EMS compute path (``comfy_ems.compute_or_load``) on stand-ins for ComfyUI's guider: the file lands
+    in the store, a second run reuses it without model calls, and an Interrupt followed by a rerun resumes (the
+    result equals an uninterrupted run).  ComfyUI's largest seed, 2**64 - 1, is accepted."""
+    from dpm_solver_nodes.nodes import comfy_ems
+
+    patcher, state = fake_comfy
+    args = (patcher, None, None, 1.0, 8, 8, 6, 4, "per_channel", 2 ** 64 - 1, 4, 4, "guided", "auto", "ems")
+    first = comfy_ems.compute_or_load(*args, False)
+    assert first.source == "computed" and first.save_error is None and first.path.startswith(str(tmp_path))
+    assert first.ems.metadata["fingerprint"] == fingerprint.model_fingerprint(patcher)
+    assert state["bar"] and state["bar"][-1] <= 1000
+    calls = state["calls"]
+    again = comfy_ems.compute_or_load(*args, False)
+    assert again.source == "cached" and state["calls"] == calls
+    state["interrupt_after"] = calls + 16  # Interrupt pressed during the recomputation's estimate
+    with pytest.raises(_Interrupted):
+        comfy_ems.compute_or_load(*args, True)
+    state["interrupt_after"] = None
+    before = state["calls"]
+    resumed = comfy_ems.compute_or_load(*args, True)
+    assert torch.equal(resumed.ems.l, first.ems.l) and torch.equal(resumed.ems.b, first.ems.b)
+    # resumed, not restarted: only the estimator's 10-call timestep check runs again
+    assert state["calls"] - before <= calls - 16 + 10, (state["calls"] - before, calls)

@@ -33,7 +33,7 @@ def test_round_trip_keeps_values_metadata_and_errors(tmp_path):
     for name in ("l", "s", "b"):
         assert torch.equal(getattr(back, name), getattr(ems, name))
     assert torch.allclose(back.standard_errors["l"], ems.standard_errors["l"].double())
-    assert back.metadata["format"] == "dpm_solver_nodes.ems" and back.metadata["version"] == "1"
+    assert back.metadata["format"] == "dpm_solver_nodes.ems" and back.metadata["version"] == "2"
     assert back.metadata["cfg"] == "7.5" and back.metadata["fingerprint"] == "abc123"
     assert back.N == 8 and back.reduction == "per_element" and back.model_kind == "eps"
     assert math.isclose(back.sigma_max, SD_SIGMA_MAX, rel_tol=1e-12)
@@ -92,8 +92,10 @@ def test_expectations_name_the_key_and_both_values(tmp_path):
 
 
 def _write_raw(path, tensors, metadata):
+    """A file as another writer could make it: the checksum is right unless ``metadata`` gives one."""
     from safetensors.torch import save_file
 
+    metadata = {"tensor_sha256": ems_module.tensor_digest(tensors), **metadata}
     save_file(tensors, str(path), metadata=metadata)
 
 
@@ -101,11 +103,12 @@ def test_load_rejects_invalid_files(tmp_path):
     ems = make_ems()
     lam = ems.lambdas
     base = {"lambdas": lam, "l": ems.l.float(), "s": ems.s.float(), "b": ems.b.float()}
-    meta = {"format": "dpm_solver_nodes.ems", "version": "1"}
+    meta = {"format": "dpm_solver_nodes.ems", "version": "2"}
     cases = [
         ("nan", dict(base, s=torch.where(ems.s > 0.5, float("nan"), ems.s).float()), meta, "NaN"),
         ("order", dict(base, lambdas=lam.flip(0)), meta, "strictly increasing"),
-        ("format", base, {"format": "something.else", "version": "1"}, "not a dpm_solver_nodes.ems file"),
+        ("format", base, {"format": "something.else", "version": "2"}, "not a dpm_solver_nodes.ems file"),
+        ("version1", base, {"format": "dpm_solver_nodes.ems", "version": "1"}, "no checksum"),
         ("version", base, {"format": "dpm_solver_nodes.ems", "version": "99"}, "version '99'"),
         ("missing", {k: v for k, v in base.items() if k != "b"}, meta, r"lacks the tensors \['b'\]"),
         ("rows", dict(base, l=ems.l[:-1].float()), meta, "rows"),

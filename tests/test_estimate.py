@@ -411,10 +411,10 @@ def _two_mode_denoiser(x, sigma, **_):
 def test_slope_ridge_keeps_v3_stable_where_f_barely_varies():
     """Measured: without the ridge the cheap EMS (N = 10, K = 8, per channel) give s ~ -200 at the noisiest nodes
     and v3 errors ~1e3-1e10 times those of v3 without EMS (the WebUI integration test found it); with
-    RECOMMENDED_SETTINGS (s_ridge = 0.01 and the +-0.5 window fit) s stays O(1) at high noise and v3 is within a small
+    the EMSSettings defaults (s_ridge = 0.01 and the +-0.5 window fit) s stays O(1) at high noise and v3 is within a small
     factor of the no-EMS run."""
     from dpm_solver_nodes.samplers import sample_dpm_solver_v3, sample_dpmpp_2m
-    from dpm_solver_nodes.stats.estimate import RECOMMENDED_SETTINGS
+    from dpm_solver_nodes.stats.settings import EMSSettings
 
     torch.manual_seed(0)
     ramp = torch.linspace(0, 1, 12, dtype=torch.float64)
@@ -425,7 +425,8 @@ def test_slope_ridge_keeps_v3_stable_where_f_barely_varies():
                       torch.zeros(1)])
     reference = sample_dpmpp_2m(_two_mode_denoiser, x, fine, disable=True)
     x0 = generate_x0(_two_mode_denoiser, (4, 8, 8), 8, 14.6146, 0.0291675, "eps", steps=8, seed=0, batch_size=2)
-    settings = {"paper": {}, "recommended": {key: RECOMMENDED_SETTINGS[key] for key in ("sb_window", "s_ridge")}}
+    defaults = EMSSettings()
+    settings = {"paper": {}, "recommended": {"sb_window": defaults.sb_window, "s_ridge": defaults.s_ridge}}
     mse = {}
     for name, options in settings.items():
         ems = estimate_ems(_two_mode_denoiser, x0, 0.0291675, 14.6146, N=10, K=8, reduction="per_channel",

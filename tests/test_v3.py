@@ -258,8 +258,7 @@ def test_flow_start_at_sigma_one(mixture_case, mixture_ems):
 
 def test_flow_rejects_eps_statistics(mixture_case):
     mixture, _, x = mixture_case
-    ems = EMS.degenerate(grid(10))
-    ems.metadata["model_kind"] = "eps"
+    ems = EMS.degenerate(grid(10)).replace(metadata={"model_kind": "eps"})
     with pytest.raises(ValueError, match="model_kind"):
         sample_dpm_solver_v3(mixture.denoiser("flow"), x, torch.tensor([0.9, 0.5, 0.0]), ems=ems,
                              model_kind="flow", disable=True)
@@ -434,6 +433,12 @@ def test_bad_options_raise(mixture_case):
             sample_dpm_solver_v3(model, x, sigmas, disable=True, **options)
     with pytest.raises(ValueError, match="decreasing"):
         sample_dpm_solver_v3(model, x, sigmas.flip(0), disable=True)
+    # a file name is not EMS (main: AttributeError), and on/off options are bools (main read "no" as True)
+    with pytest.raises(TypeError, match="ems must be an EMS object.*file.safetensors.*load_ems"):
+        sample_dpm_solver_v3(model, x, sigmas, disable=True, ems="file.safetensors")
+    for name in ("use_corrector", "p_pseudo", "c_pseudo", "lower_order_final", "fallback", "snap"):
+        with pytest.raises(ValueError, match=f"{name} must be True or False, got 'no'"):
+            sample_dpm_solver_v3(model, x, sigmas, disable=True, **{name: "no"})
 
 
 # ---- parity with the official implementation (docs/dpm_solver_v3.md 6.5) ---------------------------------------

@@ -498,7 +498,7 @@ def _ems_round_trip(shared, sd_samplers, webui, ems_tab, infotext_utils, process
         package_logger.removeHandler(handler)
         package_logger.setLevel(level)
     result["with_ems"] = p1.extra_generation_params.get("DPM-Solver-v3 EMS")
-    result["v3_check"] = job.result.metadata.get("v3_check") if job.result is not None else None
+    result["v3_decisions"] = job.result.metadata.get("v3_decisions") if job.result is not None else None
     # the stored estimation-time check may send this NFE to DPM-Solver++(2M) (logged): the EMS were used for that
     result["fallback_logged"] = any("running DPM-Solver++(2M) instead" in r.getMessage() for r in records)
     result["changed_by_ems"] = float((with_ems - without).abs().max())
@@ -687,7 +687,7 @@ def test_ems_computed_in_the_webui_are_used_and_recorded():
     assert ems["stored"] and ems["samples_finite"] and ems["finite"]
     assert ems["with_ems"].startswith("5eed5eed5e cfg 5 N 10 K 8 per_channel")
     # the EMS change the result, or their stored check sent this NFE to DPM-Solver++(2M) (logged): both use them
-    assert ems["changed_by_ems"] > 0 or ems["fallback_logged"], (ems["changed_by_ems"], ems["v3_check"])
+    assert ems["changed_by_ems"] > 0 or ems["fallback_logged"], (ems["changed_by_ems"], ems["v3_decisions"])
     assert ems["parsed_sampler"] == "DPM-Solver-v3 (dpm-solver-nodes)"
     assert "DPM-Solver-v3 EMS: 5eed5eed5e cfg 5 N 10 K 8 per_channel" in ems["infotext"]
     # pasting the parameters restores the v3 settings that differ from the current ones

@@ -10,6 +10,7 @@ import collections
 import functools
 import importlib
 import inspect
+import logging
 import os
 import re
 import subprocess
@@ -417,24 +418,49 @@ def test_settings_defaults_and_validation():
 # ---- EMS store -----------------------------------------------------------------------------------------------------
 
 def test_ems_store_nearest_cfg_and_identity(tmp_path):
-    from dpm_solver_nodes.stats import EMS
+    from dpm_solver_nodes.stats import EMS, EMSKey, EMSSettings, EMSTarget
 
     store = ems_store.EMSStore(lambda: str(tmp_path))
     lambdas = torch.linspace(-3, 4, 11, dtype=torch.float64)
     table = torch.linspace(0.03, 14.6, 1000)
     digest = ems_store.sigma_digest(table)
+    settings = EMSSettings(N=10, K=16, reduction="per_channel")
     for cfg in (3.0, 7.0):
+        key = EMSKey(EMSTarget("ab" * 32, "eps", cfg, (4, 8, 8), 0.03, 14.6, digest), settings)
         ems = EMS.degenerate(lambdas, channels=4)
-        ems = EMS(ems.lambdas, ems.l * (1 + cfg / 100), ems.s, ems.b, metadata={"cfg": cfg})
-        store.put(store.make_key("ab" * 32, "eps", digest, cfg, (4, 8, 8), 10, 16, "per_channel", 0.03, 14.6), ems)
-    found, description = store.find("ab" * 32, "eps", digest, 6.0, 10, 16, "per_channel", (4, 64, 64))
+        ems = EMS(ems.lambdas, ems.l * (1 + cfg / 100), ems.s, ems.b,
+                  metadata={"cfg": cfg, "cache_key": key.to_json()})
+        store.save(ems, store.file_name(key))
+    found, description = store.find_for_generation("ab" * 32, "eps", digest, 6.0, 10, 16, "per_channel",
+                                                   (4, 64, 64))
     assert found is not None and found.metadata["cfg"] == "7.0" and description.startswith("abababab")
-    assert store.find("cd" * 32, "eps", digest, 6.0, 10, 16, "per_channel", (4, 8, 8))[0] is None
-    assert store.find("ab" * 32, "flow", digest, 6.0, 10, 16, "per_channel", (4, 8, 8))[0] is None
-    assert store.find("ab" * 32, "eps", ems_store.sigma_digest(table * 2), 6.0, 10, 16, "per_channel",
-                      (4, 8, 8))[0] is None
-    assert store.find("ab" * 32, "eps", digest, 6.0, 20, 16, "per_channel", (4, 8, 8))[0] is None
+    again, _ = store.find_for_generation("ab" * 32, "eps", digest, 6.0, 10, 16, "per_channel", (4, 64, 64))
+    assert again is found  # kept in memory: v3's plan cache hits on the next generation
+    assert store.find_for_generation("cd" * 32, "eps", digest, 6.0, 10, 16, "per_channel", (4, 8, 8))[0] is None
+    assert store.find_for_generation("ab" * 32, "flow", digest, 6.0, 10, 16, "per_channel", (4, 8, 8))[0] is None
+    assert store.find_for_generation("ab" * 32, "eps", ems_store.sigma_digest(table * 2), 6.0, 10, 16,
+                                     "per_channel", (4, 8, 8))[0] is None
+    assert store.find_for_generation("ab" * 32, "eps", digest, 6.0, 20, 16, "per_channel", (4, 8, 8))[0] is None
     assert ems_store.sigma_digest(table) == ems_store.sigma_digest(table.double())
+
+
+def test_one_bad_file_does_not_break_v3_for_any_checkpoint(tmp_path, caplog):
+    """main: one file whose cache_key was JSON but not a dict made ``EMSStore.find`` raise for every checkpoint."""
+    store = ems_store.EMSStore(lambda: str(tmp_path))
+    from safetensors.torch import save_file
+
+    from dpm_solver_nodes.stats.ems import tensor_digest
+
+    tensors = {"lambdas": torch.linspace(-3, 4, 11, dtype=torch.float64), "l": torch.ones(11, 4, 1, 1),
+               "s": torch.zeros(11, 4, 1, 1), "b": torch.zeros(11, 4, 1, 1)}
+    for name, cache_key in (("list", "[1, 2]"), ("no_cfg", '{"target": {}, "settings": {}, "version": "3"}')):
+        save_file(tensors, str(tmp_path / f"{name}.safetensors"),
+                  metadata={"format": "dpm_solver_nodes.ems", "version": "2", "cache_key": cache_key,
+                            "tensor_sha256": tensor_digest(tensors)})
+    with caplog.at_level(logging.WARNING, logger="dpm_solver_nodes"):
+        assert store.find_for_generation("ab" * 32, "eps", "0" * 16, 6.0, 10, 16, "per_channel", (4, 8, 8)) == (
+            None, "none")
+    assert sum("skipping EMS file" in r.getMessage() for r in caplog.records) == 2
 
 
 def test_fixed_batch_model_matches_direct_calls():
@@ -599,3 +625,24 @@ def test_continuous_timesteps_turns_a1111_quantization_off_for_the_job():
     with ems_tab.continuous_timesteps(model):
         assert wrap.quantize is False
     assert wrap.quantize is True
+
+
+def test_ems_tab_job_runs_the_one_job_and_the_sampler_finds_its_file(tmp_path):
+    """The tab's job (``ems_tab.EMSJob``, a WebUI sampler function) on the WebUI object chain: it stores the EMS
+    under the checkpoint's sha256, returns the first samples as its images, and the v3 sampler's lookup
+    (``find_for_sampler``) serves the very same object at the next generations."""
+    store = ems_store.EMSStore(lambda: str(tmp_path))
+    p = types.SimpleNamespace(cfg_scale=3.0, prompt="a digit")
+    model = WebUIModel("eps", p=p)
+    model.inner_model.inner_model.sd_checkpoint_info = types.SimpleNamespace(sha256="ab" * 32, model_name="toy")
+    x = torch.randn(4, 8, 1, 1)
+    job = ems_tab.EMSJob(store, N=6, K=4, reduction="per_channel", seed=0, x0_steps=6)
+    images = job(model, x, None, {})
+    assert images.shape == x.shape and torch.isfinite(images).all()
+    assert job.save_error is None and os.path.dirname(job.path) == str(tmp_path)
+    assert job.key.target.fingerprint == "ab" * 32 and job.result.metadata["host"] == "webui"
+    opts = Options(dpm_solver_ems_grid=6, dpm_solver_ems_samples=4, dpm_solver_ems_reduction="per_channel")
+    found, description = store.find_for_sampler(model, x, "eps", 3.0, opts)
+    assert found is not None and description.startswith("abababab")
+    assert store.find_for_sampler(model, x, "eps", 3.0, opts)[0] is found
+    assert store.find_for_sampler(model, x, "eps", 3.0, Options(dpm_solver_ems_grid=8))[0] is None  # other N

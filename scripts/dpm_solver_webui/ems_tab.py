@@ -2,17 +2,19 @@
 
 How it runs: a txt2img job of one batch whose sampler is an ``EMSJob`` instead of a solver.  The WebUI builds the
 conditioning, loads the model and wraps it in its own CFG denoiser exactly as for an image, then calls the job
-like a sampler.  The job draws K samples of the model at the chosen CFG (``stats.generate_x0``), estimates the EMS on
-them (``stats.estimate_ems``) and stores them for the checkpoint (``EMSStore``); the first batch of samples comes
-back as the job's images, a preview of the data the EMS describe.  Progress goes to ``shared.state``; "Interrupt"
-stops it (the WebUI's CFG denoiser raises inside the next model call) and nothing is stored.
+like a sampler.  It runs the package's one EMS job (``stats.EMSJob``: K samples of the model at the chosen CFG,
+the estimate, the v3-vs-DPM-Solver++(2M) check) and stores the result for the checkpoint (``EMSStore``); the first
+batch of samples comes back as the job's images, a preview of the data the EMS describe.  Progress goes to
+``shared.state``; "Interrupt" stops it (the WebUI's CFG denoiser raises inside the next model call) and nothing is
+stored (a rerun with the same settings resumes).
 
-Cost: K x (x0 steps) model calls for the samples plus (N + 1) x K JVP rows (about 2-3 forward passes each) for the
-statistics.  Forward AD needs an attention implementation with forward-mode derivatives; otherwise the estimator
-falls back to finite differences (logged).  Forge's discrete predictors and reForge's ldm_patched model sampling map
-sigma to the nearest integer timestep (their ``timestep`` is an argmin) and A1111 does the same with "Enable
-quantization in K samplers" on, which would make dD/dlambda = 0 or drop the timestep's share of it, so during the
-job ``continuous_timesteps`` interpolates the index in log sigma instead.
+Cost: ``stats.EMSSettings.cost`` (K x (x0 steps) rows for the samples, (N + 1) x K x 2 JVP rows, about 2-3 forward
+passes each, for the statistics, and a check no larger than the estimation). Forward AD needs an attention
+implementation with forward-mode derivatives; otherwise the estimator falls back to finite differences (logged).
+Forge's discrete predictors and reForge's ldm_patched model sampling map sigma to the nearest integer timestep
+(their ``timestep`` is an argmin) and A1111 does the same with "Enable quantization in K samplers" on, which would
+make dD/dlambda = 0 or drop the timestep's share of it, so during the job ``continuous_timesteps`` interpolates the
+index in log sigma instead.
 """
 from __future__ import annotations
 
@@ -23,6 +25,9 @@ import math
 
 import torch
 
+from ...stats.estimate import generate_x0
+from ...stats.job import EMSJob as StatsEMSJob
+from ...stats.settings import EMSSettings, EMSTarget
 from . import registration, settings
 from .ems_store import checkpoint_sha256, sigma_digest
 
@@ -30,8 +35,6 @@ logger = logging.getLogger("dpm_solver_nodes")
 
 X0_STEPS = 50
 FLOW_SIGMA_CAP = 0.999
-CHECK_SAMPLES = 16  # reference trajectories for the v3-vs-DPM-Solver++(2M) check (samples * (steps + 128) rows)
-CHECK_STEPS = 100  # DPM-Solver++(2M) steps of those references
 
 
 class FixedBatchModel:
@@ -105,25 +108,37 @@ def continuous_timesteps(model):
             wrap.quantize = quantize
 
 
-class EMSJob:
-    """A WebUI sampler function (``KDiffusionSampler(job, sd_model)``) that computes and stores EMS.
+class WebUIModelAccess:
+    """``stats.job``'s model access in the WebUI: every phase calls the WebUI's CFG denoiser with any number of
+    rows (``FixedBatchModel``) under ``continuous_timesteps``."""
 
-    After the call, ``result`` is the EMS, ``path`` the file and ``key`` the cache key (all None if it failed).
+    def __init__(self, model, batch, extra_args, device):
+        self.model, self.fixed, self.extra_args, self.device = model, FixedBatchModel(model, batch), extra_args, device
+
+    def run(self, phase, work):
+        with continuous_timesteps(self.model):
+            return work(self.fixed, self.extra_args, self.device)
+
+
+class EMSJob:
+    """A WebUI sampler function (``KDiffusionSampler(job, sd_model)``) that runs ``stats.EMSJob`` for the loaded
+    checkpoint at the processing's cfg and stores the result in ``store``.
+
+    After the call, ``result`` is the EMS, ``path`` the file, ``key`` the ``stats.EMSKey`` and ``save_error`` the
+    message of a failed save (all None if it failed).
     """
 
     def __init__(self, store, *, N, K, reduction, seed=0, x0_steps=X0_STEPS, jvp="auto", progress=None,
                  should_stop=None):
         if reduction not in settings.REDUCTION_CHOICES:
             raise ValueError(f"reduction must be one of {settings.REDUCTION_CHOICES}, got {reduction!r}")
-        self.store, self.N, self.K, self.reduction = store, int(N), int(K), reduction
-        self.seed, self.x0_steps, self.jvp = int(seed), int(x0_steps), jvp
+        self.store = store
+        self.settings = EMSSettings(N=int(N), K=int(K), reduction=reduction, seed=int(seed), x0_steps=int(x0_steps),
+                                    jvp=jvp)
         self.progress, self.should_stop = progress, should_stop
-        self.result = self.path = self.key = None
+        self.result = self.path = self.key = self.save_error = None
 
     def __call__(self, model, x, sigmas=None, extra_args=None, callback=None, disable=None):
-        from ...stats import estimate_ems
-        from ...stats.estimate import RECOMMENDED_SETTINGS, check_v3_against_dpmpp_2m, generate_x0
-
         kind = registration.detect_model_kind(model)
         table = registration.model_sigmas(model)
         sd_model = registration.checkpoint_of(model)
@@ -135,37 +150,24 @@ class EMSJob:
         sigma_min, sigma_max = float(table[0]), float(table[-1])
         if kind == "flow":
             sigma_max = min(sigma_max, FLOW_SIGMA_CAP)
-        batch = x.shape[0]
-        model_fixed = FixedBatchModel(model, batch)
         p = getattr(model, "p", None)
-        cfg = float(getattr(p, "cfg_scale", 1.0))
-        with continuous_timesteps(model):
-            x0 = generate_x0(model_fixed, tuple(x.shape[1:]), self.K, sigma_max, sigma_min, kind,
-                             steps=self.x0_steps, seed=self.seed, extra_args=extra_args, batch_size=batch,
-                             dtype=torch.float32, device=x.device)
-        digest = sigma_digest(table)
-        metadata = {"model_hash": model_hash, "model_name": getattr(getattr(sd_model, "sd_checkpoint_info", None),
-                                                                     "model_name", ""),
-                    "model_kind": kind, "cfg": cfg, "guidance": "guided", "sigma_digest": digest,
-                    "x0_source": f"dpmpp_2m {self.x0_steps} steps", "host": "webui",
-                    "prompt": str(getattr(p, "prompt", ""))[:200]}
-        with continuous_timesteps(model):
-            ems = estimate_ems(model_fixed, x0, sigma_min, sigma_max, model_kind=kind, N=self.N, K=self.K,
-                               reduction=self.reduction, sb_window=RECOMMENDED_SETTINGS["sb_window"],
-                               s_ridge=RECOMMENDED_SETTINGS["s_ridge"], jvp=self.jvp, batch_size=batch, seed=self.seed,
-                               extra_args=extra_args, progress=self.progress, should_stop=self.should_stop,
-                               metadata=metadata)
-            # the data of v3's automatic fallback: v3 vs DPM-Solver++(2M) on the model's own trajectories
-            ems = check_v3_against_dpmpp_2m(model_fixed, ems, tuple(x.shape[1:]), sigma_min, sigma_max,
-                                            seed=self.seed, steps=CHECK_STEPS, samples=min(self.K, CHECK_SAMPLES),
-                                            model_kind=kind, extra_args=extra_args, batch_size=batch,
-                                            device=x.device)
-        key = self.store.make_key(model_hash, kind, digest, cfg, tuple(x.shape[1:]), self.N, self.K, self.reduction,
-                                  sigma_min, sigma_max)
-        self.path = self.store.put(key, ems)
-        self.result, self.key = ems, key
-        logger.info("DPM-Solver-v3: EMS stored in %s", self.path)
-        return x0[:batch].to(x.dtype)
+        target = EMSTarget(model_hash, kind, float(getattr(p, "cfg_scale", 1.0)), tuple(x.shape[1:]), sigma_min,
+                           sigma_max, sigma_digest(table))
+        info = {"host": "webui", "prompt": str(getattr(p, "prompt", ""))[:200],
+                "model_name": getattr(getattr(sd_model, "sd_checkpoint_info", None), "model_name", "")}
+        job = StatsEMSJob(target, self.settings, batch_size=x.shape[0], metadata=info)
+        access = WebUIModelAccess(model, x.shape[0], extra_args, x.device)
+        result = job.run(access, self.store, name_prefix="ems", progress=self.progress,
+                         should_stop=self.should_stop)
+        self.result, self.path, self.key, self.save_error = result.ems, result.path, job.key, result.save_error
+        logger.info("DPM-Solver-v3: EMS %s in %s", result.source, self.path)
+        if result.x0 is not None:  # the first batch of the job's samples, a preview of the data
+            return result.x0[:x.shape[0]].to(x.device, x.dtype)
+        with continuous_timesteps(model):  # stored EMS: draw the same first samples again
+            x0 = generate_x0(access.fixed, tuple(x.shape[1:]), x.shape[0], sigma_max, sigma_min, kind,
+                             steps=self.settings.x0_steps, seed=self.settings.seed, extra_args=extra_args,
+                             batch_size=x.shape[0], device=x.device)
+        return x0.to(x.dtype)
 
 
 def run_in_webui(store, prompt, negative_prompt, cfg_scale, width, height, batch_size, seed, x0_steps=X0_STEPS):
@@ -213,8 +215,9 @@ def run_in_webui(store, prompt, negative_prompt, cfg_scale, width, height, batch
         p.close()
     if job.result is None:
         return None, "EMS not computed (interrupted or failed); nothing was stored."
-    return processed.images, (f"EMS stored: {job.path}\n{job.result!r}\ncfg {cfg_scale:g}, N {N}, K {K}, {reduction}, "
-                              f"checkpoint {job.key['fingerprint'][:10]}")
+    stored = f"EMS stored: {job.path}" if not job.save_error else f"EMS computed but not stored: {job.save_error}"
+    return processed.images, (f"{stored}\n{job.result!r}\ncfg {cfg_scale:g}, N {N}, K {K}, {reduction}, "
+                              f"checkpoint {job.key.target.fingerprint[:10]}")
 
 
 def _any_sampler_name():

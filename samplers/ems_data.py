@@ -1,0 +1,191 @@
+"""The data DPM-Solver-v3 samples with: EMS arrays l, s, b on a lambda grid and, optionally, a decision per NFE.
+
+This is the samplers layer's own type (``stats.EMS`` subclasses it with metadata, files and standard errors), so
+the sampler never imports ``stats`` and never parses text: everything here is validated when it is built.
+
+Conventions (DPM-Solver-v3, Zheng et al. 2023, Eq. 5 and 11): ``lambdas`` (N + 1,) float64, strictly increasing,
+index 0 the noisiest node, lambda = -log sigma~ in VE coordinates (sigma~ = sigma for ``model_kind="eps"``,
+sigma / (1 - sigma) for ``"flow"``); ``l``, ``s``, ``b`` of shape (N + 1, *stat_shape) with stat_shape (C, H, W)
+("per_element"), (C, 1, 1) ("per_channel") or (1, 1, 1) ("scalar").
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+
+import torch
+
+from .schedule import check_model_kind
+
+logger = logging.getLogger("dpm_solver_nodes")
+
+STAT_NAMES = ("l", "s", "b")
+DECISION_SOLVERS = ("v3", "dpmpp_2m")
+# Bounds on statistics.  |l|, |s| of real EMS are O(1) (the sampler clamps beyond 10; an ill-conditioned per-node
+# fit has given s ~ -800); b carries the data scale (b = E f' - s E f, Eq. 11).  Beyond these a file is corrupt, not
+# unusual: b = 1e30 would put 1e35 into the samples.
+STAT_BOUNDS = {"l": 1e4, "s": 1e4, "b": 1e6}
+
+
+def reduction_of(stat_shape) -> str:
+    """The reduction a stat shape (C, H, W) stands for."""
+    stat_shape = tuple(stat_shape)
+    if stat_shape == (1, 1, 1):
+        return "scalar"
+    if len(stat_shape) == 3 and stat_shape[1:] == (1, 1):
+        return "per_channel"
+    return "per_element"
+
+
+@dataclasses.dataclass(frozen=True)
+class NFEDecision:
+    """What the EMS check measured at ``nfe`` model calls: ``ratio`` = v3 error / DPM-Solver++(2M) error on the
+    model's own reference trajectories, and the ``solver`` to run there ("v3" or "dpmpp_2m")."""
+
+    nfe: int
+    solver: str
+    ratio: float
+
+    def __post_init__(self):
+        if isinstance(self.nfe, bool) or not isinstance(self.nfe, int) or not 1 <= self.nfe <= 10_000:
+            raise ValueError(f"decision nfe must be an integer in 1..10000, got {self.nfe!r}")
+        if self.solver not in DECISION_SOLVERS:
+            raise ValueError(f"decision solver must be one of {DECISION_SOLVERS}, got {self.solver!r}")
+        if (isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not math.isfinite(self.ratio)
+                or self.ratio < 0):
+            raise ValueError(f"decision ratio must be a finite number >= 0, got {self.ratio!r}")
+
+
+def validate_decisions(decisions) -> tuple:
+    """A tuple of ``NFEDecision`` sorted by NFE, one per NFE; items may be decisions or (nfe, solver, ratio)."""
+    if decisions is None:
+        return ()
+    if isinstance(decisions, (str, bytes)) or not isinstance(decisions, (list, tuple)):
+        raise ValueError(f"decisions must be a list of (nfe, solver, ratio), got {type(decisions).__name__}")
+    out = []
+    for item in decisions:
+        if isinstance(item, NFEDecision):
+            out.append(item)
+        elif isinstance(item, (list, tuple)) and len(item) == 3:
+            out.append(NFEDecision(*item))
+        else:
+            raise ValueError(f"each decision must be (nfe, solver, ratio), got {item!r}")
+    nfes = [d.nfe for d in out]
+    if len(set(nfes)) != len(nfes):
+        raise ValueError(f"decisions list an NFE twice: {sorted(nfes)}")
+    return tuple(sorted(out, key=lambda d: d.nfe))
+
+
+def validate_arrays(lambdas, stats, where="EMS"):
+    """Shapes, strictly increasing finite lambdas, finite l, s, b within ``STAT_BOUNDS``; ValueError naming
+    ``where`` and the problem."""
+    if lambdas.ndim != 1 or lambdas.shape[0] < 2:
+        raise ValueError(f"{where}: lambdas must be 1-D with at least 2 nodes, got shape {tuple(lambdas.shape)}")
+    if not torch.isfinite(lambdas).all():
+        raise ValueError(f"{where}: lambdas contain NaN or inf")
+    steps = lambdas[1:] - lambdas[:-1]
+    if (steps <= 0).any():
+        k = int(torch.nonzero(steps <= 0)[0])
+        raise ValueError(f"{where}: lambdas must be strictly increasing (noisiest first); lambdas[{k}] = "
+                         f"{lambdas[k].item():.6g} >= lambdas[{k + 1}] = {lambdas[k + 1].item():.6g}")
+    rows = lambdas.shape[0]
+    shape = None
+    for name, value in stats.items():
+        if value.ndim != 4:
+            raise ValueError(f"{where}: {name} must have shape (N + 1, C, H, W), got {tuple(value.shape)}")
+        if value.shape[0] != rows:
+            raise ValueError(f"{where}: {name} has {value.shape[0]} rows but lambdas has {rows} nodes")
+        if shape is None:
+            shape = tuple(value.shape)
+        elif tuple(value.shape) != shape:
+            raise ValueError(f"{where}: l, s, b shapes differ: {name} is {tuple(value.shape)}, expected {shape}")
+        if not torch.isfinite(value).all():
+            bad = int((~torch.isfinite(value)).sum())
+            raise ValueError(f"{where}: {name} contains {bad} NaN or inf values")
+        largest = float(value.abs().max()) if value.numel() else 0.0
+        if largest > STAT_BOUNDS[name]:
+            raise ValueError(f"{where}: |{name}| reaches {largest:.3g}, beyond the bound {STAT_BOUNDS[name]:g} of "
+                             "real statistics (a corrupt or mis-scaled file)")
+
+
+class EMSData:
+    """EMS arrays (validated, CPU, ``lambdas`` float64) plus ``model_kind`` ("eps", "flow" or None: not stated, the
+    sampler takes them for either) and ``decisions`` (a tuple of ``NFEDecision``, possibly empty).  Treated as
+    immutable: the sampler caches its plans per object."""
+
+    def __init__(self, lambdas, l, s, b, model_kind=None, decisions=(), where="EMS"):
+        if model_kind is not None:
+            check_model_kind(model_kind)
+        lambdas = torch.as_tensor(lambdas).detach().to("cpu", torch.float64)
+        stats = {}
+        for name, value in zip(STAT_NAMES, (l, s, b)):
+            value = torch.as_tensor(value).detach().cpu()
+            if not value.is_floating_point():
+                value = value.to(torch.float64)
+            stats[name] = value
+        validate_arrays(lambdas, stats, where)
+        self.lambdas = lambdas
+        self.l, self.s, self.b = stats["l"], stats["s"], stats["b"]
+        self.model_kind = model_kind
+        self.decisions = validate_decisions(decisions)
+        self._fallback_logged = set()
+
+    @property
+    def N(self) -> int:
+        return self.lambdas.shape[0] - 1
+
+    @property
+    def stat_shape(self) -> tuple:
+        return tuple(self.l.shape[1:])
+
+    @property
+    def reduction(self) -> str:
+        return reduction_of(self.stat_shape)
+
+    @classmethod
+    def degenerate(cls, lambdas, channels=1):
+        """l = 1, s = b = 0 (DPM-Solver++, the official ``degenerated=True``), per channel (scalar if channels=1)."""
+        lambdas = torch.as_tensor(lambdas, dtype=torch.float64)
+        shape = (lambdas.shape[0], channels, 1, 1)
+        return cls(lambdas, torch.ones(shape, dtype=torch.float64), torch.zeros(shape, dtype=torch.float64),
+                   torch.zeros(shape, dtype=torch.float64))
+
+    def decision_for(self, steps):
+        """The decision measured at the NFE nearest to ``steps`` (in log NFE, ties to the smaller), or None."""
+        if not self.decisions or steps < 1:
+            return None
+        return min(self.decisions, key=lambda d: (abs(math.log(d.nfe / steps)), d.nfe))
+
+    def for_latent(self, shape):
+        """l, s, b of shape (N + 1, *per_sample) broadcasting against a latent of full shape (batch, C, ...).
+
+        Per-element statistics of another latent size fall back to their per-channel means (logged once per
+        shape); a channel count that differs from the latent's raises ``ValueError`` (scalar statistics fit any).
+        """
+        shape = tuple(int(v) for v in shape)
+        if len(shape) < 2:
+            raise ValueError(f"for_latent needs a batched latent shape (batch, C, ...), got {shape}")
+        per_sample = shape[1:]
+        channels = self.stat_shape[0]
+        rows = self.N + 1
+        if self.reduction == "scalar":
+            view = (rows,) + (1,) * len(per_sample)
+            return tuple(t.reshape(view) for t in (self.l, self.s, self.b))
+        if channels != per_sample[0]:
+            raise ValueError(
+                f"the EMS have {channels} channels (stat shape {self.stat_shape}) but the latent has "
+                f"{per_sample[0]} channels (shape {shape}): these statistics belong to another model family")
+        if self.reduction == "per_element" and self.stat_shape == per_sample:
+            return self.l, self.s, self.b
+        if self.reduction == "per_element" and per_sample not in self._fallback_logged:
+            self._fallback_logged.add(per_sample)
+            logger.warning(
+                "DPM-Solver-v3: per-element EMS of shape %s do not fit a latent of shape %s; using their per-channel "
+                "means", self.stat_shape, per_sample)
+        view = (rows, channels) + (1,) * (len(per_sample) - 1)
+        return tuple(t.reshape(rows, channels, -1).mean(-1).reshape(view) for t in (self.l, self.s, self.b))
+
+
+__all__ = ["EMSData", "NFEDecision", "validate_decisions", "validate_arrays", "reduction_of", "STAT_BOUNDS",
+           "DECISION_SOLVERS"]
