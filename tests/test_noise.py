@@ -153,3 +153,20 @@ def test_empty_batch_is_a_clear_error(sampler):
     sigmas = make_sigmas("karras", 4, "eps", 0.05, 14.6)
     with pytest.raises(ValueError, match="empty"):
         sampler(MIXTURE.denoiser("eps"), torch.zeros(0, 8, dtype=torch.float64), sigmas, disable=True)
+
+
+def test_path_costs_one_normal_draw_per_sigma(monkeypatch):
+    """The cost the benchmark row measures, as a count that cannot be noisy: N + 1 sigmas cost N latent-sized normal
+    draws per sample in ceil(log2 N) + 1 generator calls, whatever the schedule."""
+    draws = []
+    original = BrownianNoise._normals
+
+    def counting(self, key, count):
+        draws.append(count)
+        return original(self, key, count)
+
+    monkeypatch.setattr(BrownianNoise, "_normals", counting)
+    for n in (2, 5, 20, 33, 100):
+        draws.clear()
+        BrownianNoise(torch.zeros(2, 3), karras_positive(n + 1), [1, 2])
+        assert sum(draws) == n and len(draws) == math.ceil(math.log2(n)) + 1
