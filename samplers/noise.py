@@ -98,39 +98,58 @@ class BrownianNoise:
         if not self.times:
             raise ValueError("a Brownian path needs at least one positive sigma")
         self.index = {t: k for k, t in enumerate(self.times)}
-        self.path = self._build(self.times)
+        # down[k] = (W(t_k) - W(t_k+1)) / sqrt(t_k+1 - t_k): the noise of each step down the list, built in place
+        # in one buffer (one allocation per run); W itself is rebuilt from it only for other queries.
+        self.down = self._build(self.times)
+        self.path = None
         self.extra = {}  # values at sigmas queried off the run's list, (batch, *shape)
+
+    def _generators(self, key):
+        return [torch.Generator(device=self.gen_device).manual_seed(derived_seed(seed, key)) for seed in self.seeds]
 
     def _normals(self, key, count):
         """(count, batch, *shape) standard normals: stream ``key`` of each sample's seed."""
-        out = torch.empty((len(self.seeds), count) + self.shape, dtype=self.dtype, device=self.gen_device)
-        for j, seed in enumerate(self.seeds):
-            out[j].normal_(generator=torch.Generator(device=self.gen_device).manual_seed(derived_seed(seed, key)))
-        return out.transpose(0, 1)
+        out = torch.empty((count, len(self.seeds)) + self.shape, dtype=self.dtype, device=self.gen_device)
+        for j, generator in enumerate(self._generators(key)):
+            for k in range(count):
+                out[k, j].normal_(generator=generator)
+        return out
 
     def _build(self, t):
         n = len(t) - 1
         path = torch.empty((n + 1, len(self.seeds)) + self.shape, dtype=self.dtype, device=self.gen_device)
         path[0] = 0
-        if n > 0:
-            torch.mul(self._normals(0, 1)[0], math.sqrt(t[n] - t[0]), out=path[n])
+        if n == 0:
+            return path[:0].to(self.device)
+        path[n] = self._normals(0, 1)[0].mul_(math.sqrt(t[n] - t[0]))
         intervals, level = [(0, n)], 1
         while True:
             split = [(a, (a + b) // 2, b) for a, b in intervals if b - a >= 2]
             if not split:
                 break
-            z = self._normals(level, len(split))
-            for k, (a, m, b) in enumerate(split):
-                torch.lerp(path[a], path[b], (t[m] - t[a]) / (t[b] - t[a]), out=path[m])
-                path[m].add_(z[k], alpha=math.sqrt((t[m] - t[a]) * (t[b] - t[m]) / (t[b] - t[a])))
+            generators = self._generators(level)
+            for a, m, b in split:  # each sample's level stream, node by node, drawn in place
+                for j, generator in enumerate(generators):
+                    path[m, j].normal_(generator=generator)
+                weight = (t[m] - t[a]) / (t[b] - t[a])
+                path[m].mul_(math.sqrt((t[m] - t[a]) * (t[b] - t[m]) / (t[b] - t[a])))
+                path[m].add_(path[a], alpha=1 - weight).add_(path[b], alpha=weight)
             intervals = [pair for a, m, b in split for pair in ((a, m), (m, b))]
             level += 1
-        return path.to(self.device)
+        for k in range(n):  # W -> normalised downward increments, in place (path[k + 1] is still W there)
+            path[k].sub_(path[k + 1]).mul_(1 / math.sqrt(t[k + 1] - t[k]))
+        return path[:n].to(self.device)
 
     def value(self, sigma: float):
         """W(sigma) for every sample, (batch, *shape)."""
         k = self.index.get(sigma)
         if k is not None:
+            if self.path is None:  # W(t_0) = 0, W(t_k+1) = W(t_k) - down[k] sqrt(t_k+1 - t_k)
+                t = torch.tensor(self.times, dtype=torch.float64)
+                steps = self.down * (t[1:] - t[:-1]).sqrt().to(self.down).view((-1,) + (1,) * (self.down.ndim - 1))
+                self.path = torch.cat([torch.zeros_like(self.down[:1]) if len(self.down) else
+                                       torch.zeros((1, len(self.seeds)) + self.shape, dtype=self.dtype,
+                                                   device=self.device), -steps.cumsum(0)])
             return self.path[k]
         if sigma not in self.extra:
             self.extra[sigma] = self._off_grid(sigma)
@@ -154,6 +173,9 @@ class BrownianNoise:
         if not (sigma_s > 0 and sigma_t > 0 and sigma_s != sigma_t):
             raise ValueError(f"noise interval [{sigma_t!r}, {sigma_s!r}] must have two distinct positive ends")
         lo, hi = min(sigma_s, sigma_t), max(sigma_s, sigma_t)
+        k = self.index.get(lo)
+        if sigma_t < sigma_s and k is not None and k + 1 < len(self.times) and self.times[k + 1] == hi:
+            return self.down[k]  # a step of the run: a view, read it only
         scale = (1.0 if sigma_t > sigma_s else -1.0) / math.sqrt(hi - lo)
         return (self.value(hi) - self.value(lo)) * scale
 
