@@ -215,7 +215,51 @@ def overhead_part(args):
     for r in rows:
         base = reference.get((r["kind"], r["shape"]))
         r["ratio_to_kdiff_dpmpp_2m"] = r["overhead_ms_per_nfe"] / base if base else math.nan
-    return {"rows": rows, "v3_setup": setup, "steps": steps, "repeats": repeats, "batch": 1}
+    return {"rows": rows, "v3_setup": setup, "steps": steps, "repeats": repeats, "batch": 1,
+            "sde_noise": sde_noise_overhead(steps, repeats, quick=args.quick)}
+
+
+def sde_noise_overhead(steps, repeats, quick=False, shape=(4, 4, 64, 64)):
+    """Our 2M SDE per noise source at batch 4 (the issue-13 row): overhead per NFE with a trivial model, and a bare
+    per-step ``randn`` of the latent (the floor of any fresh-noise step) and k-diffusion's ODE 2M for scale."""
+    from ..samplers import sample_dpmpp_2m_sde
+    from .peers import Unavailable, load_kdiffusion
+    from .sigmas import make_sigmas
+
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 14.6
+    sigmas = make_sigmas("karras", steps, "eps", sigma_min=0.0292, sigma_max=14.6).float()
+    bare = time_call(lambda: [trivial_model(x, torch.ones(1)) for _ in range(100)], repeats) / 100
+    runs = {f"ours 2M SDE, noise_type={t}": (lambda t=t: sample_dpmpp_2m_sde(
+        trivial_model, x, sigmas, seed=0, noise_type=t, disable=True)) for t in ("gaussian", "brownian")}
+    if not quick:
+        runs["ours 2M SDE, noise_type=brownian_tree"] = lambda: sample_dpmpp_2m_sde(
+            trivial_model, x, sigmas, seed=0, noise_type="brownian_tree", disable=True)
+    runs["bare randn per step (no sampler)"] = lambda: [torch.randn(shape) for _ in range(steps)]
+    try:
+        k = load_kdiffusion()
+        runs["kdiff:dpmpp_2m (ODE)"] = lambda: k.sample_dpmpp_2m(trivial_model, x, sigmas, disable=True)
+    except Unavailable:
+        pass
+    rows = []
+    for name, fn in runs.items():
+        fn()  # warm-up
+        seconds = time_call(fn, 2 if "tree" in name else repeats)
+        calls = 0 if name.startswith("bare") else steps
+        rows.append(dict(sampler=name, seconds=seconds,
+                         overhead_ms_per_nfe=max(seconds - calls * bare, 0.0) / steps * 1e3))
+    gaussian = next(r["overhead_ms_per_nfe"] for r in rows if r["sampler"].endswith("=gaussian"))
+    for r in rows:
+        r["ratio_to_gaussian"] = r["overhead_ms_per_nfe"] / gaussian
+    return {"shape": "x".join(map(str, shape)), "steps": steps, "bare_call_ms": bare * 1e3, "rows": rows}
+
+
+def sde_noise_table(noise):
+    lines = [f"SDE noise sources: our DPM-Solver++(2M) SDE at {noise['shape']} (batch {noise['shape'].split('x')[0]}), "
+             f"{noise['steps']} Karras steps, trivial model; overhead = (run - bare model calls) / NFE, ratio to the "
+             "same sampler with `noise_type=\"gaussian\"`:", "", "| run | ms/NFE | ratio to gaussian |", "|---|---|---|"]
+    for r in noise["rows"]:
+        lines.append(f"| {r['sampler']} | {r['overhead_ms_per_nfe']:.3f} | {r['ratio_to_gaussian']:.2f} |")
+    return lines
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -360,6 +404,8 @@ def report(out: pathlib.Path):
             lines.append(f"| {r['kind']} {r['shape']} | {r['reduction']} | {r['setup_s']:.3f} | "
                          f"{r['cached_call_s']:.3f} |")
         lines.append("")
+        if "sde_noise" in o:
+            lines += sde_noise_table(o["sde_noise"]) + [""]
     if "ems" in parts:
         m = parts["ems"]
         env = m["environment"]
@@ -420,6 +466,8 @@ def update_readme(parts, readme: pathlib.Path):
                              f"{r['overhead_ms_per_nfe']:.3f} ({fmt(r['ratio_to_kdiff_dpmpp_2m'], 2)})")
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
+        if "sde_noise" in o:
+            lines += sde_noise_table(o["sde_noise"]) + [""]
     lines.append(README_END)
     head, rest = text.split(README_START, 1)
     tail = rest.split(README_END, 1)[1]

@@ -9,7 +9,7 @@ import comfy.samplers
 import folder_paths
 
 from ..stats.settings import JVP_BACKENDS as JVP_MODES, REDUCTIONS
-from . import comfy_ems, ems_store
+from . import comfy_ems, comfy_schedulers, ems_store
 from .comfy_sampling import comfy_sampler_function, register_dropdown_samplers
 from .options import CATEGORY, NODE_PREFIX, SAMPLER_NODES
 
@@ -148,16 +148,44 @@ def build_mappings():
     """Register the EMS folder and the dropdown entries; return (NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS)."""
     ems_store.register_folder(folder_paths)
     register_dropdown_samplers()
+    comfy_schedulers.register_scheduler()
     classes, names = {}, {}
     for spec in SAMPLER_NODES:
         classes[spec.node_id] = sampler_node_class(spec)
         names[spec.node_id] = spec.display_name
     for node_id, cls, title in ((NODE_PREFIX + "ComputeEMS", ComputeEMS, "DPM-Solver-v3 EMS compute"),
                                 (NODE_PREFIX + "LoadEMS", LoadEMS, "DPM-Solver-v3 EMS load"),
-                                (NODE_PREFIX + "SaveEMS", SaveEMS, "DPM-Solver-v3 EMS save")):
+                                (NODE_PREFIX + "SaveEMS", SaveEMS, "DPM-Solver-v3 EMS save"),
+                                (NODE_PREFIX + "RecommendedSigmas", RecommendedSigmas, "DPM-Solver recommended sigmas")):
         classes[node_id] = cls
         names[node_id] = title
     return classes, names
 
 
-__all__ = ["build_mappings", "sampler_node_class", "ComputeEMS", "LoadEMS", "SaveEMS"]
+class RecommendedSigmas:
+    """The step schedule our solvers do best on for this model (samplers.recommended_sigmas): Karras spacing with
+    rho 15 for eps/v models, sigma = 1 then logSNR-uniform steps for flow models (SD3, Flux).  sigma_min / sigma_max
+    of 0 use the model's; denoise < 1 keeps the tail, as BasicScheduler does."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL",),
+            "steps": ("INT", {"default": 20, "min": 1, "max": 10000}),
+            "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01}),
+            "sigma_min": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 5000.0, "step": 0.001, "round": False,
+                                    "tooltip": "0 = the model's"}),
+            "sigma_max": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 5000.0, "step": 0.01, "round": False,
+                                    "tooltip": "0 = the model's (flow models start at 1)"})}}
+
+    RETURN_TYPES = ("SIGMAS",)
+    FUNCTION = "get_sigmas"
+    CATEGORY = "sampling/custom_sampling/schedulers"
+    DESCRIPTION = __doc__
+
+    def get_sigmas(self, model, steps, denoise, sigma_min, sigma_max):
+        return (comfy_schedulers.sigmas_for_node(model.get_model_object("model_sampling"), steps, denoise,
+                                                 sigma_min, sigma_max),)
+
+
+__all__ = ["build_mappings", "sampler_node_class", "ComputeEMS", "LoadEMS", "SaveEMS", "RecommendedSigmas"]

@@ -11,6 +11,8 @@ from .sde import (sample_dpm_solver_sde_1, sample_dpm_solver_sde_2m, sample_dpmp
                   sample_dpmpp_sde_1)
 from .baselines import sample_consistency, sample_ddim, sample_ddpm, sample_pndm
 from .v3 import sample_dpm_solver_v3
+from .sigmas import SCHEDULES, make_sigmas, recommended_sigmas
+from .noise import NOISE_TYPES
 
 SAMPLERS = {
     "dpm_solver": sample_dpm_solver,
@@ -31,5 +33,6 @@ SAMPLERS = {
 }
 
 __all__ = ["SAMPLERS", "MODEL_KINDS", "NoiseSchedule", "VarianceExplodingSchedule", "FlowSchedule",
-           "StepTable", "noise_schedule", "NonFiniteError", "SamplerRun", "dynamic_threshold"] + [
+           "StepTable", "noise_schedule", "NonFiniteError", "SamplerRun", "dynamic_threshold", "SCHEDULES", "make_sigmas",
+           "recommended_sigmas", "NOISE_TYPES"] + [
     f"sample_{name}" for name in SAMPLERS]

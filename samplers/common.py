@@ -67,6 +67,8 @@ class SamplerRun:
         check_choice("final_step", final_step, FINAL_STEPS)
         if not isinstance(x, torch.Tensor) or x.ndim < 2:
             raise ValueError("x must be a batched tensor of shape (batch, ...)")
+        if x.numel() == 0:
+            raise ValueError(f"x is empty (shape {tuple(x.shape)}): there is nothing to sample")
         if not torch.isfinite(x).all():
             raise NonFiniteError("the input latent x contains NaN or inf")
         if not isinstance(sigmas, torch.Tensor):

@@ -1,4 +1,5 @@
-"""Shared exponential-integrator pieces: phi functions, Taylor coefficients, step combinations and noise.
+"""Shared exponential-integrator pieces: phi functions, Taylor coefficients and step combinations (the noise sources
+are in noise.py).
 
 Notation (DPM-Solver, Lu et al. 2022; DPM-Solver++, Lu et al. 2022b): a step goes from s to t with
 h = lambda_t - lambda_s > 0.  With the data prediction D (x0) the probability-flow ODE has the exact solution
@@ -201,106 +202,6 @@ def first_order_data_step(x, denoised, sigma_s, sigma_t, alpha_t, h):
     return out
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Noise
-# ----------------------------------------------------------------------------------------------------------------
-
-def batch_seeds(extra_args, batch_size: int, seed=None):
-    """One seed per sample: an explicit ``seed`` argument, else ``extra_args["seed"]`` (ComfyUI passes one), else a
-    random one.  An int seed s gives sample i the seed s + i (the WebUI's convention), so a sample's noise does not
-    depend on the batch size; a list gives each sample its own seed, so it does not depend on the position either.
-    """
-    if seed is None and extra_args:
-        seed = extra_args.get("seed")
-    if seed is None:
-        seed = int(torch.randint(0, 2 ** 31 - 1, []).item())
-    if isinstance(seed, (list, tuple)):
-        if len(seed) != batch_size:
-            raise ValueError(f"got {len(seed)} seeds for a batch of {batch_size}")
-        return [int(s) for s in seed]
-    return [int(seed) + j for j in range(batch_size)]
-
-
-def noise_dtype(x):
-    """The dtype noise is drawn in for a latent like x: its own if float32/float64, else float32 (the samplers'
-    working precision for fp16/bf16 latents, see common.py)."""
-    return x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
-
-
-class BrownianNoise:
-    """Seeded Brownian-tree noise, one tree per sample (torchsde's BrownianTree, as k-diffusion uses).
-
-    ``noise(sigma_s, sigma_t)`` returns (W(t) - W(s)) / sqrt(|t - s|) in "time" t = sigma, a standard normal per
-    element, and the same value for the same interval whatever the step sizes around it: the property that makes
-    SDE solvers converge as the step count grows.  This is exactly k-diffusion's
-    ``BrownianTreeNoiseSampler(x, sigma_min, sigma_max, seed=seeds)`` with a list of seeds (same trees, same sign:
-    the increment in the direction of travel), so a sampler fed either gets the same noise.  Each sample has its own
-    tree (w0 of one sample's shape), so a sample's noise does not depend on the batch it is in; k-diffusion and
-    ComfyUI given an int seed build one tree over the whole batch instead.
-
-    Trees live on the latent's device (``cpu=True`` keeps them on the CPU, which ComfyUI's non-"_gpu" samplers do;
-    CPU and GPU trees give different noise).  They are float64 for a float64 latent and float32 otherwise; the noise
-    is returned on the latent's device in that dtype.  torchsde rounds query times to 6 decimals (its tol = 1e-6).
-    """
-
-    def __init__(self, x, sigma_min, sigma_max, seeds, cpu=False):
-        import torchsde
-
-        self.device = x.device
-        self.dtype = noise_dtype(x)
-        tree_device = torch.device("cpu") if cpu else x.device
-        self.t0, self.t1 = float(sigma_min), float(sigma_max)
-        if not 0 <= self.t0 < self.t1:
-            raise ValueError(f"a Brownian tree needs 0 <= sigma_min < sigma_max, got {self.t0!r}, {self.t1!r}")
-        # torchsde rounds the tree's ends to 6 decimals and warns on (then clamps) queries beyond them.
-        self.lo_end, self.hi_end = round(self.t0, 6), round(self.t1, 6)
-        w0 = torch.zeros(x.shape[1:], dtype=self.dtype, device=tree_device)
-        self.trees = [torchsde.BrownianTree(self.t0, w0, self.t1, entropy=int(s)) for s in seeds]
-
-    def __call__(self, sigma_s, sigma_t):
-        sigma_s, sigma_t = float(sigma_s), float(sigma_t)
-        lo, hi = min(sigma_s, sigma_t), max(sigma_s, sigma_t)
-        if hi <= lo or hi <= self.t0 or lo >= self.t1:
-            raise ValueError(f"noise interval [{lo!r}, {hi!r}] is empty or outside the Brownian tree's "
-                             f"[{self.t0!r}, {self.t1!r}]")
-        # Normalised by the requested interval, as k-diffusion does, also where the query itself is clamped.
-        w = torch.stack([tree(max(lo, self.lo_end), min(hi, self.hi_end)) for tree in self.trees])
-        scale = (1.0 if sigma_t > sigma_s else -1.0) / math.sqrt(hi - lo)
-        return (w * scale).to(self.device)
-
-
-class GaussianNoise:
-    """Independent standard normal draws, one generator per sample seeded from the sample's seed.
-
-    Each call draws afresh (ancestral-sampler noise), so unlike ``BrownianNoise`` the noise of a step depends on how
-    many steps came before it.  Generators live on the latent's device (``cpu=True``: on the CPU); draws are float32,
-    returned in the latent's dtype (float32 for fp16/bf16 latents).
-    """
-
-    def __init__(self, x, seeds, cpu=False):
-        self.shape = x.shape[1:]
-        self.device = x.device
-        self.dtype = noise_dtype(x)
-        gen_device = torch.device("cpu") if cpu else x.device
-        self.gen_device = gen_device
-        self.generators = [torch.Generator(device=gen_device).manual_seed(int(s)) for s in seeds]
-
-    def __call__(self, sigma_s, sigma_t):
-        # Drawn in float32 whatever the latent's dtype, so float64 and float32 runs see the same noise.
-        w = torch.stack([torch.randn(self.shape, generator=g, device=self.gen_device) for g in self.generators])
-        return w.to(self.device, self.dtype)
-
-
-NOISE_TYPES = ("brownian", "gaussian")
-
-
-def make_noise(x, sigmas, extra_args, noise_type="brownian", seed=None, cpu=False):
-    """A noise sampler for an SDE solver: ``noise(sigma_s, sigma_t)`` returns a standard normal like x."""
-    if noise_type not in NOISE_TYPES:
-        raise ValueError(f"noise_type must be one of {NOISE_TYPES}, got {noise_type!r}")
-    seeds = batch_seeds(extra_args, x.shape[0], seed)
-    if noise_type == "gaussian":
-        return GaussianNoise(x, seeds, cpu=cpu)
-    s = torch.as_tensor(sigmas).detach().to("cpu", torch.float64)
-    positive = s[s > 0]
-    return BrownianNoise(x, positive.min().item(), positive.max().item(), seeds, cpu=cpu)
+# The noise sources moved to noise.py; these names stay importable from here.
+from .noise import (NOISE_TYPES, BrownianNoise, GaussianNoise, TorchsdeBrownianNoise, batch_seeds,  # noqa: E402,F401
+                    make_noise, noise_dtype)

@@ -562,3 +562,90 @@ def test_ems_node_runs_the_one_job_stores_reuses_and_resumes(fake_comfy, tmp_pat
     assert torch.equal(resumed.ems.l, first.ems.l) and torch.equal(resumed.ems.b, first.ems.b)
     # resumed, not restarted: only the estimator's 10-call timestep check runs again
     assert state["calls"] - before <= calls - 16 + 10, (state["calls"] - before, calls)
+
+
+# ---- scheduler entry (nodes/comfy_schedulers.py) -------------------------------------------------------------------
+
+def _fake_comfy_schedulers():
+    """comfy/samplers.py's scheduler registry (v0.3.64): a dict of SchedulerHandler and the names list that
+    KSampler.SCHEDULERS is."""
+    from typing import Callable, NamedTuple
+
+    class SchedulerHandler(NamedTuple):
+        handler: Callable
+        use_ms: bool = True
+
+    handlers = {"simple": SchedulerHandler(lambda ms, steps: None), "karras": SchedulerHandler(None, use_ms=False)}
+    names = list(handlers)
+    module = types.SimpleNamespace(SCHEDULER_HANDLERS=handlers, SCHEDULER_NAMES=names,
+                                   SchedulerHandler=SchedulerHandler)
+    module.KSampler = types.SimpleNamespace(SCHEDULERS=names)
+
+    def calculate_sigmas(model_sampling, scheduler_name, steps):  # comfy.samplers.calculate_sigmas
+        handler = handlers[scheduler_name]
+        if handler.use_ms:
+            return handler.handler(model_sampling, steps)
+        return handler.handler(n=steps, sigma_min=float(model_sampling.sigma_min),
+                               sigma_max=float(model_sampling.sigma_max))
+
+    module.calculate_sigmas = calculate_sigmas
+    return module
+
+
+def _ranged_sampling(kind_name, sigma_min, sigma_max):
+    ms = _sampling(P.ModelSamplingDiscrete, getattr(P, kind_name))
+    ms.sigma_min, ms.sigma_max = torch.tensor(sigma_min), torch.tensor(sigma_max)
+    return ms
+
+
+def test_scheduler_registration_in_place_and_idempotent():
+    from dpm_solver_nodes.nodes import comfy_schedulers
+
+    module = _fake_comfy_schedulers()
+    handlers, names = module.SCHEDULER_HANDLERS, module.SCHEDULER_NAMES
+    assert comfy_schedulers.register_scheduler(module) == ["dpm_solver_recommended"]
+    comfy_schedulers.register_scheduler(module)
+    assert module.SCHEDULER_HANDLERS is handlers and module.SCHEDULER_NAMES is names
+    assert names == ["simple", "karras", "dpm_solver_recommended"] and module.KSampler.SCHEDULERS is names
+    assert list(handlers) == names and handlers["dpm_solver_recommended"].use_ms
+
+
+@pytest.mark.parametrize("kind_name,kind,lo,hi", [("EPS", "eps", 0.0292, 14.6), ("V_PREDICTION", "eps", 0.03, 20.0),
+                                                  ("CONST", "flow", 0.0029, 1.0)])
+def test_scheduler_gives_recommended_sigmas_for_the_model(fake_comfy_model_sampling, kind_name, kind, lo, hi):
+    from dpm_solver_nodes.nodes import comfy_schedulers
+
+    module = _fake_comfy_schedulers()
+    comfy_schedulers.register_scheduler(module)
+    ms = _ranged_sampling(kind_name, lo, hi)
+    sigmas = module.calculate_sigmas(ms, "dpm_solver_recommended", 12)
+    assert sigmas.dtype == torch.float32 and len(sigmas) == 13 and sigmas[-1] == 0
+    torch.testing.assert_close(sigmas, samplers.recommended_sigmas(12, lo, hi, kind).float())
+
+
+def test_scheduler_refuses_unsupported_models_and_old_hosts(fake_comfy_model_sampling, caplog):
+    from dpm_solver_nodes.nodes import comfy_schedulers
+
+    ms = _sampling(P.ModelSamplingDiscrete, P.COSMOS_RFLOW)
+    with pytest.raises(ValueError, match="COSMOS_RFLOW|cannot sample"):
+        comfy_schedulers.recommended_for_model(ms, 10)
+    old = types.SimpleNamespace(SCHEDULER_NAMES=["normal", "karras"])  # before SCHEDULER_HANDLERS existed
+    with caplog.at_level("WARNING"):
+        assert comfy_schedulers.register_scheduler(old) == []
+    assert old.SCHEDULER_NAMES == ["normal", "karras"] and "SCHEDULER_HANDLERS" in caplog.text
+
+
+def test_sigmas_node_options(fake_comfy_model_sampling):
+    from dpm_solver_nodes.nodes import comfy_schedulers
+
+    ms = _ranged_sampling("CONST", 0.0029, 1.0)
+    full = comfy_schedulers.sigmas_for_node(ms, 10)
+    torch.testing.assert_close(full, samplers.recommended_sigmas(10, 0.0029, 1.0, "flow").float())
+    # img2img: the tail of a steps / denoise schedule, as BasicScheduler
+    half = comfy_schedulers.sigmas_for_node(ms, 10, denoise=0.5)
+    torch.testing.assert_close(half, samplers.recommended_sigmas(20, 0.0029, 1.0, "flow").float()[-11:])
+    assert len(comfy_schedulers.sigmas_for_node(ms, 10, denoise=0.0)) == 0
+    custom = comfy_schedulers.sigmas_for_node(_ranged_sampling("EPS", 0.0292, 14.6), 8, sigma_min=0.1, sigma_max=5.0)
+    assert custom[0].item() == pytest.approx(5.0) and custom[-2].item() == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="denoise"):
+        comfy_schedulers.sigmas_for_node(ms, 10, denoise=1.5)

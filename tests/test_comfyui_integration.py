@@ -214,11 +214,12 @@ def _tiny(graph):
         inputs = node["inputs"]
         if node["class_type"] == "CheckpointLoaderSimple":
             inputs["ckpt_name"] = CHECKPOINT
-        elif node["class_type"] == "EmptyLatentImage":
+        elif node["class_type"] in ("EmptyLatentImage", "EmptySD3LatentImage"):
+            node["class_type"] = "EmptyLatentImage"  # the tiny checkpoint has 4 latent channels (SD3: 16)
             inputs.update(width=SIZE, height=SIZE, batch_size=LATENT[0])
         elif node["class_type"] in ("KSampler", "SamplerCustom"):
             inputs["cfg"] = CFG
-        elif node["class_type"] in ("BasicScheduler",):
+        elif node["class_type"] in ("BasicScheduler", "DPMSolverNodes_RecommendedSigmas"):
             inputs["steps"] = STEPS
         if node["class_type"] == "KSampler":
             inputs["steps"] = STEPS
@@ -264,6 +265,10 @@ def test_object_info_lists_nodes_and_dropdown_entries(server):
         for entry in DROPDOWN_SAMPLERS:
             assert names.count(entry) == 1, f"{entry} appears {names.count(entry)} times in {node}"
         assert "euler" in names and "uni_pc_bh2" in names  # built-ins untouched
+    for node in ("KSampler", "BasicScheduler"):  # the scheduler entry, once, after the built-ins
+        names = info[node]["input"]["required"]["scheduler"][0]
+        assert names.count("dpm_solver_recommended") == 1 and names[0] == "simple", names
+    assert info["DPMSolverNodes_RecommendedSigmas"]["output"] == ["SIGMAS"]
     log = server.log()
     assert "IMPORT FAILED" not in "\n".join(l for l in log.splitlines() if "dpm_solver_nodes" in l)
     assert "Cannot import" not in "\n".join(l for l in log.splitlines() if "dpm_solver_nodes" in l)
@@ -470,3 +475,18 @@ def test_interrupt_stops_an_ems_computation_without_writing_a_file(server):
     after = sorted(p.name for p in server.ems_dir.iterdir()) if server.ems_dir.exists() else []
     assert after == before  # no file, no temp file left
     print(f"\n[comfyui interrupt] stopped {stopped:.1f} s after POST /interrupt")
+
+
+def test_flow_workflow_on_the_recommended_schedule(server):
+    """workflows/txt2img_flow_recommended on the tiny checkpoint made a flow model by ModelSamplingSD3: the KSampler
+    scheduler entry and the SIGMAS node give the same sigmas (same latents as the KSampler entry with the same
+    sampler), and the schedule differs from the host's "simple" one."""
+    graph = _tiny(_workflow("txt2img_flow_recommended"))
+    _ksampler(graph, "200", ["5", 0], "dpmsolver_pp_3m", STEPS, "dpm_solver_recommended")
+    _ksampler(graph, "201", ["5", 0], "dpmsolver_pp_2m", STEPS, "simple")
+    latents = server.latents(server.run(graph))
+    ksampler, node = latents["7"], latents["13"]
+    for result in (ksampler, node):
+        assert result.shape == LATENT and torch.isfinite(result).all()
+    assert torch.allclose(node, latents["200s"], rtol=1e-5, atol=1e-5)       # SIGMAS node == scheduler entry
+    assert not torch.allclose(ksampler, latents["201s"], rtol=1e-3, atol=1e-3)  # another schedule than "simple"

@@ -9,7 +9,8 @@ import torch
 
 from dpm_solver_nodes import demo
 from dpm_solver_nodes.__main__ import main as package_main
-from dpm_solver_nodes.bench.sigmas import SCHEDULES, make_sigmas
+from dpm_solver_nodes.embedded.model import DiscreteVPSchedule
+from dpm_solver_nodes.samplers.sigmas import SCHEDULES, make_sigmas
 
 HAVE_KDIFF = importlib.util.find_spec("k_diffusion") is not None
 
@@ -71,18 +72,17 @@ def test_package_entry_point_usage():
 @pytest.mark.parametrize("kind", ["eps", "flow"])
 def test_schedules_span_the_model_range(schedule, kind):
     sigma_min, sigma_max = (0.0292, 14.6) if kind == "eps" else (1e-3, 1.0)
+    discrete = DiscreteVPSchedule() if kind == "eps" else None
     for n in (1, 2, 5, 20):
-        s = make_sigmas(schedule, n, kind, sigma_min=sigma_min, sigma_max=sigma_max)
+        s = make_sigmas(schedule, n, kind, sigma_min=sigma_min, sigma_max=sigma_max, discrete=discrete)
         assert len(s) == n + 1 and s[-1] == 0
         assert s[0].item() == pytest.approx(sigma_max)
         if n > 1:
             assert s[-2].item() == pytest.approx(sigma_min, rel=1e-6)
         assert (s[1:] < s[:-1]).all()
     if schedule == "time_uniform" and kind == "eps":  # uniform in the SD v1 timestep
-        from dpm_solver_nodes.embedded.model import DiscreteVPSchedule
-
-        t = DiscreteVPSchedule().sigma_to_t(make_sigmas(schedule, 11, kind, sigma_min=sigma_min,
-                                                        sigma_max=sigma_max)[:-1])
+        t = discrete.sigma_to_t(make_sigmas(schedule, 11, kind, sigma_min=sigma_min, sigma_max=sigma_max,
+                                            discrete=discrete)[:-1])
         torch.testing.assert_close(t[:-1] - t[1:], torch.full((10,), (t[0] - t[-1]).item() / 10,
                                                               dtype=torch.float64))
 

@@ -12,7 +12,8 @@ import torch
 from dpm_solver_nodes.analytic import GaussianMixture, sample_noise
 from dpm_solver_nodes.samplers import dpmpp, sde
 from dpm_solver_nodes.samplers.common import SamplerRun
-from dpm_solver_nodes.samplers.exponential import BrownianNoise, GaussianNoise, make_noise, taylor_derivatives
+from dpm_solver_nodes.samplers.exponential import taylor_derivatives
+from dpm_solver_nodes.samplers.noise import GaussianNoise, TorchsdeBrownianNoise, make_noise
 from kdiffusion_reference import load
 
 # k-diffusion's tree sampler queries at float32 sigmas just outside torchsde's 6-decimal-rounded ends; torchsde warns
@@ -71,15 +72,15 @@ class BrownianPath:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_brownian_noise_reproduces_kdiffusion_tree_sampler(dtype):
-    """Our per-sample trees give k-diffusion's BrownianTreeNoiseSampler(seed=[list]) increments, sign included, for
+    """noise_type="brownian_tree": our per-sample trees give k-diffusion's BrownianTreeNoiseSampler(seed=[list]) increments, sign included, for
     int seed s (samples get s, s+1, ...) and for a list, on float32 host sigmas and arbitrary sub-intervals."""
     sigmas = karras(8).to(torch.float32)
     x = torch.zeros(3, 4, 2, 2, dtype=dtype)
     positive = sigmas[sigmas > 0].to(torch.float64)
     reference = kd_brownian(x, sigmas, [11, 12, 13])
     for seed in (11, [11, 12, 13]):
-        ours = make_noise(x, sigmas, None, "brownian", seed=seed)
-        assert isinstance(ours, BrownianNoise)
+        ours = make_noise(x, sigmas, None, "brownian_tree", seed=seed)
+        assert isinstance(ours, TorchsdeBrownianNoise)
         for i in range(len(positive) - 1):
             a, b = reference(sigmas[i], sigmas[i + 1]), ours(positive[i].item(), positive[i + 1].item())
             assert b.dtype == dtype and b.shape == x.shape
@@ -114,9 +115,9 @@ def test_2m_sde_matches_kdiffusion(solver_type, eta, s_noise):
                                        noise_sampler=kd_brownian(x, sigmas, seeds), disable=True)
     options = dict(eta=eta, s_noise=s_noise, solver_type=solver_type, lower_order_final=False)
     shared = sde.sample_dpmpp_2m_sde(model, x, sigmas, noise_sampler=kd_brownian(x, sigmas, seeds), **options)
-    own = sde.sample_dpmpp_2m_sde(model, x, sigmas, seed=21, **options)
+    own = sde.sample_dpmpp_2m_sde(model, x, sigmas, seed=21, noise_type="brownian_tree", **options)
     assert relative(shared, reference) < 1e-5
-    assert relative(own, reference) < 1e-5  # our own Brownian noise, seeds 21, 22, 23
+    assert relative(own, reference) < 1e-5  # our own torchsde trees, seeds 21, 22, 23
 
 
 DIFFUSERS_CASES = [("sde-dpmsolver", 2, "midpoint", sde.sample_dpm_solver_sde_2m),
@@ -276,8 +277,8 @@ def test_strong_order_one(sampler, model_kind, options):
 
 
 def test_own_brownian_noise_converges_to_one_path():
-    """The production noise (per-sample torchsde trees, seed list) refines one path: errors against a 256-step
-    solution fall like 1/steps (a fresh-noise source would not converge at all)."""
+    """The production noise (per-sample Brownian bridge paths, seed list) refines one path on nested schedules:
+    errors against a 256-step solution fall like 1/steps (a fresh-noise source would not converge at all)."""
     model = MIXTURE.denoiser("eps")
     x0 = MIXTURE.sample(2, generator=torch.Generator().manual_seed(3))
     x = x0 + sample_noise(2, (8,), seed=1)

@@ -28,7 +28,7 @@ import logging
 import pytest
 import torch
 
-from dpm_solver_nodes.bench.sigmas import make_sigmas
+from dpm_solver_nodes.samplers.sigmas import make_sigmas
 from dpm_solver_nodes.embedded import load_model
 from dpm_solver_nodes.embedded.make_ems import LabelledByRow
 from dpm_solver_nodes.samplers.dpmpp import sample_dpmpp_2m, sample_dpmpp_3m

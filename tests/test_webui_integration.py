@@ -347,12 +347,15 @@ def harness():
         scripts.load_scripts()
         second = [s.name for s in sd_samplers.all_samplers]
         script_callbacks.ui_settings_callback()             # our OptionInfos, as the settings page does
+        from modules import sd_schedulers
+        schedules = [x.name for x in sd_schedulers.schedulers]
+        schedule_map = sorted(k for k, v in sd_schedulers.schedulers_map.items() if v.name == "dpm_solver_recommended")
     from modules import infotext_utils, processing
     webui = sys.modules["dpm_solver_nodes.scripts.dpm_solver_webui.webui"]
     ems_tab = sys.modules.get("dpm_solver_nodes.scripts.dpm_solver_webui.ems_tab") or __import__(
         "dpm_solver_nodes.scripts.dpm_solver_webui.ems_tab", fromlist=["ems_tab"])
     catalog = sys.modules["dpm_solver_nodes.scripts.dpm_solver_webui.catalog"]
-    report.update(builtin=builtin, first=first, second=second,
+    report.update(builtin=builtin, first=first, second=second, schedules=schedules, schedule_map=schedule_map,
                   version=subprocess.run(["git", "describe", "--tags"], capture_output=True, text=True,
                                          cwd=webui_dir).stdout.strip() or "unknown",
                   startup_seconds=time.time() - started)
@@ -397,6 +400,14 @@ def harness():
                 runs[name] = entry
             except Exception as error:  # noqa: BLE001 - reported, and the test fails on it
                 report["errors"][f"{kind}/{name}"] = f"{type(error).__name__}: {error}"
+        for name in ("DPM++ 2M", "DPM++ 2M (dpm-solver-nodes)"):  # the recommended schedule type
+            try:
+                out, p = _sample(name, shared.sd_model, STEPS, scheduler="DPM-Solver recommended")
+                runs[f"{name} / recommended"] = {
+                    "finite": bool(torch.isfinite(out).all()), "mse": float(((out - reference) ** 2).mean()),
+                    "schedule_type": str(p.extra_generation_params.get("Schedule type"))}
+            except Exception as error:  # noqa: BLE001
+                report["errors"][f"{kind}/{name} / recommended"] = f"{type(error).__name__}: {error}"
     _log("img2img (truncated schedules) on the eps model")
     shared.sd_model = _analytic_model("eps")
     img2img = report["img2img"] = {}
@@ -703,3 +714,17 @@ def test_v3_with_webui_ems_is_no_worse_than_without():
 
 if __name__ == "__main__" and "--harness" in sys.argv:
     harness()
+
+
+def test_recommended_schedule_type_is_listed_once_and_samples():
+    """'DPM-Solver recommended' in sd_schedulers.schedulers once after Reload UI, in schedulers_map by name and label;
+    the built-in and our DPM++ 2M run on it for every model kind, land within 0.01 MSE of the 100-step reference and
+    record it in the infotext."""
+    report = _report()
+    assert report["schedules"].count("dpm_solver_recommended") == 1
+    assert report["schedule_map"] == ["DPM-Solver recommended", "dpm_solver_recommended"]
+    for kind, runs in report["runs"].items():
+        for name in ("DPM++ 2M", "DPM++ 2M (dpm-solver-nodes)"):
+            run = runs[f"{name} / recommended"]
+            assert run["finite"] and run["mse"] < 0.01, (kind, name, run)
+            assert run["schedule_type"] == "DPM-Solver recommended", (kind, name, run)

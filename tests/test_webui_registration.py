@@ -510,8 +510,14 @@ kd.KDiffusionSampler = lambda func, model: (func, model)
 cb = types.ModuleType("modules.script_callbacks")
 for hook in ("on_ui_settings", "on_model_loaded", "on_ui_tabs", "on_infotext_pasted"):
     setattr(cb, hook, lambda fn, name=None, hook=hook: callbacks.append(hook))
+sched = types.ModuleType("modules.sd_schedulers")  # A1111 1.10 / Forge / reForge: dataclass, list, map
+sched.Scheduler = collections.namedtuple("Scheduler", ["name", "label", "function", "default_rho", "need_inner_model",
+                                                       "aliases"], defaults=[-1, False, None])
+sched.schedulers = [sched.Scheduler("karras", "Karras", None, 7.0)]
+sched.schedulers_map = {**{x.name: x for x in sched.schedulers}, **{x.label: x for x in sched.schedulers}}
 for name, module in (("modules", modules), ("modules.sd_samplers", sd), ("modules.sd_samplers_common", common),
-                     ("modules.sd_samplers_kdiffusion", kd), ("modules.script_callbacks", cb)):
+                     ("modules.sd_samplers_kdiffusion", kd), ("modules.script_callbacks", cb),
+                     ("modules.sd_schedulers", sched)):
     sys.modules[name] = module
     setattr(modules, name.split(".")[-1], module)
 
@@ -524,6 +530,8 @@ def execute():  # as modules/script_loading.load_module does
 first = execute()
 second = execute()   # Reload UI
 print(json.dumps({"registered": second.REGISTERED, "names": [s.name for s in sd.all_samplers],
+                  "schedulers": [s.name for s in sched.schedulers], "scheduler_map": sorted(sched.schedulers_map),
+                  "need_inner_model": sched.schedulers[-1].need_inner_model,
                   "package_path": list(sys.modules["dpm_solver_nodes"].__path__),
                   "top_level_samplers": "samplers" in sys.modules, "callbacks": callbacks}))
 """
@@ -544,6 +552,9 @@ def test_entry_script_loads_the_package_under_its_unique_name_and_reloads(tmp_pa
     assert report["registered"] == labels
     assert report["names"] == ["DPM++ 2M"] + labels
     assert report["callbacks"] == ["on_ui_settings", "on_model_loaded", "on_ui_tabs", "on_infotext_pasted"] * 2
+    assert report["schedulers"] == ["karras", "dpm_solver_recommended"]  # once, after Reload UI too
+    assert report["scheduler_map"] == sorted(["karras", "Karras", "dpm_solver_recommended", "DPM-Solver recommended"])
+    assert report["need_inner_model"] is True
     scripts = [name for name in os.listdir(os.path.join(ROOT, "scripts")) if name.endswith(".py")]
     assert scripts == ["dpm_solver_nodes_webui.py"]   # the WebUI executes every scripts/*.py
 
@@ -646,3 +657,48 @@ def test_ems_tab_job_runs_the_one_job_and_the_sampler_finds_its_file(tmp_path):
     assert found is not None and description.startswith("abababab")
     assert store.find_for_sampler(model, x, "eps", 3.0, opts)[0] is found
     assert store.find_for_sampler(model, x, "eps", 3.0, Options(dpm_solver_ems_grid=8))[0] is None  # other N
+
+
+# ---- the "DPM-Solver recommended" schedule type (scripts/dpm_solver_webui/schedulers.py) ---------------------------
+
+def test_recommended_schedule_reads_the_model_kind_from_the_wrap():
+    """KDiffusionSampler.get_sigmas calls function(n=, sigma_min=, sigma_max=, inner_model=model_wrap, device=)."""
+    from dpm_solver_nodes.samplers import recommended_sigmas
+    from dpm_solver_nodes.scripts.dpm_solver_webui import schedulers
+
+    eps_wrap = cfg_model(types.SimpleNamespace(parameterization="v")).inner_model
+    flow_wrap = cfg_model(predictor=types.SimpleNamespace(prediction_type="const")).inner_model
+    sd3_wrap = cfg_model(types.SimpleNamespace(is_sd3=True)).inner_model
+    out = schedulers.recommended_scheduler(n=12, sigma_min=0.0292, sigma_max=14.6, inner_model=eps_wrap, device="cpu")
+    torch.testing.assert_close(out, recommended_sigmas(12, 0.0292, 14.6, "eps").float())
+    for wrap in (flow_wrap, sd3_wrap):
+        out = schedulers.recommended_scheduler(n=12, sigma_min=0.0029, sigma_max=1.0, inner_model=wrap, device="cpu")
+        torch.testing.assert_close(out, recommended_sigmas(12, 0.0029, 1.0, "flow").float())
+    with pytest.raises(registration.UnsupportedModelError):
+        schedulers.recommended_scheduler(n=4, sigma_min=0.1, sigma_max=1.0, device="cpu",
+                                         inner_model=cfg_model(types.SimpleNamespace(parameterization="x0")).inner_model)
+
+
+def test_recommended_schedule_registration_is_idempotent():
+    import dataclasses
+
+    from dpm_solver_nodes.scripts.dpm_solver_webui import schedulers
+
+    @dataclasses.dataclass
+    class Scheduler:  # modules/sd_schedulers.py, A1111 1.10 / Forge / reForge
+        name: str
+        label: str
+        function: object
+        default_rho: float = -1
+        need_inner_model: bool = False
+        aliases: list = None
+
+    module = types.SimpleNamespace(Scheduler=Scheduler, schedulers=[Scheduler("automatic", "Automatic", None)])
+    module.schedulers_map = {"automatic": module.schedulers[0], "Automatic": module.schedulers[0]}
+    listed = module.schedulers
+    assert schedulers.register(module) == "DPM-Solver recommended"
+    schedulers.register(module)
+    assert module.schedulers is listed and [s.name for s in listed] == ["automatic", "dpm_solver_recommended"]
+    entry = listed[-1]
+    assert entry.need_inner_model and entry.default_rho == -1 and entry.function is schedulers.recommended_scheduler
+    assert module.schedulers_map["dpm_solver_recommended"] is entry is module.schedulers_map["DPM-Solver recommended"]

@@ -17,6 +17,7 @@ import sys
 HERE = pathlib.Path(__file__).resolve().parent
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
+FLOW_CHECKPOINT = "sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors"
 
 
 def _options_module():
@@ -83,6 +84,25 @@ def api_workflows():
         "negative": ["3", 0], "sampler": ["7", 0], "sigmas": ["8", 0], "latent_image": ["4", 0]}}
     _decode_and_save(graph, ["9", 0], 10, "dpm_solver_v3_ems")
     workflows["ems_compute_save_use"] = graph
+
+    # A flow model (SD3.5) on the recommended schedule: the KSampler scheduler entry and the SIGMAS node.
+    graph = _common()
+    graph["1"]["inputs"]["ckpt_name"] = FLOW_CHECKPOINT
+    graph["4"] = {"class_type": "EmptySD3LatentImage", "inputs": {"width": 1024, "height": 1024, "batch_size": 1}}
+    graph["5"] = {"class_type": "ModelSamplingSD3", "inputs": {"model": ["1", 0], "shift": 3.0}}
+    graph["6"] = {"class_type": "KSampler", "inputs": {
+        "model": ["5", 0], "seed": 0, "steps": 20, "cfg": 4.5, "sampler_name": "dpmsolver_pp_2m",
+        "scheduler": "dpm_solver_recommended", "positive": ["2", 0], "negative": ["3", 0],
+        "latent_image": ["4", 0], "denoise": 1.0}}
+    _decode_and_save(graph, ["6", 0], 7, "flow_recommended_ksampler")
+    graph["10"] = {"class_type": "DPMSolverNodes_RecommendedSigmas", "inputs": {
+        "model": ["5", 0], "steps": 20, "denoise": 1.0, "sigma_min": 0.0, "sigma_max": 0.0}}
+    graph["11"] = {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "dpmsolver_pp_3m"}}
+    graph["12"] = {"class_type": "SamplerCustom", "inputs": {
+        "model": ["5", 0], "add_noise": True, "noise_seed": 0, "cfg": 4.5, "positive": ["2", 0],
+        "negative": ["3", 0], "sampler": ["11", 0], "sigmas": ["10", 0], "latent_image": ["4", 0]}}
+    _decode_and_save(graph, ["12", 0], 13, "flow_recommended_sigmas_node")
+    workflows["txt2img_flow_recommended"] = graph
     return workflows
 
 

@@ -7,6 +7,7 @@ This folder is not a WebUI script folder entry (the WebUI only executes the ``.p
   catalog       the sampler-list entries (labels, options, which injected parameters each takes); host-free
   settings      the Settings -> DPM-Solver options; host-free
   registration  model-kind detection, the sampler functions the WebUI calls, registration with the host
+  schedulers    the "DPM-Solver recommended" Schedule type entry
   ems_store     per-checkpoint DPM-Solver-v3 EMS over ``stats.EMSStore``: identity, lookup, refresh on checkpoint change
   ems_tab       the "DPM-Solver-v3" tab that runs ``stats.EMSJob`` for the loaded checkpoint
 """

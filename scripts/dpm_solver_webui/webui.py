@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 
-from . import registration, settings
+from . import registration, schedulers, settings
 from .ems_store import EMSStore
 
 logger = logging.getLogger("dpm_solver_nodes")
@@ -45,6 +45,7 @@ def setup():
 
     registration.DEFAULT_HOST.find_ems = STORE.find_for_sampler
     labels = registration.setup()
+    schedulers.register()
     script_callbacks.on_ui_settings(on_ui_settings, name="dpm_solver_nodes settings")
     script_callbacks.on_model_loaded(on_model_loaded, name="dpm_solver_nodes EMS refresh")
     script_callbacks.on_ui_tabs(on_ui_tabs, name="dpm_solver_nodes EMS tab")
