@@ -120,7 +120,7 @@ def rms(a, b):
 @torch.no_grad()
 def reference(model, noise, extra_args, model_kind, sigma_min, sigma_max, steps):
     """(x0, self-check error): our 3M on ``steps`` logSNR-uniform steps; error vs 2M at 2x the steps."""
-    from .bench.sigmas import make_sigmas
+    from .samplers.sigmas import make_sigmas
     from .samplers import sample_dpmpp_2m, sample_dpmpp_3m
 
     def sigmas(n):
@@ -142,7 +142,7 @@ def run_demo(args):
     from tqdm.auto import tqdm
 
     from .peers import Unavailable, solvers
-    from .bench.sigmas import make_sigmas
+    from .samplers.sigmas import make_sigmas
     from .embedded import QualityScore, load_model
 
     nfes = args.nfe or (QUICK_NFE if args.quick else DEFAULT_NFE)

@@ -143,11 +143,8 @@ def test_top_floor_layering():
             assert not {name for name in imported if top(name)}, module
     assert not {name for name in graph["peers"] if name.split(".")[0] in ("demo", "bench")}
     assert "peers" in graph["demo"] and "peers" in graph["bench.run"] and "demo" in graph["bench.run"]
-    # the sigma builders are the one thing the demo still takes from bench/ (they move to samplers/, issue 11)
-    assert {name for name in graph["demo"] if name.startswith("bench")} <= {"bench", "bench.sigmas",
-                                                                          "bench.sigmas.make_sigmas"}
+    assert not {name for name in graph["demo"] if name.startswith("bench")}  # sigma builders: samplers/sigmas.py
     tests = root / "tests"
     for path in tests.glob("*.py"):
         imported = _imports(path, "tests." + path.stem)
-        assert not {name for name in imported if name.startswith("bench") and not name.startswith("bench.sigmas")
-                    and name != "bench"}, path.name
+        assert not {name for name in imported if name.startswith("bench")}, path.name
