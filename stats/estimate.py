@@ -58,6 +58,7 @@ import torch
 
 from ..samplers.common import NonFiniteError
 from ..samplers.schedule import check_model_kind
+from . import tuning
 from .ems import EMS
 from .settings import CHECK_NFES, ESTIMATOR_VERSION, JVP_BACKENDS, REDUCTIONS, SAMPLE_SOURCES
 
@@ -407,7 +408,7 @@ def estimate_ems(model, x0, sigma_min, sigma_max, *, model_kind="eps", N=DEFAULT
                  reduction="per_channel", jvp="auto", fd_step=1e-3, n_probes=1, smooth=DEFAULT_SMOOTH, crn=True,
                  batch_size=DEFAULT_BATCH_SIZE, seed=0, extra_args=None, progress=None, should_stop=None,
                  resume_state=None, metadata=None, error_groups=DEFAULT_ERROR_GROUPS, samples="diffused",
-                 substeps=4, sb_window=0.0, s_ridge=0.0) -> EMS:
+                 substeps=4, sb_window=0.0, s_ridge=0.0, tune=True) -> EMS:
     """Estimate the EMS l, s, b of ``model`` on N + 1 nodes uniform in lambda (see the module docstring).
 
     Args:
@@ -575,6 +576,12 @@ def estimate_ems(model, x0, sigma_min, sigma_max, *, model_kind="eps", N=DEFAULT
         raise
     state.seconds += time.perf_counter() - started
 
+    rows = state.forward_rows + state.jvp_rows
+    samples_per_set = tuning.tune_samples(rows) if tune else 0
+    if tune and not samples_per_set:
+        logger.warning("DPM-Solver-v3 EMS: the estimation's %d model rows are too few to tune the fit (%d needed); "
+                       "returning the fit given by smooth, sb_window and s_ridge", rows,
+                       tuning.tuning_rows(tuning.MIN_SAMPLES))
     (l, s, b), errors = _finish(state, lambdas, stat_shape, smooth, sb_window, s_ridge)
     estimator = "forward_ad" if state.backend == "forward" else f"finite_difference(h={fd_step:g})"
     info = {"model_kind": model_kind, "reduction": reduction, "latent_shape": "x".join(map(str, latent_shape)),
@@ -587,6 +594,11 @@ def estimate_ems(model, x0, sigma_min, sigma_max, *, model_kind="eps", N=DEFAULT
     info["sb_window"] = f"{float(sb_window):g}"
     info["s_ridge"] = f"{float(s_ridge):g}"
     info.update({str(k): str(v) for k, v in (metadata or {}).items()})
+    if samples_per_set:
+        ems, _ = tuning.tune(model, state, lambdas, stat_shape, sigma_min, sigma_max, model_kind=model_kind,
+                             samples=samples_per_set, seed=seed, extra_args=extra_args, dtype=dtype, device=device,
+                             metadata=info)
+        return ems
     return EMS(lambdas, l, s, b, metadata=info, standard_errors=errors)
 
 
