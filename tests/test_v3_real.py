@@ -72,7 +72,8 @@ class Case:
             x0 = generate_x0(self.model, self.shape, K, self.sigma_max, self.sigma_min, self.kind, steps=100,
                              seed=seed, batch_size=50)
             self.ems[seed] = estimate_ems(self.model, x0, self.sigma_min, self.sigma_max, K=K, seed=seed,
-                                          batch_size=50, model_kind=self.kind, **RECOMMENDED_SETTINGS)
+                                          batch_size=50, model_kind=self.kind, tune=False,
+                                          **RECOMMENDED_SETTINGS)
         return self.ems[seed]
 
     def error(self, sampler, nfe, **options):
