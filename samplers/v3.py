@@ -505,7 +505,8 @@ def sample_dpm_solver_v3(model, x, sigmas, extra_args=None, callback=None, disab
     if reason:
         from .dpmpp import sample_dpmpp_2m, sample_dpmpp_3m
 
-        logger.info("DPM-Solver-v3: %s; running %s instead", reason, decision.solver)
+        logger.info("DPM-Solver-v3: %s; running %s instead", reason,
+                    "DPM-Solver++(3M)" if decision.solver == "dpmpp_3m" else "DPM-Solver++(2M)")
         solver = sample_dpmpp_3m if decision.solver == "dpmpp_3m" else sample_dpmpp_2m
         return solver(model, x, sigmas, extra_args, callback, disable, model_kind=model_kind, final_step=final_step)
     if use_corrector is None:

@@ -7,9 +7,9 @@ with l' smoothing, a lambda window for s and b, a ridge on s) and, with common r
 network's roughness in s, b but blurs the real structure of a smooth model, where per-node fits win
 (bench/results_ems_tuning.md).  So ``tune`` measures instead of guessing:
 
-1. fresh noise, independent of the estimation's (seed + 1), 2S samples; references from our DPM-Solver++(3M) in its
+1. fresh noise, independent of the estimation's, 2S samples; references from our DPM-Solver++(3M) in its
    third-order Taylor form at ``5 x max(nfes)`` steps on the spacing the check has always used (uniform in lambda for
-   eps, in sigma for flow), ending in a final denoise;
+   eps from sigma_max, in sigma from 1 for flow), ending in a final denoise;
 2. on the first S ("selection") samples: every candidate fit (``FITS``) x policy (``POLICIES``: corrector on/off)
    at every NFE, and the pack's own DPM-Solver++(2M) and (3M) (their defaults, as v3's fallback runs them);
 3. the fit: the one with the smallest mean over NFEs of log(best policy's error / best pack solver's error);
@@ -80,11 +80,12 @@ def tune_samples(budget_rows, nfes=TUNE_NFES, fits=len(FITS)) -> int:
 
 
 def sampling_sigmas(nfe, sigma_min, sigma_max, model_kind):
-    """The spacing of the EMS check: uniform in lambda (eps) or in sigma (flow), plus a final 0; float64."""
+    """The spacing of the EMS check: uniform in lambda from sigma_max (eps) or in sigma from 1, where flow sampling
+    starts (flow), plus a final 0; float64."""
     from ..samplers.schedule import noise_schedule
 
     if model_kind == "flow":
-        sigmas = torch.linspace(min(sigma_max, 1.0), sigma_min, nfe, dtype=torch.float64)
+        sigmas = torch.linspace(1.0, sigma_min, nfe, dtype=torch.float64)
     else:
         schedule = noise_schedule(model_kind)
         lams = torch.linspace(schedule.lambda_(sigma_max), schedule.lambda_(sigma_min), nfe, dtype=torch.float64)
