@@ -59,7 +59,8 @@ def make_ems(kind, cfg_scale, N=200, K=50, reduction="per_channel", seed=0, out=
     target = EMSTarget(weights_digest(model.state_dict())[:32], kind, float(cfg_scale), tuple(model.shape),
                        model.sigma_min, sigma_max)
     job = EMSJob(target, embedded_settings(N, K, reduction, seed), batch_size=BATCH,
-                 metadata={"model": f"embedded mnist16_{kind}", "x0_source": "model samples (100 steps), label k mod 10"})
+                 metadata={"model": f"embedded mnist16_{kind}",
+                           "x0_source": "model samples (100 steps), label k mod 10"})
     ems = job.compute(ModelAccess(wrapped))
     path = out or ems_path(kind, cfg_scale)
     ems.save(path)

@@ -1,9 +1,10 @@
 """ComfyUI adapters (thin declarations over ``samplers`` and ``stats``).
 
 Host-free parts (importable anywhere, unit-tested without ComfyUI): ``options`` (node widgets -> sampler options),
-``model_kind`` (model_sampling -> "eps"/"flow"), ``fingerprint`` (model identity for the EMS cache), ``ems_store``
-(EMS files by fingerprint).  ComfyUI-only parts: ``comfy_sampling`` (sampler functions, KSampler dropdown entries),
-``comfy_ems`` (EMS estimation through CFGGuider), ``comfy_nodes`` (the node classes), loaded by ``load_comfyui``.
+``model_kind`` (model_sampling -> "eps"/"flow"), ``fingerprint`` (model identity for the EMS store), ``ems_store``
+(the folder's ``stats.EMSStore``).  ComfyUI-only parts: ``comfy_sampling`` (sampler functions, KSampler dropdown
+entries), ``comfy_ems`` (the ``stats.EMSJob`` through CFGGuider), ``comfy_nodes`` (the node classes), loaded by
+``load_comfyui``.
 """
 
 

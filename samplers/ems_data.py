@@ -116,7 +116,8 @@ def validate_arrays(lambdas, stats, where="EMS"):
 
 class EMSData:
     """EMS arrays (validated, CPU, ``lambdas`` float64) plus ``model_kind`` ("eps", "flow" or None: not stated, the
-    sampler takes them for either) and ``decisions`` (a tuple of ``NFEDecision``, possibly empty).  Treated as immutable: the sampler caches its plans per object."""
+    sampler takes them for either) and ``decisions`` (a tuple of ``NFEDecision``, possibly empty).  Treated as
+    immutable: the sampler caches its plans per object."""
 
     def __init__(self, lambdas, l, s, b, model_kind=None, decisions=(), where="EMS"):
         if model_kind is not None:

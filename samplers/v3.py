@@ -429,8 +429,9 @@ def sample_dpm_solver_v3(model, x, sigmas, extra_args=None, callback=None, disab
     """DPM-Solver-v3 (Algorithm 2): multistep predictor with the EMS-based update and a corrector at no extra NFE.
 
     Options (the official names where they exist):
-      ems: the model's EMS (``samplers.ems_data.EMSData``, e.g. a ``stats.EMS``); ``None`` uses l = 1, s = b = 0, i.e. DPM-Solver++ (Taylor form) plus the v3
-        corrector, and logs that once per process.  Per-element EMS of another latent size use their per-channel
+      ems: the model's EMS (``samplers.ems_data.EMSData``, e.g. a ``stats.EMS``; anything else is a TypeError);
+        ``None`` uses l = 1, s = b = 0, i.e. DPM-Solver++ (Taylor form) plus the v3 corrector, and logs that once
+        per process.  Per-element EMS of another latent size use their per-channel
         means (logged).  Statistics whose metadata name another model_kind are rejected.  |l| or |s| above 10
         (degenerate fits, e.g. zero-variance dimensions) are clamped with one log line: any bounded l, s, b keeps
         the update exact (App. I.3), and e^{S} must fit the float32 step weights.  The EMS are treated as

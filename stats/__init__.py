@@ -7,5 +7,6 @@ from .store import EMSStore, EMSStoreError, validate_name
 from .job import EMSJob, EMSJobInterrupted, JobResult, ModelAccess
 
 __all__ = ["EMS", "load_ems", "import_official_ems", "estimate_ems", "generate_x0", "EstimationState",
-           "EMSSettings", "EMSTarget", "EMSKey", "EMSJob", "EMSJobInterrupted", "JobResult", "ModelAccess", "EMSStore", "EMSStoreError", "validate_name",
+           "EMSSettings", "EMSTarget", "EMSKey", "EMSJob", "EMSJobInterrupted", "JobResult", "ModelAccess",
+           "EMSStore", "EMSStoreError", "validate_name",
            "fingerprint_state_dict", "sigma_digest", "weights_digest"]

@@ -150,8 +150,8 @@ class EMS(EMSData):
       lambdas: (N + 1,) strictly increasing grid, index 0 the noisiest node (VE lambda = -log sigma~).
       l, s, b: (N + 1, *stat_shape) float tensors, stat_shape (C, H, W), (C, 1, 1) or (1, 1, 1).
       metadata: dict of strings describing the statistics (values are converted with ``str``), validated
-        (``validate_metadata``): ``model_kind`` (absent: usable for either kind; reported as "eps") and ``v3_decisions`` set the sampler's
-        ``model_kind`` and ``decisions``.
+        (``validate_metadata``): ``model_kind`` (absent: usable for either kind) and ``v3_decisions`` set the
+        sampler's ``model_kind`` and ``decisions``.
       standard_errors: optional dict name -> tensor of the Monte-Carlo standard errors (e.g. of l, s, b).
       decisions: the v3 decision per NFE (``samplers.ems_data.NFEDecision`` or (nfe, solver, ratio)); given, it
         replaces ``metadata["v3_decisions"]``.
@@ -217,7 +217,8 @@ class EMS(EMSData):
             tensors[f"se_{name}"] = value.to(dtype).contiguous()
         metadata = dict(self.metadata)
         metadata.setdefault("reduction", self.reduction)
-        metadata.update({"format": FORMAT, "version": VERSION, "N": str(self.N), "tensor_sha256": tensor_digest(tensors),
+        metadata.update({"format": FORMAT, "version": VERSION, "N": str(self.N),
+                         "tensor_sha256": tensor_digest(tensors),
                          "grid_min_lambda": repr(float(self.lambdas[0])),
                          "grid_max_lambda": repr(float(self.lambdas[-1]))})
         metadata.setdefault("library_version", _package_version())

@@ -173,9 +173,10 @@ class EMSJob:
 
                 def estimate(model, extra_args, device):
                     try:
+                        x0 = state.x0.to(device, self.dtype).clone()  # a normal tensor, also from inference mode
                         return estimate_ems(
-                            counter.wrap(model, report=False), state.x0.to(device, self.dtype), t.sigma_min,
-                            t.sigma_max, model_kind=t.model_kind, batch_size=self.batch_size, extra_args=extra_args,
+                            counter.wrap(model, report=False), x0, t.sigma_min, t.sigma_max, model_kind=t.model_kind,
+                            batch_size=self.batch_size, extra_args=extra_args,
                             resume_state=state.estimation, should_stop=counter.check, progress=counter.report,
                             **s.estimate_options())
                     except BaseException as error:

@@ -151,9 +151,11 @@ class EMSStore:
 
     # ---- lookups ----------------------------------------------------------------------------------------------
     def get(self, key: EMSKey):
-        """(EMS, path) stored for exactly ``key``, or (None, None)."""
+        """(EMS, path) stored for exactly ``key``, or (None, None); the job's own file name first, then copies
+        (e.g. saved under another name)."""
         digest = key.digest()
-        for path in self.files():
+        own = f"-{digest[:16]}{EXTENSION}"
+        for path in sorted(self.files(), key=lambda p: not p.endswith(own)):
             entry = self.header(path)
             if entry is None or entry[0] is None or entry[0].digest() != digest:
                 continue
@@ -183,7 +185,7 @@ class EMSStore:
                     tuple(target.latent_shape) != tuple(latent_shape):
                 continue
             distance = abs(target.cfg - float(cfg)) if cfg is not None and math.isfinite(float(cfg)) else 0.0
-            candidates.append((distance, -os.path.getmtime(path), path))
+            candidates.append((distance, -self._headers[path][0][0], path))  # ties: the newest file
         for _, _, path in sorted(candidates):
             try:
                 return self.load(path), path

@@ -54,6 +54,11 @@ def test_round_trip(tmp_path):
     assert store.get(example_key(cfg=7.5 + 1e-14))[1] == path
     assert store.files() == [path]
     assert not [n for n in os.listdir(tmp_path / "ems") if n.endswith(".tmp")]
+    # a copy saved under another name (ComfyUI's save node) is found too, the job's own file first
+    copy = store.save(loaded, "a_copy")
+    assert store.get(key)[1] == path
+    os.remove(path)
+    assert store.get(key)[1] == copy
 
 
 def test_every_key_field_matters(tmp_path):

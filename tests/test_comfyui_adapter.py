@@ -464,3 +464,101 @@ def test_dropdown_reuses_the_stored_ems_and_builds_v3s_plan_once(fake_comfy_mode
     assert len(reads) == 1 and len(builds) == 1, (reads, builds)
     degenerate = samplers.sample_dpm_solver_v3(denoiser, x, sigmas, disable=True)
     assert not torch.allclose(outputs[0], degenerate)  # the stored EMS (l = 0.9) were used
+
+
+class _Interrupted(Exception):
+    pass
+
+
+@pytest.fixture
+def fake_comfy(monkeypatch, tmp_path):
+    """The parts of ComfyUI the EMS node's job uses: a CFGGuider that runs the sampler function with a Gaussian
+    mixture as the guided model, KSAMPLER, ProgressBar, the Interrupt check and ModelSamplingDiscrete."""
+    from dpm_solver_nodes.nodes import ems_store as comfy_store
+    from dpm_solver_nodes.stats import EMSStore
+
+    mixture = GaussianMixture.random(dim=4, components=3, seed=4)
+    denoiser = mixture.denoiser("eps")
+    state = {"interrupt_after": None, "calls": 0, "bar": []}
+
+    def model(x, sigma, **_):
+        state["calls"] += 1
+        return denoiser(x.reshape(x.shape[0], -1).double(), sigma.double()).reshape(x.shape).to(x.dtype)
+
+    class CFGGuider:
+        def __init__(self, patcher):
+            self.patcher = patcher
+
+        def set_conds(self, positive, negative):
+            pass
+
+        def set_cfg(self, cfg):
+            pass
+
+        def sample(self, noise, latent, sampler, sigmas, disable_pbar=False, seed=None):
+            assert 0 <= seed < 2 ** 64
+            return sampler.function(model, noise, sigmas, extra_args={})
+
+    class ModelSamplingDiscrete(P.ModelSamplingDiscrete):
+        sigma_min, sigma_max = 0.03, 14.6
+
+        def timestep(self, sigma):
+            return sigma
+
+    def check_interrupt():
+        if state["interrupt_after"] is not None and state["calls"] >= state["interrupt_after"]:
+            raise _Interrupted()
+
+    modules = {
+        "comfy.samplers": types.SimpleNamespace(CFGGuider=CFGGuider,
+                                                KSAMPLER=lambda fn: types.SimpleNamespace(function=fn)),
+        "comfy.utils": types.SimpleNamespace(ProgressBar=lambda total: types.SimpleNamespace(
+            update_absolute=lambda value: state["bar"].append(value))),
+        "comfy.model_management": types.SimpleNamespace(throw_exception_if_processing_interrupted=check_interrupt),
+        "comfy.model_sampling": types.SimpleNamespace(ModelSamplingDiscrete=ModelSamplingDiscrete,
+                                                      **{n: getattr(P, n) for n in ("EPS", "V_PREDICTION", "EDM",
+                                                                                    "X0", "CONST")}),
+    }
+    comfy = types.ModuleType("comfy")
+    for name, module in modules.items():
+        setattr(comfy, name.split(".")[1], module)
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setitem(sys.modules, "comfy", comfy)
+    monkeypatch.setattr(comfy_store, "_STORE", EMSStore([str(tmp_path)]))
+
+    class Patcher(_Patcher):
+        def clone(self):
+            return self
+
+        def add_object_patch(self, name, value):
+            self.object_patches[name] = value
+
+    patcher = Patcher(_Base(seed=0))
+    patcher.model.model_sampling = type("ModelSampling", (ModelSamplingDiscrete, P.EPS), {})()
+    return patcher, state
+
+
+def test_ems_node_runs_the_one_job_stores_reuses_and_resumes(fake_comfy, tmp_path):
+    """ComfyUI's EMS compute path (``comfy_ems.compute_or_load``) on stand-ins for ComfyUI's guider: the file lands
+    in the store, a second run reuses it without model calls, and an Interrupt followed by a rerun resumes (the
+    result equals an uninterrupted run).  ComfyUI's largest seed, 2**64 - 1, is accepted."""
+    from dpm_solver_nodes.nodes import comfy_ems
+
+    patcher, state = fake_comfy
+    args = (patcher, None, None, 1.0, 8, 8, 6, 4, "per_channel", 2 ** 64 - 1, 4, 4, "guided", "auto", "ems")
+    first = comfy_ems.compute_or_load(*args, False)
+    assert first.source == "computed" and first.save_error is None and first.path.startswith(str(tmp_path))
+    assert first.ems.metadata["fingerprint"] == fingerprint.model_fingerprint(patcher)
+    assert state["bar"] and state["bar"][-1] <= 1000
+    calls = state["calls"]
+    again = comfy_ems.compute_or_load(*args, False)
+    assert again.source == "cached" and state["calls"] == calls
+    state["interrupt_after"] = calls + 16  # Interrupt pressed during the recomputation's estimate
+    with pytest.raises(_Interrupted):
+        comfy_ems.compute_or_load(*args, True)
+    state["interrupt_after"] = None
+    before = state["calls"]
+    resumed = comfy_ems.compute_or_load(*args, True)
+    assert torch.equal(resumed.ems.l, first.ems.l) and torch.equal(resumed.ems.b, first.ems.b)
+    # resumed, not restarted: only the estimator's 10-call timestep check runs again
+    assert state["calls"] - before <= calls - 16 + 10, (state["calls"] - before, calls)

@@ -566,3 +566,24 @@ def test_continuous_timesteps_turns_a1111_quantization_off_for_the_job():
     with ems_tab.continuous_timesteps(model):
         assert wrap.quantize is False
     assert wrap.quantize is True
+
+
+def test_ems_tab_job_runs_the_one_job_and_the_sampler_finds_its_file(tmp_path):
+    """The tab's job (``ems_tab.EMSJob``, a WebUI sampler function) on the WebUI object chain: it stores the EMS
+    under the checkpoint's sha256, returns the first samples as its images, and the v3 sampler's lookup
+    (``find_for_sampler``) serves the very same object at the next generations."""
+    store = ems_store.EMSStore(lambda: str(tmp_path))
+    p = types.SimpleNamespace(cfg_scale=3.0, prompt="a digit")
+    model = WebUIModel("eps", p=p)
+    model.inner_model.inner_model.sd_checkpoint_info = types.SimpleNamespace(sha256="ab" * 32, model_name="toy")
+    x = torch.randn(4, 8, 1, 1)
+    job = ems_tab.EMSJob(store, N=6, K=4, reduction="per_channel", seed=0, x0_steps=6)
+    images = job(model, x, None, {})
+    assert images.shape == x.shape and torch.isfinite(images).all()
+    assert job.save_error is None and os.path.dirname(job.path) == str(tmp_path)
+    assert job.key.target.fingerprint == "ab" * 32 and job.result.metadata["host"] == "webui"
+    opts = Options(dpm_solver_ems_grid=6, dpm_solver_ems_samples=4, dpm_solver_ems_reduction="per_channel")
+    found, description = store.find_for_sampler(model, x, "eps", 3.0, opts)
+    assert found is not None and description.startswith("abababab")
+    assert store.find_for_sampler(model, x, "eps", 3.0, opts)[0] is found
+    assert store.find_for_sampler(model, x, "eps", 3.0, Options(dpm_solver_ems_grid=8))[0] is None  # other N

@@ -43,10 +43,12 @@ SETTINGS = (
     Setting("dpm_solver_v3_use_ems", True, "DPM-Solver-v3: use the checkpoint's EMS when they have been computed "
             "(otherwise DPM-Solver++ with the v3 corrector)", infotext="DPM-Solver-v3 use EMS"),
     Setting("dpm_solver_ems_dir", "", "EMS folder (empty: models/dpm_solver_v3_ems)"),
-    Setting("dpm_solver_ems_grid", _EMS_DEFAULTS.N, "EMS: lambda grid size N (nodes - 1)", minimum=10, maximum=500, step=10),
-    Setting("dpm_solver_ems_samples", _EMS_DEFAULTS.K, "EMS: number of data samples K", minimum=8, maximum=1024, step=8),
-    Setting("dpm_solver_ems_reduction", _EMS_DEFAULTS.reduction, "EMS: statistics shape (per_channel works at any resolution; "
-            "per_element only at the resolution it was computed for)", choices=REDUCTION_CHOICES),
+    Setting("dpm_solver_ems_grid", _EMS_DEFAULTS.N, "EMS: lambda grid size N (nodes - 1)", minimum=10, maximum=500,
+            step=10),
+    Setting("dpm_solver_ems_samples", _EMS_DEFAULTS.K, "EMS: number of data samples K", minimum=8, maximum=1024,
+            step=8),
+    Setting("dpm_solver_ems_reduction", _EMS_DEFAULTS.reduction, "EMS: statistics shape (per_channel works at any "
+            "resolution; per_element only at the resolution it was computed for)", choices=REDUCTION_CHOICES),
 )
 SETTINGS_BY_KEY = {setting.key: setting for setting in SETTINGS}
 
