@@ -13,7 +13,9 @@ network's roughness in s, b but blurs the real structure of a smooth model, wher
 2. on the first S ("selection") samples: every candidate fit (``FITS``) x policy (``POLICIES``: corrector on/off)
    at every NFE, and the pack's own DPM-Solver++(2M) and (3M) (their defaults, as v3's fallback runs them);
 3. the fit: the one with the smallest mean over NFEs of log(best policy's error / best pack solver's error);
-   per NFE the decision: v3 with the better policy where it beats the best pack solver, else that solver;
+   per NFE the decision: the pack's solver is 2M unless 3M is clearly better (``clearly_better``: by more than one
+   standard error of the paired mean log error ratio), and v3 with the better policy runs where it is clearly
+   better than that solver;
 4. on the other S ("report") samples: the decided runs and both pack solvers; the stored ``ratio`` of each decision
    is decided error / best pack solver's error there (< 1: v3 wins), so the numbers in the file are held out.
 
@@ -160,6 +162,18 @@ def _mean(errors):
     return float(errors.mean())
 
 
+def clearly_better(errors, baseline):
+    """Whether per-sample ``errors`` beat ``baseline`` on the same samples by more than one standard error of the
+    mean log ratio (paired; a few selection samples must not send an NFE to a solver with a heavy tail)."""
+    if not torch.isfinite(errors).all():
+        return False
+    if not torch.isfinite(baseline).all():
+        return True
+    logs = torch.log(errors.clamp(min=1e-300) / baseline.clamp(min=1e-300))
+    spread = float(logs.std()) / math.sqrt(len(logs)) if len(logs) > 1 else 0.0
+    return float(logs.mean()) + spread < 0
+
+
 def tune(model, state, lambdas, stat_shape, sigma_min, sigma_max, *, model_kind="eps", samples, seed=0,
          nfes=TUNE_NFES, fits=FITS, policies=POLICIES, extra_args=None, dtype=torch.float32, device="cpu",
          metadata=None):
@@ -189,24 +203,25 @@ def tune(model, state, lambdas, stat_shape, sigma_min, sigma_max, *, model_kind=
     runner = _Runner(counted, noise, reference, sigma_min, sigma_max, model_kind, extra_args)
     base = dict(metadata or {})
     candidates = {f.name: fit_ems(state, lambdas, stat_shape, f, base) for f in fits}
-    pack = {nfe: {name: _mean(runner.errors(select, nfe, name)) for name in PACK_SOLVERS} for nfe in nfes}
-    table = {}  # (fit, corrector, nfe) -> selection error
+    pack = {nfe: {name: runner.errors(select, nfe, name) for name in PACK_SOLVERS} for nfe in nfes}
+    table = {}  # (fit, corrector, nfe) -> per-sample selection errors
     for name, ems in candidates.items():
         for corrector in policies:
             for nfe in nfes:
-                table[(name, corrector, nfe)] = _mean(runner.errors(select, nfe, "v3", ems, corrector))
+                table[(name, corrector, nfe)] = runner.errors(select, nfe, "v3", ems, corrector)
 
     def score(name):
-        return sum(math.log(min(table[(name, c, n)] for c in policies) / min(pack[n].values()) + 1e-300)
-                   for n in nfes) / len(nfes)
+        return sum(math.log(min(_mean(table[(name, c, n)]) for c in policies) /
+                            min(_mean(e) for e in pack[n].values()) + 1e-300) for n in nfes) / len(nfes)
 
     chosen = min(candidates, key=score)
     ems = candidates[chosen]
     decisions, per_nfe = [], {}
     for nfe in nfes:
-        corrector = min(policies, key=lambda c: table[(chosen, c, nfe)])
-        best_pack = min(PACK_SOLVERS, key=lambda p: pack[nfe][p])
-        v3_wins = table[(chosen, corrector, nfe)] < pack[nfe][best_pack]
+        corrector = min(policies, key=lambda c: _mean(table[(chosen, c, nfe)]))
+        # the pack's fallback is 2M unless 3M is clearly better; v3 runs only where it is clearly better than that
+        best_pack = "dpmpp_3m" if clearly_better(pack[nfe]["dpmpp_3m"], pack[nfe]["dpmpp_2m"]) else "dpmpp_2m"
+        v3_wins = clearly_better(table[(chosen, corrector, nfe)], pack[nfe][best_pack])
         solver = "v3" if v3_wins else best_pack
         held = {p: _mean(runner.errors(held_out, nfe, p)) for p in PACK_SOLVERS}
         decided = (_mean(runner.errors(held_out, nfe, "v3", ems, corrector)) if v3_wins else held[best_pack])
@@ -215,8 +230,8 @@ def tune(model, state, lambdas, stat_shape, sigma_min, sigma_max, *, model_kind=
             ratio = 1e6
         decisions.append((nfe, solver, ratio, corrector))
         per_nfe[nfe] = {"solver": solver, "corrector": corrector, "ratio": ratio, "held_out": held,
-                        "held_out_decided": decided, "selection_pack": pack[nfe],
-                        "selection": {f"{n}/{'corr' if c else 'nocorr'}": table[(n, c, nfe)]
+                        "held_out_decided": decided, "selection_pack": {p: _mean(e) for p, e in pack[nfe].items()},
+                        "selection": {f"{n}/{'corr' if c else 'nocorr'}": _mean(table[(n, c, nfe)])
                                       for n in candidates for c in policies}}
     report = {"fit": chosen, "samples": samples, "reference_steps": steps, "rows": counter[0],
               "scores": {n: score(n) for n in candidates}, "nfes": per_nfe}
