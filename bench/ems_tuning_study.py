@@ -61,7 +61,7 @@ def mixture_case(seed, dim, components, kind, cfg):
         start = 1.0 if kind == "flow" else sigma_max
         return reference_solution(model, noise.double() * start, start, 0.0, kind).double()
 
-    return dict(name=f"mixture s{seed} d{dim} c{components} {kind}", model=model, kind=kind, shape=shape,
+    return dict(name=f"mixture s{seed} d{dim} c{components} {kind}", cfg=cfg, model=model, kind=kind, shape=shape,
                 sigma_min=sigma_min, sigma_max=sigma_max, reference=reference, dtype=torch.float64, eval=EVAL,
                 x0_batch=32)
 
@@ -82,7 +82,7 @@ def embedded_case(kind, cfg):
             return sample_dpmpp_3m(model, noise * sigmas[0], sigmas, disable=True, model_kind=kind,
                                    solver_type="taylor").double()
 
-    return dict(name=f"embedded mnist16 {kind}", model=model, kind=kind, shape=tuple(base.shape),
+    return dict(name=f"embedded mnist16 {kind}", cfg=cfg, model=model, kind=kind, shape=tuple(base.shape),
                 sigma_min=sigma_min, sigma_max=sigma_max, reference=reference, dtype=torch.float32,
                 eval=EVAL_EMBEDDED, x0_batch=32)
 
@@ -110,7 +110,9 @@ def run_case(case, K=32, nfes=NFES):
     x0_rows, x0_seconds = counted.rows, time.process_time() - started
     counted.rows = 0
     started = time.process_time()
-    ems = estimate_ems(counted, x0, case["sigma_min"], case["sigma_max"], model_kind=kind, K=K)
+    # the cfg as the EMS job records it (the tuning's fallback for a guided model is 2M only)
+    ems = estimate_ems(counted, x0, case["sigma_min"], case["sigma_max"], model_kind=kind, K=K,
+                       metadata={"cfg": repr(case["cfg"])})
     ems_seconds = time.process_time() - started
     summary = json.loads(ems.metadata.get("tuning", "{}"))
     estimation_rows = int(ems.metadata["forward_rows"]) + int(ems.metadata["jvp_rows"])

@@ -178,6 +178,7 @@ class EMSJob:
                             counter.wrap(model, report=False), x0, t.sigma_min, t.sigma_max, model_kind=t.model_kind,
                             batch_size=self.batch_size, extra_args=extra_args,
                             resume_state=state.estimation, should_stop=counter.check, progress=counter.report,
+                            metadata={"cfg": repr(float(t.cfg))},
                             **s.estimate_options())
                     except BaseException as error:
                         state.estimation = getattr(error, "estimation_state", state.estimation)

@@ -13,9 +13,9 @@ network's roughness in s, b but blurs the real structure of a smooth model, wher
 2. on the first S ("selection") samples: every candidate fit (``FITS``) x policy (``POLICIES``: corrector on/off)
    at every NFE, and the pack's own DPM-Solver++(2M) and (3M) (their defaults, as v3's fallback runs them);
 3. the fit: the one with the smallest mean over NFEs of log(best policy's error / best pack solver's error);
-   per NFE the decision: the pack's solver is 2M unless 3M is clearly better (``clearly_better``: by more than one
-   standard error of the paired mean log error ratio), and v3 with the better policy runs where it is clearly
-   better than that solver;
+   per NFE the decision: the pack's solver is 2M unless the model is unguided (``pack_solvers``) and 3M is clearly
+   better (``clearly_better``: by more than one standard error of the paired mean log error ratio), and v3 with the
+   better policy runs where it is clearly better than that solver;
 4. on the other S ("report") samples: the decided runs and both pack solvers; the stored ``ratio`` of each decision
    is decided error / best pack solver's error there (< 1: v3 wins), so the numbers in the file are held out.
 
@@ -164,14 +164,26 @@ def _mean(errors):
 
 def clearly_better(errors, baseline):
     """Whether per-sample ``errors`` beat ``baseline`` on the same samples by more than one standard error of the
-    mean log ratio (paired; a few selection samples must not send an NFE to a solver with a heavy tail)."""
+    mean log error ratio (paired)."""
     if not torch.isfinite(errors).all():
         return False
     if not torch.isfinite(baseline).all():
         return True
-    logs = torch.log(errors.clamp(min=1e-300) / baseline.clamp(min=1e-300))
+    logs = torch.log(errors.double().clamp(min=1e-300) / baseline.double().clamp(min=1e-300))
     spread = float(logs.std()) / math.sqrt(len(logs)) if len(logs) > 1 else 0.0
     return float(logs.mean()) + spread < 0
+
+
+def pack_solvers(metadata):
+    """The pack's solvers v3 may fall back to: 2M and 3M, or only 2M for a guided model (metadata cfg != 1), as the
+    DPM-Solver++ paper recommends for guided sampling: on a cfg-7.5 mixture 3M beat 2M on most samples at 10-15 NFE
+    but overshot on a few, 2.3-5.7x 2M's mean error, which six selection samples cannot see
+    (bench/results_ems_tuning.md)."""
+    try:
+        guided = float((metadata or {}).get("cfg", "1")) != 1.0
+    except ValueError:
+        guided = True
+    return ("dpmpp_2m",) if guided else PACK_SOLVERS
 
 
 def tune(model, state, lambdas, stat_shape, sigma_min, sigma_max, *, model_kind="eps", samples, seed=0,
@@ -202,6 +214,7 @@ def tune(model, state, lambdas, stat_shape, sigma_min, sigma_max, *, model_kind=
                                            model_kind=model_kind, solver_type="taylor") for rows in (select, held_out)])
     runner = _Runner(counted, noise, reference, sigma_min, sigma_max, model_kind, extra_args)
     base = dict(metadata or {})
+    allowed = pack_solvers(base)
     candidates = {f.name: fit_ems(state, lambdas, stat_shape, f, base) for f in fits}
     pack = {nfe: {name: runner.errors(select, nfe, name) for name in PACK_SOLVERS} for nfe in nfes}
     table = {}  # (fit, corrector, nfe) -> per-sample selection errors
@@ -220,7 +233,8 @@ def tune(model, state, lambdas, stat_shape, sigma_min, sigma_max, *, model_kind=
     for nfe in nfes:
         corrector = min(policies, key=lambda c: _mean(table[(chosen, c, nfe)]))
         # the pack's fallback is 2M unless 3M is clearly better; v3 runs only where it is clearly better than that
-        best_pack = "dpmpp_3m" if clearly_better(pack[nfe]["dpmpp_3m"], pack[nfe]["dpmpp_2m"]) else "dpmpp_2m"
+        best_pack = "dpmpp_3m" if "dpmpp_3m" in allowed and clearly_better(pack[nfe]["dpmpp_3m"],
+                                                                             pack[nfe]["dpmpp_2m"]) else "dpmpp_2m"
         v3_wins = clearly_better(table[(chosen, corrector, nfe)], pack[nfe][best_pack])
         solver = "v3" if v3_wins else best_pack
         held = {p: _mean(runner.errors(held_out, nfe, p)) for p in PACK_SOLVERS}

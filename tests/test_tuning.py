@@ -35,7 +35,9 @@ def _setup(seed, dim, components, kind, cfg, estimation_seed=0):
             calls.append(x.shape[0])
             return model(x, sigma, **kwargs)
 
-        ems = estimate_ems(counted, x0, sigma_min, sigma_max, model_kind=kind, seed=estimation_seed)
+        # the cfg as the EMS job records it: a guided model's fallback is 2M only
+        ems = estimate_ems(counted, x0, sigma_min, sigma_max, model_kind=kind, seed=estimation_seed,
+                           metadata={"cfg": repr(cfg)})
         _CACHE[key] = (model, ems, sum(calls), shape, sigma_min, sigma_max)
     return _CACHE[key]
 
