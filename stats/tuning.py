@@ -17,7 +17,7 @@ network's roughness in s, b but blurs the real structure of a smooth model, wher
    better (``clearly_better``: by more than one standard error of the paired mean log error ratio), and v3 with the
    better policy runs where it is clearly better than that solver;
 4. on the other S ("report") samples: the decided runs and both pack solvers; the stored ``ratio`` of each decision
-   is decided error / best pack solver's error there (< 1: v3 wins), so the numbers in the file are held out.
+   is decided error / the better of 2M and 3M there (< 1: v3 wins), so the numbers in the file are held out.
 
 Cost in model rows (one sample through the model): S x (steps + (|FITS| x |POLICIES| + 2) x sum(nfes)) for the
 selection and S x (steps + 3 x sum(nfes)) for the report; ``tune_samples`` picks the largest S (at most
@@ -140,6 +140,7 @@ class _Runner:
         self.extra_args = extra_args
 
     def errors(self, rows, nfe, solver, ems=None, use_corrector=True):
+        from ..samplers.common import NonFiniteError
         from ..samplers.v3 import sample_dpm_solver_v3
 
         sigmas = sampling_sigmas(nfe, self.sigma_min, self.sigma_max, self.model_kind).to(self.noise.device,
@@ -152,9 +153,9 @@ class _Runner:
             else:
                 out = pack_solver(solver)(self.model, x, sigmas, self.extra_args, disable=True,
                                           model_kind=self.model_kind)
-        except (ArithmeticError, RuntimeError, ValueError) as error:  # a diverging candidate: NaN model output
+        except (NonFiniteError, ArithmeticError) as error:  # a diverging candidate: the model saw NaN or inf
             logger.debug("DPM-Solver-v3 tuning: %s at %d NFE failed (%s)", solver, nfe, error)
-            return torch.full((len(range(*rows.indices(len(self.noise)))),), math.inf, dtype=torch.float64)
+            return torch.full((self.noise[rows].shape[0],), math.inf, dtype=torch.float64)
         return _rms(out, self.reference[rows])
 
 
