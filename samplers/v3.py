@@ -439,7 +439,7 @@ def sample_dpm_solver_v3(model, x, sigmas, extra_args=None, callback=None, disab
       order: predictor order 1-3 (official: 2 for guided latent models, 3 unconditional).  Warm-up runs 1, 2, ...
       p_pseudo: pseudo-order predictor derivatives (m! times a divided difference; official: on at <= 5 NFE).
       use_corrector: redo the previous step with the freshly evaluated point (no extra model call).  None (default):
-        as the EMS's stored decision for this NFE says (the EMS job's tuning measures both), else True.
+        as the EMS's stored decision for the nearest NFE says (the EMS job's tuning measures both), else True.
       c_pseudo: corrector of order predictor + 1 with pseudo derivatives (official default True); False keeps the
         predictor's order with full-order derivatives.
       lower_order_final: cap the order at the number of remaining steps (orders ..., 3, 2, 1).
@@ -502,8 +502,8 @@ def sample_dpm_solver_v3(model, x, sigmas, extra_args=None, callback=None, disab
         from .schedule import noise_schedule
 
         sigmas = _snap_sigmas(sigmas, ems, noise_schedule(model_kind))
-    decision, reason = _decided(ems, len(sigmas) - 1) if fallback else (None, None)
-    if reason:
+    decision, reason = _decided(ems, len(sigmas) - 1)
+    if reason and fallback:
         from .dpmpp import sample_dpmpp_2m, sample_dpmpp_3m
 
         logger.info("DPM-Solver-v3: %s; running %s instead", reason,

@@ -151,3 +151,38 @@ def test_raw_fit_opt_out_and_explicit_corrector():
     raw = estimate_ems(model, generate_x0(model, shape, 8, sigma_max, sigma_min, steps=20), sigma_min, sigma_max,
                        N=10, tune=False)
     assert "tuning" not in raw.metadata and not raw.decisions
+
+
+def test_sampler_follows_each_kind_of_decision_bit_for_bit(caplog):
+    """Hand-made decisions: 3M at 5 NFE, v3 without corrector at 8, 2M at 12 (a cheap, direct check of the sampler's
+    side, independent of what any tuning chose)."""
+    import logging
+
+    from dpm_solver_nodes.stats.ems import EMS
+
+    mixture = GaussianMixture.random(dim=4, components=3, seed=21)
+    model = mixture.denoiser()
+    lambdas = torch.linspace(-math.log(80.0), -math.log(0.002), 41, dtype=torch.float64)
+    shape = (41, 4, 1, 1)
+    ems = EMS(lambdas, torch.full(shape, 0.9, dtype=torch.float64), torch.full(shape, 0.1, dtype=torch.float64),
+              torch.zeros(shape, dtype=torch.float64), decisions=[(5, "dpmpp_3m", 0.8), (8, "v3", 0.5, False),
+                                                                  (12, "dpmpp_2m", 0.9)])
+    x = torch.randn((3, 4, 1, 1), generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    for nfe, expected in ((5, "3M"), (8, "v3-nc"), (12, "2M")):
+        sigmas = tuning.sampling_sigmas(nfe, 0.002, 80.0, "eps")
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="dpm_solver_nodes"):
+            out = sample_dpm_solver_v3(model, x * 80.0, sigmas, ems=ems, disable=True)
+        if expected == "3M":
+            assert torch.equal(out, sample_dpmpp_3m(model, x * 80.0, sigmas, disable=True))
+            assert any("running DPM-Solver++(3M) instead" in r.getMessage() for r in caplog.records)
+        elif expected == "2M":
+            assert torch.equal(out, sample_dpmpp_2m(model, x * 80.0, sigmas, disable=True))
+        else:
+            plain = sample_dpm_solver_v3(model, x * 80.0, sigmas, ems=ems, disable=True, use_corrector=False)
+            corrected = sample_dpm_solver_v3(model, x * 80.0, sigmas, ems=ems, disable=True, use_corrector=True)
+            assert torch.equal(out, plain) and not torch.equal(out, corrected)
+    # fallback=False keeps v3 where a decision names another solver
+    sigmas = tuning.sampling_sigmas(5, 0.002, 80.0, "eps")
+    assert not torch.equal(sample_dpm_solver_v3(model, x * 80.0, sigmas, ems=ems, disable=True, fallback=False),
+                           sample_dpmpp_3m(model, x * 80.0, sigmas, disable=True))
