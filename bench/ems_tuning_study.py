@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import pathlib
 import platform
 import time
@@ -84,6 +85,84 @@ def embedded_case(kind, cfg):
 
     return dict(name=f"embedded mnist16 {kind}", cfg=cfg, model=model, kind=kind, shape=tuple(base.shape),
                 sigma_min=sigma_min, sigma_max=sigma_max, reference=reference, dtype=torch.float32,
+                eval=EVAL_EMBEDDED, x0_batch=32)
+
+
+class TinyConvNet(torch.nn.Module):
+    """A different architecture from the embedded MLP: three 3x3 conv layers at 16x16 and 8x8 with time and label
+    FiLM, the same ``forward(x, t, label)`` as ``DiffusionMLP`` so ``EmbeddedDenoiser`` wraps it."""
+
+    def __init__(self, width=32, embed=64):
+        super().__init__()
+        from ..embedded.model import NUM_CLASSES, FourierTime
+
+        self.time = torch.nn.Sequential(FourierTime(embed), torch.nn.Linear(embed, embed), torch.nn.SiLU())
+        self.label = torch.nn.Embedding(NUM_CLASSES + 1, embed)
+        self.film = torch.nn.Linear(embed, 4 * width)
+        self.c1 = torch.nn.Conv2d(1, width, 3, padding=1)
+        self.c2 = torch.nn.Conv2d(width, width, 3, padding=1, stride=2)
+        self.c3 = torch.nn.Conv2d(width, width, 3, padding=1)
+        self.up = torch.nn.ConvTranspose2d(width, width, 4, stride=2, padding=1)
+        self.out = torch.nn.Conv2d(2 * width, 1, 3, padding=1)
+
+    def forward(self, x, t, label):
+        act = torch.nn.functional.silu
+        s1, b1, s2, b2 = self.film(act(self.time(t) + self.label(label)))[:, :, None, None].chunk(4, dim=1)
+        h1 = act(self.c1(x) * (1 + s1) + b1)
+        h2 = act(self.c3(act(self.c2(h1))) * (1 + s2) + b2)
+        return self.out(torch.cat([h1, act(self.up(h2))], dim=1))
+
+
+def conv_model(cache, seconds=60.0):
+    """The eps ``EmbeddedDenoiser`` around a ``TinyConvNet`` trained for ``seconds`` of CPU on the embedded digits
+    (the embedded models' eps recipe: continuous SD-v1 timesteps, eps target, 10 % label dropout), cached."""
+    from ..embedded.data import load_mnist16
+    from ..embedded.model import NULL_LABEL, DiscreteVPSchedule, EmbeddedDenoiser
+    from ..embedded.train import diffusion_batch
+
+    path = pathlib.Path(cache) / "tiny_conv_eps.pt"
+    net = TinyConvNet()
+    if path.exists():
+        net.load_state_dict(torch.load(path))
+    else:
+        images, labels = load_mnist16()
+        discrete = DiscreteVPSchedule()
+        g = torch.Generator().manual_seed(0)
+        optimizer = torch.optim.Adam(net.parameters(), lr=2e-3)
+        started, steps = time.process_time(), 0
+        while time.process_time() - started < seconds:
+            index = torch.randint(0, len(images), (128,), generator=g)
+            label = labels[index].clone()
+            label[torch.rand(128, generator=g) < 0.1] = NULL_LABEL
+            x_vp, t, n = diffusion_batch("eps", images[index], g, discrete)
+            loss = (net(x_vp, t, label) - n).pow(2).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            steps += 1
+        print(f"trained the conv net: {steps} steps, last loss {loss.item():.4f}", flush=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(net.state_dict(), path)
+    return EmbeddedDenoiser(net.eval(), "eps")
+
+
+def conv_case(cfg, cache):
+    from ..embedded.make_ems import LabelledByRow
+    from ..samplers.dpmpp import sample_dpmpp_3m
+    from ..stats.tuning import sampling_sigmas
+
+    base = conv_model(cache)
+    for p in base.parameters():
+        p.requires_grad_(False)
+    model = LabelledByRow(base, cfg)
+
+    def reference(noise):
+        sigmas = sampling_sigmas(500, base.sigma_min, base.sigma_max, "eps").float()
+        with torch.no_grad():
+            return sample_dpmpp_3m(model, noise * sigmas[0], sigmas, disable=True, solver_type="taylor").double()
+
+    return dict(name="tiny conv net (trained here)", cfg=cfg, model=model, kind="eps", shape=tuple(base.shape),
+                sigma_min=base.sigma_min, sigma_max=base.sigma_max, reference=reference, dtype=torch.float32,
                 eval=EVAL_EMBEDDED, x0_batch=32)
 
 
@@ -178,6 +257,9 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="two mixtures and the embedded eps model only")
     parser.add_argument("--k-sweep", action="store_true")
     parser.add_argument("--out", default=str(HERE / "results_ems_tuning.md"))
+    parser.add_argument("--cache", default=os.path.expanduser("~/.cache/dpm_solver_nodes/ems_tuning_study"),
+                        help="where the conv net's weights are kept after its one minute of training")
+    parser.add_argument("--only-conv", action="store_true", help="the conv net only (appends to the JSON)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     started = time.perf_counter()
@@ -185,23 +267,34 @@ def main(argv=None):
              for g in GUIDANCES]
     cases += [(lambda k=k, g=g: embedded_case(k, g), g) for k in (("eps",) if args.quick else ("eps", "flow"))
               for g in GUIDANCES]
+    cases += [(lambda g=g: conv_case(g, args.cache), g) for g in GUIDANCES]
+    if args.only_conv:
+        cases = cases[-len(GUIDANCES):]
     results = []
+    previous = []
+    if args.only_conv:  # keep the other rows of the last full run
+        previous = json.loads(pathlib.Path(args.out).with_suffix(".json").read_text())
+        for row in previous:
+            row["nfes"] = {int(n): v for n, v in row["nfes"].items()}
+        results = [r for r in previous if not r.get("sweep") and not r["name"].startswith("tiny conv")]
     for make, cfg in cases:
         result = run_case(make())
         result["cfg"] = cfg
         results.append(result)
         print(json.dumps({k: v for k, v in result.items() if k != "nfes"}),
               {n: (round(v["vs_pack"], 2), _decision_text(v)) for n, v in result["nfes"].items()}, flush=True)
-    sweep = []
+    sweep = [r for r in previous if r.get("sweep")]
     if args.k_sweep:
         for make, cfg in ((lambda: mixture_case(*MIXTURES[1], 1.0), 1.0), (lambda: embedded_case("eps", 1.0), 1.0)):
             for K in (16, 32, 64):
                 result = run_case(make(), K=K)
-                result["cfg"] = cfg
+                result["cfg"], result["sweep"] = cfg, True
                 sweep.append(result)
                 print("K", K, result["name"], result["fit"],
                       {n: round(v["vs_pack"], 2) for n, v in result["nfes"].items()}, flush=True)
-    lines = markdown(results, args.k_sweep, time.perf_counter() - started)
+    lines = markdown(results, args.k_sweep or args.only_conv, time.perf_counter() - started)
+    if args.only_conv:
+        lines[2] = lines[2].replace("--k-sweep`", "--k-sweep` and `--only-conv` (the conv net rows, appended)")
     if sweep:
         lines += ["", "## K (samples per node) sweep", "",
                   "| model | K | fit | " + " | ".join(str(n) for n in NFES) + " | cost |",
