@@ -2,9 +2,11 @@
 guidance scale, latent and sigma range) and ``EMSKey`` (both, with the estimator version: the cache key, stored in
 every file as metadata ``cache_key`` and hashed into its name).
 
-Defaults are the settings measured on the embedded trained models (bench/results_v3_study.md): N = 200, per-channel,
-s and b fitted over +-0.5 in lambda with a 0.01 ridge on s.  The v3-vs-DPM-Solver++(2M) check's cost follows the
-settings: at most 16 reference samples and never more model rows than the estimation itself (``check_plan``).
+Defaults: N = 100, K = 32, per-channel, and ``tune``: the fit of s, b and the per-NFE decisions are chosen by
+measurement (``stats.tuning``; bench/results_ems_tuning.md), within the estimation's own model rows.  ``sb_window``,
+``s_ridge`` and ``smooth`` (+-0.5 in lambda, 0.01, 5: the fit measured on the embedded trained models,
+bench/results_v3_study.md) apply where the tuning is off or its budget too small; then the v3-vs-DPM-Solver++(2M)
+check runs, with at most 16 reference samples and never more model rows than the estimation (``check_plan``).
 """
 from __future__ import annotations
 
