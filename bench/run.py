@@ -285,7 +285,8 @@ def ems_part(args):
     start = time.perf_counter()
     x0 = generate_x0(wrapped, model.shape, K, model.sigma_max, model.sigma_min, steps=50, seed=0, batch_size=BATCH)
     x0_seconds = time.perf_counter() - start
-    ems = estimate_ems(wrapped, x0, model.sigma_min, model.sigma_max, N=N, K=K, batch_size=BATCH)
+    ems = estimate_ems(wrapped, x0, model.sigma_min, model.sigma_max, N=N, K=K, batch_size=BATCH,
+                       tune=False)
     runs.append(dict(source="measured in this run", N=N, K=K, reduction=ems.metadata.get("reduction"),
                      x0_seconds=x0_seconds, estimate_seconds=float(ems.metadata["seconds"]),
                      jvp_rows=int(ems.metadata.get("jvp_rows", 0))))

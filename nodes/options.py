@@ -125,7 +125,8 @@ def _pndm(method, step_weights):
 def _dpm_solver_v3(order, use_corrector, predictor_pseudo, corrector_pseudo, corrector_region, lower_order_final):
     if corrector_region not in V3_CORRECTOR_REGIONS:
         raise ValueError(f"corrector_region must be one of {tuple(V3_CORRECTOR_REGIONS)}, got {corrector_region!r}")
-    return "dpm_solver_v3", {"order": int(order), "use_corrector": bool(use_corrector),
+    # on: as the EMS's tuned decision for the NFE says (on without one); off: never
+    return "dpm_solver_v3", {"order": int(order), "use_corrector": None if use_corrector else False,
                              "p_pseudo": bool(predictor_pseudo), "c_pseudo": bool(corrector_pseudo),
                              "half": V3_CORRECTOR_REGIONS[corrector_region],
                              "lower_order_final": bool(lower_order_final)}
@@ -202,7 +203,8 @@ SAMPLER_NODES = (
         "EMS cached for the sampled model (computed by 'DPM-Solver-v3 EMS compute'), else the degenerate EMS "
         "(l = 1, s = b = 0, i.e. DPM-Solver++).",
         {"order": _int(2, 1, 3, "predictor order"),
-         "use_corrector": _bool(True, "redo the previous step with the new model output (no extra model call)"),
+         "use_corrector": _bool(True, "redo the previous step with the new model output (no extra model call); "
+                                      "on: where the EMS's tuning found it better (always without tuned EMS)"),
          "predictor_pseudo": _bool(False, "pseudo-order predictor derivatives (the official code turns this on at "
                                           "5 steps or fewer)"),
          "corrector_pseudo": _bool(True, "corrector one order higher with pseudo derivatives (official default)"),

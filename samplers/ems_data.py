@@ -21,7 +21,7 @@ from .schedule import check_model_kind
 logger = logging.getLogger("dpm_solver_nodes")
 
 STAT_NAMES = ("l", "s", "b")
-DECISION_SOLVERS = ("v3", "dpmpp_2m")
+DECISION_SOLVERS = ("v3", "dpmpp_2m", "dpmpp_3m")
 # Bounds on statistics.  |l|, |s| of real EMS are O(1) (the sampler clamps beyond 10; an ill-conditioned per-node
 # fit has given s ~ -800); b carries the data scale (b = E f' - s E f, Eq. 11).  Beyond these a file is corrupt, not
 # unusual: b = 1e30 would put 1e35 into the samples.
@@ -40,12 +40,15 @@ def reduction_of(stat_shape) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class NFEDecision:
-    """What the EMS check measured at ``nfe`` model calls: ``ratio`` = v3 error / DPM-Solver++(2M) error on the
-    model's own reference trajectories, and the ``solver`` to run there ("v3" or "dpmpp_2m")."""
+    """What the EMS check measured at ``nfe`` model calls: the ``solver`` to run there ("v3", "dpmpp_2m" or
+    "dpmpp_3m"), ``ratio`` = that choice's error / the compared solver's error on the model's own reference
+    trajectories (the EMS job's tuning: the best of DPM-Solver++(2M) and (3M), on samples the choice was not made
+    on; the plain check: DPM-Solver++(2M)), and for v3 whether the ``corrector`` runs."""
 
     nfe: int
     solver: str
     ratio: float
+    corrector: bool = True
 
     def __post_init__(self):
         if isinstance(self.nfe, bool) or not isinstance(self.nfe, int) or not 1 <= self.nfe <= 10_000:
@@ -55,6 +58,8 @@ class NFEDecision:
         if (isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not math.isfinite(self.ratio)
                 or self.ratio < 0):
             raise ValueError(f"decision ratio must be a finite number >= 0, got {self.ratio!r}")
+        if not isinstance(self.corrector, bool):
+            raise ValueError(f"decision corrector must be true or false, got {self.corrector!r}")
 
 
 def validate_decisions(decisions) -> tuple:
@@ -67,10 +72,10 @@ def validate_decisions(decisions) -> tuple:
     for item in decisions:
         if isinstance(item, NFEDecision):
             out.append(item)
-        elif isinstance(item, (list, tuple)) and len(item) == 3:
+        elif isinstance(item, (list, tuple)) and len(item) in (3, 4):
             out.append(NFEDecision(*item))
         else:
-            raise ValueError(f"each decision must be (nfe, solver, ratio), got {item!r}")
+            raise ValueError(f"each decision must be (nfe, solver, ratio[, corrector]), got {item!r}")
     nfes = [d.nfe for d in out]
     if len(set(nfes)) != len(nfes):
         raise ValueError(f"decisions list an NFE twice: {sorted(nfes)}")

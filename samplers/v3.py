@@ -401,13 +401,14 @@ def _snap_sigmas(sigmas, ems, schedule):
     return out.to(torch.as_tensor(sigmas).dtype) if isinstance(sigmas, torch.Tensor) else out
 
 
-def _fallback_reason(ems, steps):
-    """Why the EMS's stored decision sends ``steps`` model calls (nearest checked NFE) to DPM-Solver++(2M), or None."""
+def _decided(ems, steps):
+    """The EMS's stored decision for ``steps`` model calls (nearest checked NFE) and, where it sends the run to a
+    DPM-Solver++ solver, why (else None)."""
     decision = ems.decision_for(steps)
     if decision is None or decision.solver == "v3":
-        return None
-    return (f"the EMS check measured v3 / DPM-Solver++(2M) error {decision.ratio:.2f} at {decision.nfe} NFE "
-            f"(this run: {steps} steps)")
+        return decision, None
+    return decision, (f"the EMS check measured {decision.solver} better than v3 at {decision.nfe} NFE "
+                      f"(stored error ratio {decision.ratio:.2f}; this run: {steps} steps)")
 
 
 def _check_v3_options(ems, flags):
@@ -422,7 +423,7 @@ def _check_v3_options(ems, flags):
 
 
 def sample_dpm_solver_v3(model, x, sigmas, extra_args=None, callback=None, disable=None, *, ems=None, order=2,
-                         p_pseudo=False, use_corrector=True, c_pseudo=True, lower_order_final=True, half=None,
+                         p_pseudo=False, use_corrector=None, c_pseudo=True, lower_order_final=True, half=None,
                          half_sigma=None, model_kind="eps", final_step="denoise", refine=1, snap=False,
                          fallback=True):
     """DPM-Solver-v3 (Algorithm 2): multistep predictor with the EMS-based update and a corrector at no extra NFE.
@@ -437,7 +438,8 @@ def sample_dpm_solver_v3(model, x, sigmas, extra_args=None, callback=None, disab
         immutable: plans are cached per EMS object.
       order: predictor order 1-3 (official: 2 for guided latent models, 3 unconditional).  Warm-up runs 1, 2, ...
       p_pseudo: pseudo-order predictor derivatives (m! times a divided difference; official: on at <= 5 NFE).
-      use_corrector: redo the previous step with the freshly evaluated point (no extra model call).
+      use_corrector: redo the previous step with the freshly evaluated point (no extra model call).  None (default):
+        as the EMS's stored decision for the nearest NFE says (the EMS job's tuning measures both), else True.
       c_pseudo: corrector of order predictor + 1 with pseudo derivatives (official default True); False keeps the
         predictor's order with full-order derivatives.
       lower_order_final: cap the order at the number of remaining steps (orders ..., 3, 2, 1).
@@ -454,9 +456,10 @@ def sample_dpm_solver_v3(model, x, sigmas, extra_args=None, callback=None, disab
         a positive sigma returns x there, unevaluated (official behaviour).
       refine: split every EMS grid cell into this many trapezoid cells (l, s, b interpolated linearly), cutting
         the O(dlambda^2) quadrature error of the coefficients by refine^2 at refine times the (small) setup cost.
-      fallback: where the EMS carry a decision (``ems.decisions``, from the EMS job's check) that sends the NFE
-        nearest to this run's (in log NFE) to DPM-Solver++(2M), run ``sample_dpmpp_2m`` instead and log why.
-        Without EMS and without corrector (order 2 or 3) v3 is DPM-Solver++ in its Taylor form; the paper's DPM-Solver++(2M) / the official 3M then run instead
+      fallback: where the EMS carry a decision (``ems.decisions``, from the EMS job's tuning or check) that sends the
+        NFE nearest to this run's (in log NFE) to DPM-Solver++(2M) or (3M), run ``sample_dpmpp_2m`` /
+        ``sample_dpmpp_3m`` (their defaults) instead and log why.  Without EMS and without corrector (order 2 or
+        3) v3 is DPM-Solver++ in its Taylor form; the paper's DPM-Solver++(2M) / the official 3M then run instead
         (logged; the 2M measured 0.54-0.91x the Taylor form's error at 5-20 NFE on the embedded models and the
         test mixtures, 1.04-1.09x at 5 NFE on flow logSNR-uniform steps).  False always runs v3.
       snap: round each sigma to the nearest EMS grid node as the official code does (parity tests only; the model
@@ -466,12 +469,13 @@ def sample_dpm_solver_v3(model, x, sigmas, extra_args=None, callback=None, disab
     cached; fp16/bf16 latents are integrated in float32.
     """
     global _warned_without_ems, _warned_without_ems_or_corrector
-    _check_v3_options(ems, {"p_pseudo": p_pseudo, "use_corrector": use_corrector, "c_pseudo": c_pseudo,
+    _check_v3_options(ems, {"p_pseudo": p_pseudo, "use_corrector": True if use_corrector is None else use_corrector,
+                            "c_pseudo": c_pseudo,
                             "lower_order_final": lower_order_final, "snap": snap, "fallback": fallback})
     check_positive_int("order", order, maximum=3)
     check_choice("half", half, HALF_CHOICES)
     check_positive_int("refine", refine, maximum=64)
-    if ems is None and fallback and not use_corrector and order >= 2 and not snap:
+    if ems is None and fallback and use_corrector is False and order >= 2 and not snap:
         # v3 with l = 1, s = b = 0 and no corrector is DPM-Solver++ with Taylor weights: run the paper's form instead
         from .dpmpp import sample_dpmpp_2m, sample_dpmpp_3m
 
@@ -498,13 +502,16 @@ def sample_dpm_solver_v3(model, x, sigmas, extra_args=None, callback=None, disab
         from .schedule import noise_schedule
 
         sigmas = _snap_sigmas(sigmas, ems, noise_schedule(model_kind))
-    reason = _fallback_reason(ems, len(sigmas) - 1) if fallback else None
-    if reason:
-        from .dpmpp import sample_dpmpp_2m
+    decision, reason = _decided(ems, len(sigmas) - 1)
+    if reason and fallback:
+        from .dpmpp import sample_dpmpp_2m, sample_dpmpp_3m
 
-        logger.info("DPM-Solver-v3: %s; running DPM-Solver++(2M) instead", reason)
-        return sample_dpmpp_2m(model, x, sigmas, extra_args, callback, disable, model_kind=model_kind,
-                               final_step=final_step)
+        logger.info("DPM-Solver-v3: %s; running %s instead", reason,
+                    "DPM-Solver++(3M)" if decision.solver == "dpmpp_3m" else "DPM-Solver++(2M)")
+        solver = sample_dpmpp_3m if decision.solver == "dpmpp_3m" else sample_dpmpp_2m
+        return solver(model, x, sigmas, extra_args, callback, disable, model_kind=model_kind, final_step=final_step)
+    if use_corrector is None:
+        use_corrector = decision.corrector if decision is not None else True
     run = SamplerRun(model, x, sigmas, extra_args, callback, disable, model_kind=model_kind, final_step=final_step)
     t = run.table
     x = run.start(x)

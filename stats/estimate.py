@@ -44,7 +44,8 @@ Cost in model evaluations (one "row" is one sample through the model):
     forward AD:          (N + 1) * K * (n_probes + 1) JVP rows  (a JVP row costs about 2-3 forward rows)
     finite differences:  (N + 1) * K * (3 + 2 * n_probes) forward rows
 plus 10 forward rows for the quantised-timestep check, plus N * K * substeps forward rows with
-``samples="trajectory"``.  N = 100, K = 256 and forward AD is 51,712 JVP rows.
+``samples="trajectory"``, plus the tuning (``tune=True``, ``stats.tuning``): at most as many rows as all of these.
+N = 100, K = 32 and forward AD is 6,464 JVP rows.
 """
 from __future__ import annotations
 
@@ -58,12 +59,14 @@ import torch
 
 from ..samplers.common import NonFiniteError
 from ..samplers.schedule import check_model_kind
+from . import tuning
 from .ems import EMS
 from .settings import CHECK_NFES, ESTIMATOR_VERSION, JVP_BACKENDS, REDUCTIONS, SAMPLE_SOURCES
 
 logger = logging.getLogger("dpm_solver_nodes")
 
 DEFAULT_N = 100
+DEFAULT_K = 32  # bench/results_ems_tuning.md: the tuned fits' errors barely move between K = 16 and 64
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_SMOOTH = 5
 DEFAULT_ERROR_GROUPS = 8
@@ -407,7 +410,8 @@ def estimate_ems(model, x0, sigma_min, sigma_max, *, model_kind="eps", N=DEFAULT
                  reduction="per_channel", jvp="auto", fd_step=1e-3, n_probes=1, smooth=DEFAULT_SMOOTH, crn=True,
                  batch_size=DEFAULT_BATCH_SIZE, seed=0, extra_args=None, progress=None, should_stop=None,
                  resume_state=None, metadata=None, error_groups=DEFAULT_ERROR_GROUPS, samples="diffused",
-                 substeps=4, sb_window=0.0, s_ridge=0.0) -> EMS:
+                 substeps=4, sb_window=0.0, s_ridge=0.0, tune=True,
+                 tune_nfes=tuning.TUNE_NFES) -> EMS:
     """Estimate the EMS l, s, b of ``model`` on N + 1 nodes uniform in lambda (see the module docstring).
 
     Args:
@@ -417,7 +421,13 @@ def estimate_ems(model, x0, sigma_min, sigma_max, *, model_kind="eps", N=DEFAULT
         (``generate_x0``) or encoded data, never pixels of a latent model.  Only the first K are used.
       sigma_min, sigma_max: the host sigma range (flow: sigma_max < 1); the grid covers it in VE lambda.
       model_kind: "eps" (x = x0 + sigma z) or "flow" (x = (1 - sigma) x0 + sigma z).
-      N: grid cells (N + 1 nodes).  K: samples per node (default len(x0)).  K matters more than N (section 3.2).
+      N: grid cells (N + 1 nodes).  K: samples per node (default min(len(x0), 32)).
+      tune: choose the fit of s, b (window, l' smoothing, grid) and per NFE the corrector or a DPM-Solver++ solver
+        by measured error on the model's own reference trajectories (``stats.tuning``; default).  The returned EMS
+        carry the decisions (``sample_dpm_solver_v3`` applies them) and metadata ``tuning``; the tuning costs at
+        most the estimation's model rows and is skipped (logged) where those are too few.  False: the fit given
+        by ``smooth``, ``sb_window``, ``s_ridge`` (the paper's per-node fit with the defaults).
+      tune_nfes: the NFEs the tuning judges (5, 6, 8, 10, 15, 20).
       reduction: "per_channel" (default; resolution-free, lowest variance), "per_element" (C, H, W) or "scalar".
       jvp: "forward" (torch.func.jvp), "finite_difference" (central differences) or "auto" (forward AD, falling back
         to finite differences - logged once - when the model raises under forward AD, e.g. a flash-attention kernel
@@ -458,7 +468,7 @@ def estimate_ems(model, x0, sigma_min, sigma_max, *, model_kind="eps", N=DEFAULT
     Returns an ``EMS`` with ``standard_errors`` {"l", "s", "b"} and metadata describing the run, including the cost
     (``forward_rows``, ``jvp_rows``, ``seconds``).
     """
-    K = x0.shape[0] if K is None and isinstance(x0, torch.Tensor) else K
+    K = min(x0.shape[0], DEFAULT_K) if K is None and isinstance(x0, torch.Tensor) else K
     if isinstance(sb_window, bool) or not isinstance(sb_window, (int, float)) or not 0 <= sb_window < math.inf:
         raise ValueError(f"sb_window must be a finite number >= 0 (lambda units), got {sb_window!r}")
     _validate(x0, sigma_min, sigma_max, model_kind, N, K, reduction, jvp, fd_step, n_probes, smooth, batch_size,
@@ -575,6 +585,12 @@ def estimate_ems(model, x0, sigma_min, sigma_max, *, model_kind="eps", N=DEFAULT
         raise
     state.seconds += time.perf_counter() - started
 
+    rows = state.forward_rows + state.jvp_rows
+    samples_per_set = tuning.tune_samples(rows, tune_nfes) if tune else 0
+    if tune and not samples_per_set:
+        logger.warning("DPM-Solver-v3 EMS: the estimation's %d model rows are too few to tune the fit (%d needed); "
+                       "returning the fit given by smooth, sb_window and s_ridge", rows,
+                       tuning.tuning_rows(tuning.MIN_SAMPLES, tune_nfes))
     (l, s, b), errors = _finish(state, lambdas, stat_shape, smooth, sb_window, s_ridge)
     estimator = "forward_ad" if state.backend == "forward" else f"finite_difference(h={fd_step:g})"
     info = {"model_kind": model_kind, "reduction": reduction, "latent_shape": "x".join(map(str, latent_shape)),
@@ -587,6 +603,11 @@ def estimate_ems(model, x0, sigma_min, sigma_max, *, model_kind="eps", N=DEFAULT
     info["sb_window"] = f"{float(sb_window):g}"
     info["s_ridge"] = f"{float(s_ridge):g}"
     info.update({str(k): str(v) for k, v in (metadata or {}).items()})
+    if samples_per_set:
+        ems, _ = tuning.tune(model, state, lambdas, stat_shape, sigma_min, sigma_max, model_kind=model_kind,
+                             samples=samples_per_set, seed=seed, nfes=tuple(tune_nfes), extra_args=extra_args,
+                             dtype=dtype, device=device, metadata=info)
+        return ems
     return EMS(lambdas, l, s, b, metadata=info, standard_errors=errors)
 
 

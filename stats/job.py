@@ -25,6 +25,7 @@ from .ems import EMS
 from .estimate import EstimationInterrupted, check_v3_against_dpmpp_2m, estimate_ems, generate_x0
 from .settings import EMSKey, EMSSettings, EMSTarget
 from .store import EMSStore, EMSStoreError
+from .tuning import tuning_rows
 
 logger = logging.getLogger("dpm_solver_nodes")
 
@@ -138,6 +139,9 @@ class EMSJob:
         s = self.settings
         samples, steps, nfes = s.check_plan()
         per_sample = (s.n_probes + 1) + (s.substeps if s.samples == "trajectory" else 0)
+        tuned = s.tuning_samples()
+        if tuned:
+            return s.K * s.x0_steps + (s.N + 1) * s.K * per_sample + 10 + tuning_rows(tuned, s.check_nfes)
         return s.K * s.x0_steps + (s.N + 1) * s.K * per_sample + 10 + samples * (steps + 2 * sum(nfes))
 
     # ---- the computation -------------------------------------------------------------------------------------
@@ -174,6 +178,7 @@ class EMSJob:
                             counter.wrap(model, report=False), x0, t.sigma_min, t.sigma_max, model_kind=t.model_kind,
                             batch_size=self.batch_size, extra_args=extra_args,
                             resume_state=state.estimation, should_stop=counter.check, progress=counter.report,
+                            metadata={"cfg": repr(float(t.cfg))},
                             **s.estimate_options())
                     except BaseException as error:
                         state.estimation = getattr(error, "estimation_state", state.estimation)
@@ -182,6 +187,8 @@ class EMSJob:
                 ems = access.run("estimate", estimate)
                 state.ems = ems.replace(metadata=self._metadata(ems, x0_seconds))
             counter.phase = "check"
+            if "tuning" in state.ems.metadata:  # the tuning measured its decisions on held-out trajectories
+                return state.ems
             samples, steps, nfes = s.check_plan()
             if samples == 0:
                 logger.info("DPM-Solver-v3 EMS: the v3-vs-DPM-Solver++(2M) check is skipped (check samples 0 or "

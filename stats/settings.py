@@ -2,9 +2,11 @@
 guidance scale, latent and sigma range) and ``EMSKey`` (both, with the estimator version: the cache key, stored in
 every file as metadata ``cache_key`` and hashed into its name).
 
-Defaults are the settings measured on the embedded trained models (bench/results_v3_study.md): N = 200, per-channel,
-s and b fitted over +-0.5 in lambda with a 0.01 ridge on s.  The v3-vs-DPM-Solver++(2M) check's cost follows the
-settings: at most 16 reference samples and never more model rows than the estimation itself (``check_plan``).
+Defaults: N = 100, K = 32, per-channel, and ``tune``: the fit of s, b and the per-NFE decisions are chosen by
+measurement (``stats.tuning``; bench/results_ems_tuning.md), within the estimation's own model rows.  ``sb_window``,
+``s_ridge`` and ``smooth`` (+-0.5 in lambda, 0.01, 5: the fit measured on the embedded trained models,
+bench/results_v3_study.md) apply where the tuning is off or its budget too small; then the v3-vs-DPM-Solver++(2M)
+check runs, with at most 16 reference samples and never more model rows than the estimation (``check_plan``).
 """
 from __future__ import annotations
 
@@ -68,8 +70,8 @@ class EMSSettings:
     references (None: 4 x max(check_nfes), the coarsest reference that still judges every NFE).
     """
 
-    N: int = 200
-    K: int = 64
+    N: int = 100
+    K: int = 32
     reduction: str = "per_channel"
     sb_window: float = 0.5
     s_ridge: float = 0.01
@@ -84,6 +86,7 @@ class EMSSettings:
     check_nfes: tuple = CHECK_NFES
     check_samples: int = None
     check_steps: int = None
+    tune: bool = True
 
     def __post_init__(self):
         _integer("N", self.N, 2, 100_000)
@@ -110,6 +113,8 @@ class EMSSettings:
             _integer("check_samples", self.check_samples, 0, 1 << 16)
         if self.check_steps is not None:
             _integer("check_steps", self.check_steps, 2, 100_000)
+        if not isinstance(self.tune, bool):
+            raise ValueError(f"tune must be true or false, got {self.tune!r}")
 
     # ---- cost -------------------------------------------------------------------------------------------------
     def estimation_rows(self) -> int:
@@ -130,11 +135,26 @@ class EMSSettings:
         samples = min(MAX_CHECK_SAMPLES, self.K, self.estimation_rows() // per_sample)
         return (samples if samples >= 2 else 0), steps, nfes
 
+    def tuning_samples(self) -> int:
+        """Samples per set of the tuning (``stats.tuning``; 0: no tuning, the check runs instead): as many as keep its
+        model rows within the estimation's (a JVP row counted as one)."""
+        if not self.tune:
+            return 0
+        from .tuning import tune_samples
+
+        rows = (self.N + 1) * self.K * ((self.n_probes + 1) + (self.substeps if self.samples == "trajectory" else 0))
+        return tune_samples(rows + 10, self.check_nfes)
+
     def cost(self, guided=True) -> dict:
-        """Model rows per phase (x0, estimate, check; one row = one sample through the network, doubled by CFG)."""
+        """Model rows per phase (x0, estimate, tune, check; one row = one sample through the network, doubled by
+        CFG).  The check runs only where the tuning does not."""
+        from .tuning import tuning_rows
+
         factor = 2 if guided else 1
-        samples, steps, nfes = self.check_plan()
+        tune_samples = self.tuning_samples()
+        samples, steps, nfes = self.check_plan() if not tune_samples else (0, 0, ())
         rows = {"x0": self.K * (self.x0_steps + 1), "estimate": self.estimation_rows() + 10,
+                "tune": tuning_rows(tune_samples, self.check_nfes) if tune_samples else 0,
                 "check": samples * (steps + 2 * sum(nfes))}
         rows = {k: v * factor for k, v in rows.items()}
         rows["total"] = sum(rows.values())
@@ -145,7 +165,8 @@ class EMSSettings:
         """Keyword arguments of ``estimate_ems`` for these settings."""
         return {"N": self.N, "K": self.K, "reduction": self.reduction, "sb_window": float(self.sb_window),
                 "s_ridge": float(self.s_ridge), "smooth": self.smooth, "n_probes": self.n_probes,
-                "samples": self.samples, "substeps": self.substeps, "jvp": self.jvp, "seed": self.seed}
+                "samples": self.samples, "substeps": self.substeps, "jvp": self.jvp, "seed": self.seed,
+                "tune": self.tune, "tune_nfes": self.check_nfes}
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)

@@ -67,7 +67,7 @@ def test_every_key_field_matters(tmp_path):
     for change in (dict(fingerprint="abc124"), dict(cfg=7.0), dict(sigma_min=0.03), dict(sigma_max=14.0),
                    dict(latent_shape=(16, 64, 64)), dict(sigma_digest="0123")):
         assert store.get(example_key(**change)) == (None, None), change
-    for settings in (EMSSettings(N=11), EMSSettings(N=10, K=32), EMSSettings(N=10, guidance="uncond"),
+    for settings in (EMSSettings(N=11), EMSSettings(N=10, K=48), EMSSettings(N=10, guidance="uncond"),
                      EMSSettings(N=10, reduction="scalar"), EMSSettings(N=10, samples="trajectory"),
                      EMSSettings(N=10, seed=1), EMSSettings(N=10, sb_window=0.0), EMSSettings(N=10, x0_steps=20)):
         assert store.get(example_key(settings)) == (None, None), settings

@@ -334,4 +334,4 @@ def test_settings_and_target_validate_with_clear_messages():
         target = _target(**change) if "kind" not in change else EMSTarget("model-a", "flow", 5.0, (4, 1, 1), 0.03,
                                                                           0.9)
         assert EMSKey(target, EMSSettings()).digest() != key.digest()
-    assert EMSKey(_target(), EMSSettings(N=100)).digest() != key.digest()
+    assert EMSKey(_target(), EMSSettings(N=60)).digest() != key.digest()

@@ -404,7 +404,8 @@ def test_settings_defaults_and_validation():
     assert settings.get(None, "dpm_solver_v3_order") == 2
     assert settings.get(Options(dpm_solver_v3_order=9), "dpm_solver_v3_order") == 3
     assert settings.get(Options(dpm_solver_ems_grid=6), "dpm_solver_ems_grid") == 6
-    assert settings.get(Options(dpm_solver_ems_samples=0), "dpm_solver_ems_samples") == 64
+    from dpm_solver_nodes.stats import EMSSettings  # out of range: the default
+    assert settings.get(Options(dpm_solver_ems_samples=0), "dpm_solver_ems_samples") == EMSSettings().K
     assert settings.get(Options(dpm_solver_ems_reduction="bogus"), "dpm_solver_ems_reduction") == "per_channel"
     assert settings.ems_folder(Options(), "/models") == os.path.join("/models", "dpm_solver_v3_ems")
     added = {}

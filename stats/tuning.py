@@ -1,0 +1,268 @@
+"""Self-tuning DPM-Solver-v3 EMS (issue 12): choose the fit of s, b and the sampler policy per checkpoint by
+measurement, after the moments are accumulated.
+
+The estimator's float64 moments (``EstimationState``) determine every fit of ``statistics_from_moments`` (Eq. 11
+with l' smoothing, a lambda window for s and b, a ridge on s) and, with common random numbers, every coarser grid
+(a subset of nodes).  Which fit makes v3 accurate depends on the model: a +-0.5 lambda window removes a trained
+network's roughness in s, b but blurs the real structure of a smooth model, where per-node fits win
+(bench/results_ems_tuning.md).  So ``tune`` measures instead of guessing:
+
+1. fresh noise, independent of the estimation's, 2S samples; references from our DPM-Solver++(3M) in its
+   third-order Taylor form at ``5 x max(nfes)`` steps on the spacing the check has always used (uniform in lambda for
+   eps from sigma_max, in sigma from 1 for flow), ending in a final denoise;
+2. on the first S ("selection") samples: every candidate fit (``FITS``) x policy (``POLICIES``: corrector on/off)
+   at every NFE, and the pack's own DPM-Solver++(2M) and (3M) (their defaults, as v3's fallback runs them);
+3. the fit: the one with the smallest mean over NFEs of log(best policy's error / best pack solver's error);
+   per NFE the decision: the pack's solver is 2M unless the model is unguided (``pack_solvers``) and 3M is clearly
+   better (``clearly_better``: by more than one standard error of the paired mean log error ratio), and v3 with the
+   better policy runs where it is clearly better than that solver;
+4. on the other S ("report") samples: the decided runs and both pack solvers; the stored ``ratio`` of each decision
+   is decided error / the better of 2M and 3M there (< 1: v3 wins), so the numbers in the file are held out.
+
+Cost in model rows (one sample through the model): S x (steps + (|FITS| x |POLICIES| + 2) x sum(nfes)) for the
+selection and S x (steps + 3 x sum(nfes)) for the report; ``tune_samples`` picks the largest S (at most
+``MAX_SAMPLES``) whose cost does not exceed the estimation's own rows (a JVP row counted as one).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import types
+
+import torch
+
+logger = logging.getLogger("dpm_solver_nodes")
+
+TUNE_NFES = (5, 6, 8, 10, 15, 20)
+MAX_SAMPLES = 16  # per set (selection, report)
+MIN_SAMPLES = 2
+REFERENCE_FACTOR = 5  # reference steps = 5 x the largest NFE judged
+PACK_SOLVERS = ("dpmpp_2m", "dpmpp_3m")
+
+
+@dataclasses.dataclass(frozen=True)
+class Fit:
+    """One way to turn the moments into l, s, b: ``statistics_from_moments(smooth, sb_window, s_ridge)`` on every
+    ``stride``-th grid node."""
+
+    name: str
+    sb_window: float
+    smooth: int
+    s_ridge: float
+    stride: int = 1
+
+
+FITS = (
+    Fit("node", 0.0, 1, 0.01),
+    Fit("node_half_grid", 0.0, 1, 0.01, stride=2),
+    Fit("window_0.25", 0.25, 5, 0.01),
+    Fit("window_0.5", 0.5, 5, 0.01),
+)
+POLICIES = (True, False)  # use_corrector
+
+
+def selection_rows(samples, nfes=TUNE_NFES, fits=len(FITS), policies=len(POLICIES)) -> int:
+    steps = REFERENCE_FACTOR * max(nfes)
+    return samples * (steps + (fits * policies + len(PACK_SOLVERS)) * sum(nfes))
+
+
+def tuning_rows(samples, nfes=TUNE_NFES, fits=len(FITS), policies=len(POLICIES)) -> int:
+    """Model rows of ``tune`` with ``samples`` per set."""
+    steps = REFERENCE_FACTOR * max(nfes)
+    return selection_rows(samples, nfes, fits, policies) + samples * (steps + (1 + len(PACK_SOLVERS)) * sum(nfes))
+
+
+def tune_samples(budget_rows, nfes=TUNE_NFES, fits=len(FITS)) -> int:
+    """The largest S <= MAX_SAMPLES with tuning_rows(S) <= budget_rows (0 if below MIN_SAMPLES)."""
+    per_sample = tuning_rows(1, nfes, fits)
+    samples = min(MAX_SAMPLES, int(budget_rows) // per_sample)
+    return samples if samples >= MIN_SAMPLES else 0
+
+
+def sampling_sigmas(nfe, sigma_min, sigma_max, model_kind):
+    """The spacing of the EMS check: uniform in lambda from sigma_max (eps) or in sigma from 1, where flow sampling
+    starts (flow), plus a final 0; float64."""
+    from ..samplers.schedule import noise_schedule
+
+    if model_kind == "flow":
+        sigmas = torch.linspace(1.0, sigma_min, nfe, dtype=torch.float64)
+    else:
+        schedule = noise_schedule(model_kind)
+        lams = torch.linspace(schedule.lambda_(sigma_max), schedule.lambda_(sigma_min), nfe, dtype=torch.float64)
+        sigmas = schedule.sigma_from_lambda(lams)
+    return torch.cat([sigmas, sigmas.new_zeros(1)])
+
+
+def pack_solver(name):
+    from ..samplers.dpmpp import sample_dpmpp_2m, sample_dpmpp_3m
+
+    return {"dpmpp_2m": sample_dpmpp_2m, "dpmpp_3m": sample_dpmpp_3m}[name]
+
+
+def fit_statistics(state, lambdas, stat_shape, fit):
+    """(lambdas, (l, s, b), standard errors) of ``fit`` from the estimator's moments (``_finish`` on the nodes)."""
+    from .estimate import _finish
+
+    rows = lambdas.shape[0]
+    if (rows - 1) % fit.stride:
+        raise ValueError(f"fit {fit.name}: stride {fit.stride} does not divide the grid's {rows - 1} cells")
+    index = torch.arange(0, rows, fit.stride)
+    sliced = types.SimpleNamespace(count=state.count[:, index], means=state.means[:, :, index],
+                                   comoments=state.comoments[:, :, index])
+    grid = lambdas[index]
+    stats, errors = _finish(sliced, grid, stat_shape, fit.smooth, fit.sb_window, fit.s_ridge)
+    return grid, stats, errors
+
+
+def fit_ems(state, lambdas, stat_shape, fit, metadata):
+    from .ems import EMS
+
+    grid, (l, s, b), errors = fit_statistics(state, lambdas, stat_shape, fit)
+    info = dict(metadata, N=str(grid.shape[0] - 1), smooth=str(fit.smooth), sb_window=f"{fit.sb_window:g}",
+                s_ridge=f"{fit.s_ridge:g}", fit=fit.name)
+    return EMS(grid, l, s, b, metadata=info, standard_errors=errors)
+
+
+def _rms(out, reference):
+    """Per-sample RMS error (float64); inf where the run produced NaN or inf."""
+    error = (out.double() - reference.double()).pow(2).flatten(1).mean(1).sqrt()
+    return torch.nan_to_num(error, nan=math.inf)
+
+
+class _Runner:
+    """Runs samplers from the tuning noise and measures their per-sample errors against the references."""
+
+    def __init__(self, model, noise, reference, sigma_min, sigma_max, model_kind, extra_args):
+        self.model, self.noise, self.reference = model, noise, reference
+        self.sigma_min, self.sigma_max, self.model_kind = sigma_min, sigma_max, model_kind
+        self.extra_args = extra_args
+
+    def errors(self, rows, nfe, solver, ems=None, use_corrector=True):
+        from ..samplers.common import NonFiniteError
+        from ..samplers.v3 import sample_dpm_solver_v3
+
+        sigmas = sampling_sigmas(nfe, self.sigma_min, self.sigma_max, self.model_kind).to(self.noise.device,
+                                                                                           self.noise.dtype)
+        x = self.noise[rows] * sigmas[0]
+        try:
+            if solver == "v3":
+                out = sample_dpm_solver_v3(self.model, x, sigmas, self.extra_args, disable=True, ems=ems,
+                                           use_corrector=use_corrector, model_kind=self.model_kind, fallback=False)
+            else:
+                out = pack_solver(solver)(self.model, x, sigmas, self.extra_args, disable=True,
+                                          model_kind=self.model_kind)
+        except (NonFiniteError, ArithmeticError) as error:  # a diverging candidate: the model saw NaN or inf
+            logger.debug("DPM-Solver-v3 tuning: %s at %d NFE failed (%s)", solver, nfe, error)
+            return torch.full((self.noise[rows].shape[0],), math.inf, dtype=torch.float64)
+        return _rms(out, self.reference[rows])
+
+
+def _mean(errors):
+    return float(errors.mean())
+
+
+def clearly_better(errors, baseline):
+    """Whether per-sample ``errors`` beat ``baseline`` on the same samples by more than one standard error of the
+    mean log error ratio (paired)."""
+    if not torch.isfinite(errors).all():
+        return False
+    if not torch.isfinite(baseline).all():
+        return True
+    logs = torch.log(errors.double().clamp(min=1e-300) / baseline.double().clamp(min=1e-300))
+    spread = float(logs.std()) / math.sqrt(len(logs)) if len(logs) > 1 else 0.0
+    return float(logs.mean()) + spread < 0
+
+
+def pack_solvers(metadata):
+    """The pack's solvers v3 may fall back to: 2M and 3M, or only 2M for a guided model (metadata cfg != 1), as the
+    DPM-Solver++ paper recommends for guided sampling: on a cfg-7.5 mixture 3M beat 2M on most samples at 10-15 NFE
+    but overshot on a few, 2.3-5.7x 2M's mean error, which six selection samples cannot see
+    (bench/results_ems_tuning.md)."""
+    try:
+        guided = float((metadata or {}).get("cfg", "1")) != 1.0
+    except ValueError:
+        guided = True
+    return ("dpmpp_2m",) if guided else PACK_SOLVERS
+
+
+def tune(model, state, lambdas, stat_shape, sigma_min, sigma_max, *, model_kind="eps", samples, seed=0,
+         nfes=TUNE_NFES, fits=FITS, policies=POLICIES, extra_args=None, dtype=torch.float32, device="cpu",
+         metadata=None):
+    """Measure every candidate (module docstring) and return (EMS of the chosen fit with its decisions, report).
+
+    ``report`` (JSON-able): the chosen fit, per NFE the selection-set errors of every candidate and pack solver,
+    the decision, and the report-set errors; ``rows``: model rows spent.
+    """
+    from ..samplers.dpmpp import sample_dpmpp_3m
+
+    fits = [f for f in fits if (lambdas.shape[0] - 1) % f.stride == 0]
+    shape = (2 * samples,) + tuple(stat_shape_latent(state))
+    generator = torch.Generator().manual_seed((int(seed) + 1) * 7919 % (2 ** 63))
+    noise = torch.randn(shape, generator=generator, dtype=torch.float32).to(device, dtype)
+    counter = [0]
+
+    def counted(x, sigma, **kwargs):
+        counter[0] += int(x.shape[0])
+        return model(x, sigma, **kwargs)
+
+    steps = REFERENCE_FACTOR * max(nfes)
+    sigmas = sampling_sigmas(steps, sigma_min, sigma_max, model_kind).to(device, dtype)
+    select, held_out = slice(0, samples), slice(samples, 2 * samples)
+    # each set is always run as its own batch: a host may condition on the row (the embedded wrapper's labels)
+    reference = torch.cat([sample_dpmpp_3m(counted, noise[rows] * sigmas[0], sigmas, extra_args, disable=True,
+                                           model_kind=model_kind, solver_type="taylor") for rows in (select, held_out)])
+    runner = _Runner(counted, noise, reference, sigma_min, sigma_max, model_kind, extra_args)
+    base = dict(metadata or {})
+    allowed = pack_solvers(base)
+    candidates = {f.name: fit_ems(state, lambdas, stat_shape, f, base) for f in fits}
+    pack = {nfe: {name: runner.errors(select, nfe, name) for name in PACK_SOLVERS} for nfe in nfes}
+    table = {}  # (fit, corrector, nfe) -> per-sample selection errors
+    for name, ems in candidates.items():
+        for corrector in policies:
+            for nfe in nfes:
+                table[(name, corrector, nfe)] = runner.errors(select, nfe, "v3", ems, corrector)
+
+    def score(name):
+        return sum(math.log(min(_mean(table[(name, c, n)]) for c in policies) /
+                            min(_mean(e) for e in pack[n].values()) + 1e-300) for n in nfes) / len(nfes)
+
+    chosen = min(candidates, key=score)
+    ems = candidates[chosen]
+    decisions, per_nfe = [], {}
+    for nfe in nfes:
+        corrector = min(policies, key=lambda c: _mean(table[(chosen, c, nfe)]))
+        # the pack's fallback is 2M unless 3M is clearly better; v3 runs only where it is clearly better than that
+        best_pack = "dpmpp_3m" if "dpmpp_3m" in allowed and clearly_better(pack[nfe]["dpmpp_3m"],
+                                                                             pack[nfe]["dpmpp_2m"]) else "dpmpp_2m"
+        v3_wins = clearly_better(table[(chosen, corrector, nfe)], pack[nfe][best_pack])
+        solver = "v3" if v3_wins else best_pack
+        held = {p: _mean(runner.errors(held_out, nfe, p)) for p in PACK_SOLVERS}
+        decided = (_mean(runner.errors(held_out, nfe, "v3", ems, corrector)) if v3_wins else held[best_pack])
+        ratio = decided / min(held.values())
+        if not math.isfinite(ratio):
+            ratio = 1e6
+        decisions.append((nfe, solver, ratio, corrector))
+        per_nfe[nfe] = {"solver": solver, "corrector": corrector, "ratio": ratio, "held_out": held,
+                        "held_out_decided": decided, "selection_pack": {p: _mean(e) for p, e in pack[nfe].items()},
+                        "selection": {f"{n}/{'corr' if c else 'nocorr'}": _mean(table[(n, c, nfe)])
+                                      for n in candidates for c in policies}}
+    report = {"fit": chosen, "samples": samples, "reference_steps": steps, "rows": counter[0],
+              "scores": {n: score(n) for n in candidates}, "nfes": per_nfe}
+    summary = {"fit": chosen, "samples_per_set": samples, "reference_steps": steps, "rows": counter[0],
+               "scores": {n: round(v, 3) for n, v in report["scores"].items()}}
+    logger.info("DPM-Solver-v3 EMS tuning: fit %s; %s", chosen, ", ".join(
+        f"{d[0]}: {d[1]}{'' if d[1] != 'v3' else (' corrector' if d[3] else ' no corrector')} {d[2]:.2f}"
+        for d in decisions))
+    ems = ems.replace(metadata={"tuning": json.dumps(summary, separators=(",", ":"))}, decisions=decisions)
+    return ems, report
+
+
+def stat_shape_latent(state):
+    """One latent's shape (C, H, W) from the estimator's settings."""
+    return tuple(state.settings["latent_shape"])
+
+
+__all__ = ["tune", "Fit", "FITS", "POLICIES", "TUNE_NFES", "tuning_rows", "tune_samples", "fit_ems",
+           "fit_statistics", "sampling_sigmas", "PACK_SOLVERS"]
