@@ -8,7 +8,8 @@ arrive and that the EMS node reports progress while it runs.  Screenshots go to 
 test's temporary folder).
 
 DPM_TIME_SHIPPED_EMS=1 also times the shipped EMS workflow as shipped (only the checkpoint and a 32x32 size changed),
-by phase; it takes minutes on a CPU, so it is opt-in.
+by phase; it takes minutes on a CPU, so it is opt-in (DPM_TIME_EMS_SAMPLE_COUNT=16 sets a smaller K for a cheaper
+run whose check is the shipped one).
 
 Needs COMFYUI_DIR (see comfyui_host.py), Debian's chromium + chromium-driver and the selenium package; skips without.
 """
@@ -163,6 +164,23 @@ def test_dropped_workflow_has_the_intended_widget_values(server, browser, artifa
     assert not wrong, f"{name} as loaded by the frontend:\n" + "\n".join(wrong)
 
 
+def test_new_ems_node_starts_with_a_fixed_seed(server, browser):
+    """web/dpm_solver_nodes.js: a freshly added EMS compute node's seed control is "fixed" (the EMS cache key holds
+    the seed); a built-in KSampler added the same way keeps the frontend's "randomize"."""
+    deadline = time.time() + 30
+    while not browser.execute_script("return app.extensions.some(e => e.name === 'dpm_solver_nodes.emsSeedFixed')"):
+        assert time.time() < deadline, "web/dpm_solver_nodes.js was not loaded by the frontend"
+        time.sleep(0.25)
+    controls = browser.execute_script("""
+        const found = {};
+        for (const type of [arguments[0], 'KSampler']) {
+          const node = LiteGraph.createNode(type);
+          found[type] = node.widgets.find(w => w.name === arguments[1])?.value ?? null;
+        }
+        return found;""", EMS_NODE, CONTROL)
+    assert controls == {EMS_NODE: "fixed", "KSampler": "randomize"}
+
+
 def _wait_for_run(browser, timeout, watch=None, screenshot=None):
     """Events of the prompt the page queued, until it succeeds or fails; ``watch`` (a node id) also samples that
     node's progress bar value in the graph (``node.progress``) while it runs, and saves ``screenshot`` mid-way."""
@@ -228,9 +246,11 @@ def test_shipped_ems_workflow_finishes_in_a_minute(server, browser, artifacts):
     the model's samples, 250-1000 estimation, then the v3-vs-2M check until the node finishes)."""
     name = "ems_compute_save_use.json"
     workflow = _load(browser, name)
+    changes = {"width": 32, "height": 32, "filename_prefix": "shipped"}
+    if os.environ.get("DPM_TIME_EMS_SAMPLE_COUNT"):  # fewer samples: generation and estimation scale with K, the
+        changes["sample_count"] = int(os.environ["DPM_TIME_EMS_SAMPLE_COUNT"])  # check stays (min(K, 16) samples)
     browser.execute_script(SET_WIDGETS, {"CheckpointLoaderSimple": {"ckpt_name": CHECKPOINT},
-                                         "EmptyLatentImage": {"width": 32, "height": 32},
-                                         EMS_NODE: {"width": 32, "height": 32, "filename_prefix": "shipped"}})
+                                         "EmptyLatentImage": {"width": 32, "height": 32}, EMS_NODE: changes})
     browser.execute_script("window.__events.length = 0")
     (ems_node,) = [str(node["id"]) for node in workflow["nodes"] if node["type"] == EMS_NODE]
     assert browser.execute_async_script(QUEUE) is None
@@ -242,6 +262,6 @@ def test_shipped_ems_workflow_finishes_in_a_minute(server, browser, artifacts):
     generated = next(t for value, t in progress if value >= 250)
     estimated = next(t for value, t in progress if value >= 1000)
     phases = {"generation": generated - start, "estimation": estimated - generated, "check": end - estimated}
-    print(f"\n[browser] shipped EMS workflow, EMS node {end - start:.1f} s: "
+    print(f"\n[browser] shipped EMS workflow ({changes}), EMS node {end - start:.1f} s: "
           + ", ".join(f"{k} {v:.1f} s" for k, v in phases.items()) + f" (torch threads: ComfyUI default)")
     assert end - start < 60, phases
