@@ -9,6 +9,7 @@ __version__ = "0.1.0"
 
 NODE_CLASS_MAPPINGS = {}
 NODE_DISPLAY_NAME_MAPPINGS = {}
+WEB_DIRECTORY = "./web"  # ComfyUI frontend extension: the EMS compute node's seed starts "fixed"
 
 
 def _running_in_comfyui() -> bool:
@@ -29,4 +30,4 @@ if _running_in_comfyui():
 
     NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = load_comfyui()
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "__version__"]
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY", "__version__"]

@@ -69,7 +69,8 @@ class ComputeEMS:
                                                 "embedded model; the paper uses 1024)"}),
             "reduction": (list(REDUCTIONS), {"default": "per_channel",
                                              "tooltip": "per_channel works at every resolution"}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "control_after_generate": True,
+                             "tooltip": "part of the EMS cache key: keep it fixed to reuse stored EMS"}),
         }, "optional": {
             "x0_steps": ("INT", {"default": 20, "min": 2, "max": 500,
                                  "tooltip": "DPM-Solver++(2M) steps used to generate the samples"}),

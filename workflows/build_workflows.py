@@ -1,7 +1,8 @@
 """Write the example workflows: API-format graphs (``*_api.json``, used by tests/test_comfyui_integration.py) and
 their UI-format twins (``*.json``, to drag into ComfyUI).
 
-The UI format stores widget values by position, so it is generated from a live server's ``/object_info``:
+The UI format stores widget values by position, so it is generated from a live server's ``/object_info``; every
+seed's "control after generate" widget is stored as "fixed" (the EMS seed is part of the EMS cache key):
 
     python workflows/build_workflows.py object_info.json      # curl http://127.0.0.1:8188/object_info > ...
 
@@ -106,6 +107,16 @@ def api_workflows():
     return workflows
 
 
+def _has_control_widget(name, spec):
+    """Whether the frontend adds a "control after generate" combo after this widget, which then takes the next
+    widgets_values slot: an explicit ``control_after_generate`` flag, else (when the flag is absent) every INT input
+    named seed or noise_seed (comfyui-frontend-package 1.27.10, useIntWidget)."""
+    flag = spec[1].get("control_after_generate") if len(spec) > 1 else None
+    if flag is None:
+        return spec[0] == "INT" and name in ("seed", "noise_seed")
+    return bool(flag)
+
+
 def _is_widget(spec):
     kind = spec[0]
     return isinstance(kind, list) or kind in WIDGET_TYPES
@@ -137,7 +148,7 @@ def ui_workflow(graph, object_info):
                 if name not in entry["inputs"]:
                     value = spec[1].get("default") if len(spec) > 1 else None
                 widgets.append(value)
-                if len(spec) > 1 and spec[1].get("control_after_generate"):
+                if _has_control_widget(name, spec):
                     widgets.append("fixed")
                 continue
             link_id = None

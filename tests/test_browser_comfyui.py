@@ -1,0 +1,275 @@
+"""The UI-format workflows in a real browser: ComfyUI's own frontend (comfyui-frontend-package) in headless Chromium,
+driven by Selenium, against the headless CPU server of tests/comfyui_host.py.
+
+For every workflows/*.json (not *_api.json): load it as a dropped file is loaded (``app.loadGraphData``), read each
+node's widgets back from the graph and compare them by name with the API twin (the file's intent), then set the tiny
+test settings in the widgets as a user would, queue it from the page (``app.queuePrompt``) and check that the images
+arrive and that the EMS node reports progress while it runs.  Screenshots go to $DPM_TEST_ARTIFACTS (else the
+test's temporary folder).
+
+DPM_TIME_SHIPPED_EMS=1 also times the shipped EMS workflow as shipped (only the checkpoint and a 32x32 size changed),
+by phase; it takes minutes on a CPU, so it is opt-in (DPM_TIME_EMS_SAMPLE_COUNT=16 sets a smaller K for a cheaper
+run whose check is the shipped one).
+
+Needs COMFYUI_DIR (see comfyui_host.py), Debian's chromium + chromium-driver and the selenium package; skips without.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import pathlib
+import shutil
+import time
+
+import pytest
+
+from comfyui_host import CHECKPOINT, COMFYUI_DIR, SKIP_REASON, WORKFLOWS, comfyui_server
+
+CHROMIUM = os.environ.get("CHROMIUM_BINARY") or shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = os.environ.get("CHROMEDRIVER") or shutil.which("chromedriver")
+
+pytestmark = [
+    pytest.mark.skipif(not COMFYUI_DIR, reason=SKIP_REASON),
+    pytest.mark.skipif(importlib.util.find_spec("selenium") is None, reason="selenium is not installed"),
+    pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
+                       reason="no chromium / chromedriver on PATH (Debian: apt-get install chromium chromium-driver)"),
+]
+
+UI_WORKFLOWS = sorted(p.name for p in WORKFLOWS.glob("*.json") if not p.name.endswith("_api.json"))
+CONTROL = "control_after_generate"  # the frontend's combo after a seed widget; never sent to the server
+EMS_NODE = "DPMSolverNodes_ComputeEMS"
+# What a user would change to run a shipped workflow on the tiny test checkpoint on a CPU, by node type and widget.
+TINY = {
+    "CheckpointLoaderSimple": {"ckpt_name": CHECKPOINT},
+    "EmptyLatentImage": {"width": 16, "height": 16},
+    "KSampler": {"steps": 6},
+    "BasicScheduler": {"steps": 6},
+    EMS_NODE: {"width": 16, "height": 16, "grid_size": 2, "sample_count": 2, "x0_steps": 2, "batch_size": 2,
+               "filename_prefix": "browser"},
+    "DPMSolverNodes_SaveEMS": {"filename": "browser"},
+}
+SETTINGS = {  # a returning user: no template gallery; text drawn at every zoom level; no minimap over the graph
+    "Comfy.TutorialCompleted": True, "LiteGraph.Canvas.MinFontSizeForLOD": 1, "Comfy.Minimap.Visible": False}
+
+LISTEN = """
+window.__events = [];
+for (const type of ['progress', 'executing', 'executed', 'execution_start', 'execution_success', 'execution_error',
+                    'execution_interrupted']) {
+  app.api.addEventListener(type, e => window.__events.push([type, JSON.parse(JSON.stringify(e.detail ?? null)),
+                                                             performance.now() / 1000]));
+}
+"""
+LOAD = """
+const done = arguments[arguments.length - 1];
+app.loadGraphData(arguments[0]).then(() => done(null), error => done(String(error)));
+"""
+WIDGETS = "return app.graph._nodes.map(n => [n.id, n.type, (n.widgets ?? []).map(w => [w.name, w.value])]);"
+SET_WIDGETS = """
+const changes = arguments[0];
+for (const node of app.graph._nodes) for (const widget of node.widgets ?? []) {
+  const value = changes[node.type]?.[widget.name];
+  if (value !== undefined) { widget.value = value; widget.callback?.(value); }
+}
+app.graph.setDirtyCanvas(true, true);
+"""
+QUEUE = """
+const done = arguments[arguments.length - 1];
+app.queuePrompt(0, 1).then(() => done(null), error => done(String(error)));
+"""
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with comfyui_server(tmp_path_factory) as instance:
+        yield instance
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    folder = os.environ.get("DPM_TEST_ARTIFACTS")
+    path = pathlib.Path(folder) / "browser_comfyui" if folder else tmp_path_factory.mktemp("browser_comfyui")
+    path.mkdir(parents=True, exist_ok=True)
+    print(f"\n[browser] screenshots in {path}")
+    return path
+
+
+@pytest.fixture(scope="module")
+def browser(server):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    for name, value in SETTINGS.items():
+        assert server.post(f"/settings/{name}", value)[0] == 200
+    options = Options()
+    options.binary_location = CHROMIUM
+    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                     "--window-size=2200,1100"):
+        options.add_argument(argument)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    try:
+        driver.set_script_timeout(60)
+        driver.get(server.url)
+        deadline = time.time() + 120
+        while not driver.execute_script("return !!(window.app && app.graph && app.canvas && app.api)"):
+            assert time.time() < deadline, "the ComfyUI frontend did not start in 120 s"
+            time.sleep(0.25)
+        driver.execute_script(LISTEN)
+        yield driver
+    finally:
+        driver.quit()
+
+
+def _load(browser, name):
+    workflow = json.loads((WORKFLOWS / name).read_text())
+    error = browser.execute_async_script(LOAD, workflow)
+    assert error is None, f"{name}: loadGraphData failed: {error}"
+    time.sleep(0.5)  # one frame to draw
+    return workflow
+
+
+def _intent(name):
+    """UI node id -> (type, widget inputs of the API twin); build_workflows.py numbers UI nodes in API-key order."""
+    api = json.loads((WORKFLOWS / name.replace(".json", "_api.json")).read_text())
+    return {index + 1: (node["class_type"], {k: v for k, v in node["inputs"].items() if not isinstance(v, list)})
+            for index, node in enumerate(api.values())}
+
+
+@pytest.mark.parametrize("name", UI_WORKFLOWS)
+def test_dropped_workflow_has_the_intended_widget_values(server, browser, artifacts, name):
+    """Every widget the frontend built holds the API twin's value of that name (a widgets_values list one slot short
+    or long shifts every later widget); each seed's control widget is "fixed"; no API input is missing."""
+    _load(browser, name)
+    intent = _intent(name)
+    nodes = browser.execute_script(WIDGETS)
+    assert sorted(node_id for node_id, _, _ in nodes) == sorted(intent)
+    wrong = []
+    for node_id, node_type, widgets in nodes:
+        expected_type, expected = intent[node_id]
+        assert node_type == expected_type, f"{name}: node {node_id}"
+        seen = set()
+        for widget, value in widgets:
+            if widget == CONTROL:
+                if value != "fixed":
+                    wrong.append(f"node {node_id} {node_type}: {CONTROL} = {value!r}, expected 'fixed'")
+                continue
+            seen.add(widget)
+            if widget in expected and value != expected[widget]:
+                wrong.append(f"node {node_id} {node_type}: {widget} = {value!r}, expected {expected[widget]!r}")
+        missing = sorted(set(expected) - seen)
+        if missing:
+            wrong.append(f"node {node_id} {node_type}: no widget for {missing}")
+    browser.save_screenshot(str(artifacts / name.replace(".json", "_loaded.png")))
+    assert not wrong, f"{name} as loaded by the frontend:\n" + "\n".join(wrong)
+
+
+def test_new_ems_node_starts_with_a_fixed_seed(server, browser):
+    """web/dpm_solver_nodes.js: a freshly added EMS compute node's seed control is "fixed" (the EMS cache key holds
+    the seed); a built-in KSampler added the same way keeps the frontend's "randomize"."""
+    deadline = time.time() + 30
+    while not browser.execute_script("return app.extensions.some(e => e.name === 'dpm_solver_nodes.emsSeedFixed')"):
+        assert time.time() < deadline, "web/dpm_solver_nodes.js was not loaded by the frontend"
+        time.sleep(0.25)
+    controls = browser.execute_script("""
+        const found = {};
+        for (const type of [arguments[0], 'KSampler']) {
+          const node = LiteGraph.createNode(type);
+          found[type] = node.widgets.find(w => w.name === arguments[1])?.value ?? null;
+        }
+        return found;""", EMS_NODE, CONTROL)
+    assert controls == {EMS_NODE: "fixed", "KSampler": "randomize"}
+
+
+def _wait_for_run(browser, timeout, watch=None, screenshot=None):
+    """Events of the prompt the page queued, until it succeeds or fails; ``watch`` (a node id) also samples that
+    node's progress bar value in the graph (``node.progress``) while it runs, and saves ``screenshot`` mid-way."""
+    deadline = time.time() + timeout
+    bars = []
+    while time.time() < deadline:
+        events = browser.execute_script("return window.__events")
+        if watch is not None:
+            bar = browser.execute_script("return app.graph.getNodeById(arguments[0])?.progress ?? null", watch)
+            if bar is not None and (not bars or bars[-1] != bar):
+                bars.append(bar)
+                if screenshot is not None and 0 < bar < 1:
+                    browser.save_screenshot(str(screenshot))
+        if any(kind in ("execution_success", "execution_error", "execution_interrupted") for kind, *_ in events):
+            return events, bars
+        time.sleep(0.2)
+    pytest.fail(f"the queued workflow did not finish in {timeout} s")
+
+
+def _ems_phases(events, node_id):
+    """Seconds of the EMS node's phases from its events (page clock): progress 0-250 is the generation of the model's
+    samples, 250-1000 the estimation, then the v3-vs-DPM-Solver++(2M) check until the node's result arrives."""
+    start = next(t for kind, detail, t in events if kind == "executing" and detail == node_id)
+    end = next(t for kind, detail, t in events if kind == "executed" and detail["node"] == node_id)
+    progress = [(d["value"], t) for kind, d, t in events if kind == "progress" and d["node"] == node_id]
+    generated = next(t for value, t in progress if value >= 250)
+    estimated = next(t for value, t in progress if value >= 1000)
+    return {"total": end - start, "generation": generated - start, "estimation": estimated - generated,
+            "check": end - estimated}
+
+
+@pytest.mark.parametrize("name", UI_WORKFLOWS)
+def test_workflow_queued_from_the_page_delivers_images_and_shows_progress(server, browser, artifacts, name):
+    workflow = _load(browser, name)
+    browser.execute_script(SET_WIDGETS, TINY)
+    browser.execute_script("window.__events.length = 0")
+    ems_nodes = [node["id"] for node in workflow["nodes"] if node["type"] == EMS_NODE]
+    started = time.perf_counter()
+    assert browser.execute_async_script(QUEUE) is None
+    events, bars = _wait_for_run(browser, 900, watch=ems_nodes[0] if ems_nodes else None,
+                                 screenshot=artifacts / name.replace(".json", "_running.png"))
+    seconds = time.perf_counter() - started
+    browser.save_screenshot(str(artifacts / name.replace(".json", "_done.png")))
+    errors = [detail for kind, detail, *_ in events if kind == "execution_error"]
+    assert not errors, f"{name}: {errors[0].get('exception_message')}\n{''.join(errors[0].get('traceback', []))}"
+    (prompt_id,) = {detail["prompt_id"] for kind, detail, *_ in events if kind == "execution_success"}
+    entry = server.get(f"/history/{prompt_id}")[prompt_id]
+    assert entry["status"]["completed"]
+    saves = [str(node["id"]) for node in workflow["nodes"] if node["type"] == "SaveImage"]
+    for node_id in saves:  # each SaveImage node's image is on disk and was sent to the page
+        (image,) = entry["outputs"][node_id]["images"]
+        assert (server.output / image["subfolder"] / image["filename"]).stat().st_size > 0
+        assert any(kind == "executed" and detail["node"] == node_id for kind, detail, *_ in events), node_id
+    shown = browser.execute_script("return Object.keys(app.nodeOutputs ?? {})")
+    assert set(saves) <= set(shown), f"images not shown on the nodes: {set(saves) - set(shown)}"
+    seeds = {(node_type, widget): value for _, node_type, widgets in browser.execute_script(WIDGETS)
+             for widget, value in widgets if widget in ("seed", "noise_seed")}
+    assert set(seeds.values()) == {0}, f"a seed changed after queueing (control widget not 'fixed'): {seeds}"
+    for node_id in map(str, ems_nodes):  # progress events for the EMS node, rising to their maximum
+        values = [(d["value"], d["max"]) for kind, d, *_ in events if kind == "progress" and d["node"] == node_id]
+        assert len(values) >= 3, f"EMS node {node_id}: {len(values)} progress events"
+        assert [v for v, _ in values] == sorted(v for v, _ in values) and values[-1][0] == values[-1][1]
+        assert len(bars) >= 2 and all(0 <= b <= 1 for b in bars), f"progress bar on the node: {bars}"
+        (info,) = entry["outputs"][node_id]["ems"]
+        phases = _ems_phases(events, node_id)
+        print(f"\n[browser] EMS node: {len(values)} progress events, bar values {bars[:6]}..., "
+              f"EMS {info['source']}; " + ", ".join(f"{k} {v:.1f} s" for k, v in phases.items()))
+    print(f"\n[browser] {name}: queued to done in {seconds:.1f} s")
+
+
+@pytest.mark.skipif(not os.environ.get("DPM_TIME_SHIPPED_EMS"),
+                    reason="opt-in (DPM_TIME_SHIPPED_EMS=1): the shipped EMS settings take minutes on a CPU")
+def test_shipped_ems_workflow_finishes_in_a_minute(server, browser, artifacts):
+    """The shipped EMS workflow (its N, K, x0_steps, batch size, cfg) on the tiny checkpoint at 32x32, queued from the
+    page: the issue's target is under 60 s on 2 cores.  Phases from the node's progress events (0-250 generation of
+    the model's samples, 250-1000 estimation, then the v3-vs-2M check until the node finishes)."""
+    name = "ems_compute_save_use.json"
+    workflow = _load(browser, name)
+    changes = {"width": 32, "height": 32, "filename_prefix": "shipped"}
+    if os.environ.get("DPM_TIME_EMS_SAMPLE_COUNT"):  # fewer samples: generation and estimation scale with K, the
+        changes["sample_count"] = int(os.environ["DPM_TIME_EMS_SAMPLE_COUNT"])  # check stays (min(K, 16) samples)
+    browser.execute_script(SET_WIDGETS, {"CheckpointLoaderSimple": {"ckpt_name": CHECKPOINT},
+                                         "EmptyLatentImage": {"width": 32, "height": 32}, EMS_NODE: changes})
+    browser.execute_script("window.__events.length = 0")
+    (ems_node,) = [str(node["id"]) for node in workflow["nodes"] if node["type"] == EMS_NODE]
+    assert browser.execute_async_script(QUEUE) is None
+    events, _ = _wait_for_run(browser, 3600)
+    assert not [detail for kind, detail, *_ in events if kind == "execution_error"]
+    phases = _ems_phases(events, ems_node)
+    print(f"\n[browser] shipped EMS workflow ({changes}), EMS node: "
+          + ", ".join(f"{k} {v:.1f} s" for k, v in phases.items()) + " (torch threads: ComfyUI's default)")
+    assert phases["total"] < 60, phases
