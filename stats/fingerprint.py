@@ -57,7 +57,12 @@ def weights_digest(weights) -> str:
 def _identity(tensor):
     if not isinstance(tensor, torch.Tensor) or tensor.device.type == "meta":
         return repr(type(tensor)), 0, 0
-    return tensor.data_ptr(), tensor._version, tuple(tensor.shape), str(tensor.dtype), str(tensor.device)
+    if tensor.is_inference():  # no version counter (ComfyUI loads weights under inference_mode): 61 strided values
+        flat = tensor.detach().reshape(-1)
+        version = flat[::max(1, flat.numel() // 61)].float().cpu().numpy().tobytes()
+    else:
+        version = tensor._version
+    return tensor.data_ptr(), version, tuple(tensor.shape), str(tensor.dtype), str(tensor.device)
 
 
 class CachedWeightsDigest:

@@ -185,6 +185,21 @@ def test_cached_weights_digest_is_milliseconds_and_sees_in_place_edits():
     assert digest(state) != first
 
 
+def test_cached_weights_digest_on_inference_tensors():
+    """ComfyUI loads weights under torch.inference_mode(): such tensors have no version counter (reading it raised
+    RuntimeError in a real ComfyUI); a strided probe of their values stands in for it."""
+    from dpm_solver_nodes.stats.fingerprint import CachedWeightsDigest, weights_digest
+
+    with torch.inference_mode():
+        state = {f"w{i}": torch.randn(64, 65, generator=torch.Generator().manual_seed(i)) for i in range(4)}
+    digest = CachedWeightsDigest()
+    first = digest(state)
+    assert first == weights_digest(state) and digest(state) == first
+    with torch.inference_mode():
+        state["w2"].view(-1)[0] += 1.0  # element 0 is one of the probed values
+    assert digest(state) != first and digest(state) == weights_digest(state)
+
+
 def test_fingerprint_and_sigma_digest_are_stable_across_processes():
     code = ("import sys, torch; sys.path.insert(0, {tests!r}); import conftest; "
             "from dpm_solver_nodes.stats import fingerprint_state_dict, sigma_digest; "
