@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 
 from .common import SamplerRun, check_choice
-from .exponential import data_prediction_step, first_order_data_step
+from .exponential import data_prediction_step, first_order_data_step, guarded_step
 
 SOLVER_TYPES_2M = ("midpoint", "taylor")
 SOLVER_TYPES_3M = ("official", "taylor")
@@ -44,25 +44,25 @@ def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=No
     lower_order_final = run.default_lower_order_final(lower_order_final)
     t = run.table
     x = run.start(x)
-    previous = None  # (lambda, D) of the last finite-lambda point
+    previous = None  # (lambda, D) of the last point; lambda = -inf at a flow model's sigma = 1
     for i in run.range():
         denoised = run.denoise(x, i)
         run.report(x, i, denoised)
-        history = 1 if previous is None or not math.isfinite(t.lam[i]) else 2
-        if run.order(i, 2, lower_order_final, history) == 1:
+        if run.order(i, 2, lower_order_final, 1 if previous is None else 2) == 1:
             x = data_prediction_step(x, t, i, [denoised])
+        elif not math.isfinite(previous[0]):  # history at sigma = 1: the step in w = e^lambda keeps order 2
+            x = data_prediction_step(x, t, i, history=([t.lam[i], previous[0]], [denoised, previous[1]]))
+        elif solver_type == "midpoint":
+            x = _midpoint_2m_step(x, t, i, denoised, *previous)
         else:
-            if solver_type == "midpoint":
-                x = _midpoint_2m_step(x, t, i, denoised, *previous)
-            else:
-                x = data_prediction_step(x, t, i, [denoised, (denoised - previous[1]) / (t.lam[i] - previous[0])])
-        previous = (t.lam[i], denoised) if math.isfinite(t.lam[i]) else None
+            x = data_prediction_step(x, t, i, [denoised, (denoised - previous[1]) / (t.lam[i] - previous[0])])
+        previous = (t.lam[i], denoised)
     return run.finish(x)
 
 
 def sample_dpmpp_3m(model, x, sigmas, extra_args=None, callback=None, disable=None, *, model_kind="eps",
-                    lower_order_final=None, final_step="denoise", solver_type="official", threshold_percentile=None,
-                    threshold_max=1.0):
+                    lower_order_final=None, final_step="denoise", solver_type="official", guard=True,
+                    threshold_percentile=None, threshold_max=1.0):
     """DPM-Solver++(3M), the multistep third-order data-prediction solver (DPM-Solver++ App. B, official code).
 
     D, D' and D'' at lambda_s are the Taylor coefficients of the quadratic through the last three outputs.
@@ -86,19 +86,25 @@ def sample_dpmpp_3m(model, x, sigmas, extra_args=None, callback=None, disable=No
     lower_order_final = run.default_lower_order_final(lower_order_final)
     t = run.table
     x = run.start(x)
-    lams, outputs = [], []  # newest first, finite lambdas only
+
+    def second_order(x, i, lams, outputs):
+        if solver_type == "official" and math.isfinite(lams[1]):  # the 2M's warm-up / final steps, as diffusers
+            return _midpoint_2m_step(x, t, i, outputs[0], lams[1], outputs[1])
+        return data_prediction_step(x, t, i, history=(lams[:2], outputs[:2]))
+
+    lams, outputs = [], []  # newest first; lambda = -inf at a flow model's sigma = 1 (then steps in w = e^lambda)
     for i in run.range():
         denoised = run.denoise(x, i)
         run.report(x, i, denoised)
-        if math.isfinite(t.lam[i]):
-            lams, outputs = [t.lam[i]] + lams[:2], [denoised] + outputs[:2]
+        lams, outputs = [t.lam[i]] + lams[:2], [denoised] + outputs[:2]
         order = run.order(i, 3, lower_order_final, len(lams))
         if order == 1:
             x = data_prediction_step(x, t, i, [denoised])
-        elif order == 2 and solver_type == "official":     # its warm-up / final second-order steps are the 2M's
-            x = _midpoint_2m_step(x, t, i, denoised, lams[1], outputs[1])
-        else:
-            x = data_prediction_step(x, t, i, history=(lams[:order], outputs[:order]), scales=scales)
+        elif order == 2:
+            x = second_order(x, i, lams, outputs)
+        else:  # order 3, or 2 per sample where the guard finds the D'' extrapolation unreliable
+            x = guarded_step(x, t, i, (lams[:3], outputs[:3]), second_order(x, i, lams, outputs), scales=scales,
+                             guard=guard)
     return run.finish(x)
 
 

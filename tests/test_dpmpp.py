@@ -160,7 +160,7 @@ def test_official_3m_equals_diffusers_order_3_scheduler():
         sigmas = karras_sigmas(steps)
         x = sample_noise(16, (8,), seed=5) * sigmas[0]
         theirs = third.function(model, x, sigmas, {}, "eps", steps)
-        ours = sample_dpmpp_3m(model, x, sigmas, disable=True)
+        ours = sample_dpmpp_3m(model, x, sigmas, guard=False, disable=True)
         assert (ours - theirs).abs().max().item() < 2e-5, steps
         taylor = sample_dpmpp_3m(model, x, sigmas, solver_type="taylor", disable=True)
         assert (taylor - theirs).abs().max().item() > 1e-3, steps   # a different method: the check can fail

@@ -1,0 +1,140 @@
+"""Issue 15 measurements: flow starts at sigma = 1 and 3M stability with guidance, on exact Gaussian-mixture models.
+
+Error = median over the batch of the per-sample MSE against a DOP853 solve (rtol = atol = 1e-10) from the same noise;
+"max |x|" = the largest |value| of any output (data range: the mixture's means and spreads).  Run as a script:
+
+    python bench/flow_guidance.py [--root CHECKOUT] [--out results.json] [--kind flow|eps] [--steps 5 6 8 10 12]
+
+``--root`` loads another checkout as ``dpm_solver_nodes`` (the "before" numbers come from the parent commit).
+"""
+import argparse
+import importlib.util
+import json
+import math
+import os
+import pathlib
+import sys
+
+import torch
+
+
+def load_package(root):
+    spec = importlib.util.spec_from_file_location("dpm_solver_nodes", pathlib.Path(root) / "__init__.py",
+                                                  submodule_search_locations=[str(root)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["dpm_solver_nodes"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def shift3_sigmas(n):
+    """The hosts' default flow schedule: time-uniform t with shift 3, sigma = 3t / (1 + 2t), trailing 0."""
+    t = torch.linspace(1, 0, n + 1, dtype=torch.float64)
+    return 3 * t / (1 + 2 * t)
+
+
+def logsnr_flow_sigmas(n):
+    """1 -> 0.995, uniform in lambda down to 0.002, then 0 (issue 13's flow schedule)."""
+    lo, hi = math.log(0.995 / 0.005), math.log(0.998 / 0.002)
+    lam = torch.linspace(-lo, hi, n - 1, dtype=torch.float64)
+    return torch.cat([torch.ones(1, dtype=torch.float64), torch.sigmoid(-lam), torch.zeros(1, dtype=torch.float64)])
+
+
+def karras_sigmas(n, sigma_min=0.03, sigma_max=14.6, rho=7.0):
+    ramp = torch.linspace(0, 1, n, dtype=torch.float64)
+    s = (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    return torch.cat([s, s.new_zeros(1)])
+
+
+def logsnr_eps_sigmas(n, sigma_min=0.002, sigma_max=80.0):
+    s = torch.linspace(math.log(sigma_max), math.log(sigma_min), n, dtype=torch.float64).exp()
+    return torch.cat([s, s.new_zeros(1)])
+
+
+SCHEDULES = {"flow": {"shift3": shift3_sigmas, "logsnr": logsnr_flow_sigmas},
+             "eps": {"karras": karras_sigmas, "logsnr": logsnr_eps_sigmas}}
+
+
+def samplers(pkg, kind, kdiff):
+    s = pkg.samplers
+    out = {
+        "2m": lambda m, x, sig: s.sample_dpmpp_2m(m, x, sig, model_kind=kind, disable=True),
+        "3m": lambda m, x, sig: s.sample_dpmpp_3m(m, x, sig, model_kind=kind, disable=True),
+        "3m-taylor": lambda m, x, sig: s.sample_dpmpp_3m(m, x, sig, model_kind=kind, solver_type="taylor",
+                                                         disable=True),
+        "ddim": lambda m, x, sig: s.sample_ddim(m, x, sig, model_kind=kind, disable=True),
+        "v3(ems=None)": lambda m, x, sig: s.sample_dpm_solver_v3(m, x, sig, model_kind=kind, disable=True),
+        "2m-sde(eta=0)": lambda m, x, sig: s.sample_dpmpp_2m_sde(m, x, sig, model_kind=kind, eta=0.0,
+                                                                 disable=True),
+        "3m-sde(eta=0)": lambda m, x, sig: s.sample_dpmpp_3m_sde(m, x, sig, model_kind=kind, eta=0.0,
+                                                                 disable=True),
+    }
+    if kdiff is not None:
+        out["kdiff:2m"] = lambda m, x, sig: kdiff.sample_dpmpp_2m(m, x, sig.to(x.dtype), disable=True)
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", default=str(pathlib.Path(__file__).resolve().parents[1]))
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--kind", default="flow", choices=("flow", "eps"))
+    parser.add_argument("--steps", type=int, nargs="+", default=[5, 6, 7, 8, 10, 12, 15, 20])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--guidance", type=float, nargs="+", default=[1.0, 5.0, 7.5])
+    parser.add_argument("--samplers", nargs="+", default=None)
+    parser.add_argument("--spread", type=float, default=1.0, help="spread of the mixture's means")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    load_package(args.root)
+    import dpm_solver_nodes.samplers as pkg_samplers  # noqa: F401
+    pkg = sys.modules["dpm_solver_nodes"]
+    from dpm_solver_nodes.analytic.gaussian_mixture import (GaussianMixture, GuidedGaussianMixture,
+                                                             reference_solution, sample_noise)
+    try:
+        from dpm_solver_nodes.bench.peers import load_kdiffusion
+        kdiff = load_kdiffusion()
+    except Exception:  # noqa: BLE001 - the peer is optional
+        kdiff = None
+    if os.environ.get("START_VARIABLE"):  # measurement switch for the flow start (samplers/exponential.py)
+        import dpm_solver_nodes.samplers.exponential as exponential
+        exponential.START_VARIABLE = os.environ["START_VARIABLE"]
+    if os.environ.get("GUARD_RATIO"):  # measurement switch for the 3M guard
+        import dpm_solver_nodes.samplers.exponential as exponential
+        value = os.environ["GUARD_RATIO"]
+        exponential.GUARD_RATIO = None if value == "none" else float(value)
+    if os.environ.get("GUARD_MIN_STEP"):
+        import dpm_solver_nodes.samplers.exponential as exponential
+        exponential.GUARD_MIN_STEP = float(os.environ["GUARD_MIN_STEP"])
+    table = samplers(pkg, args.kind, kdiff)
+    names = args.samplers or list(table)
+    results = []
+    for seed in args.seeds:
+        mixture = GaussianMixture.random(dim=4 * 16 * 16, components=8, seed=seed, spread=args.spread)
+        for w in args.guidance:
+            model = GuidedGaussianMixture(mixture, [0, 1], scale=w).denoiser(args.kind)
+            for sched_name, make in SCHEDULES[args.kind].items():
+                start = float(make(5)[0])
+                x = sample_noise(16, (4, 16, 16), seed=100 + seed) * start
+                ref = reference_solution(model, x, start, 0.0, args.kind, rtol=1e-10, atol=1e-10)
+                for n in args.steps:
+                    sigmas = make(n)
+                    for name in names:
+                        try:
+                            out = table[name](model, x, sigmas)
+                        except Exception as error:  # noqa: BLE001 - report, keep measuring
+                            results.append(dict(seed=seed, guidance=w, schedule=sched_name, steps=n, sampler=name,
+                                                error=repr(error)))
+                            continue
+                        mse = ((out - ref) ** 2).flatten(1).mean(1)
+                        results.append(dict(seed=seed, guidance=w, schedule=sched_name, steps=n, sampler=name,
+                                            mse=mse.median().item(), max_mse=mse.max().item(),
+                                            max_abs=out.abs().max().item(), ref_max_abs=ref.abs().max().item()))
+                    print(seed, w, sched_name, n, {r["sampler"]: f"{r.get('mse', float('nan')):.3g}"
+                                                   for r in results[-len(names):]}, flush=True)
+    if args.out:
+        pathlib.Path(args.out).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
