@@ -84,6 +84,7 @@ def main(argv=None):
     parser.add_argument("--guidance", type=float, nargs="+", default=[1.0, 5.0, 7.5])
     parser.add_argument("--samplers", nargs="+", default=None)
     parser.add_argument("--spread", type=float, default=1.0, help="spread of the mixture's means")
+    parser.add_argument("--variance", type=float, nargs=2, default=[0.05, 0.5], help="range of component variances")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     load_package(args.root)
@@ -110,7 +111,8 @@ def main(argv=None):
     names = args.samplers or list(table)
     results = []
     for seed in args.seeds:
-        mixture = GaussianMixture.random(dim=4 * 16 * 16, components=8, seed=seed, spread=args.spread)
+        mixture = GaussianMixture.random(dim=4 * 16 * 16, components=8, seed=seed, spread=args.spread,
+                                         variance_range=tuple(args.variance))
         for w in args.guidance:
             model = GuidedGaussianMixture(mixture, [0, 1], scale=w).denoiser(args.kind)
             for sched_name, make in SCHEDULES[args.kind].items():

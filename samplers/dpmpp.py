@@ -10,10 +10,19 @@ from __future__ import annotations
 import math
 
 from .common import SamplerRun, check_choice
-from .exponential import data_prediction_step, first_order_data_step, guarded_step
+from .exponential import data_prediction_step, extrapolated_denoised, first_order_data_step, guarded_step
 
 SOLVER_TYPES_2M = ("midpoint", "taylor")
 SOLVER_TYPES_3M = ("official", "taylor")
+FINAL_STEPS = ("denoise", "extrapolate", "stop")
+
+
+def _final_step(final_step, model_kind):
+    """None -> "extrapolate" for flow models (measured: bench/results_flow_guidance.md), "denoise" for eps models
+    (k-diffusion's step, so the 2M equals the hosts' built-in DPM++ 2M)."""
+    if final_step is None:
+        return "extrapolate" if model_kind == "flow" else "denoise"
+    return check_choice("final_step", final_step, FINAL_STEPS)
 OFFICIAL_3M_SCALES = (1.0, 1.0, 0.5)
 
 
@@ -24,7 +33,7 @@ def _midpoint_2m_step(x, table, i, denoised, lam_prev, denoised_prev):
 
 
 def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=None, *, model_kind="eps",
-                    lower_order_final=None, final_step="denoise", solver_type="midpoint",
+                    lower_order_final=None, final_step=None, solver_type="midpoint",
                     threshold_percentile=None, threshold_max=1.0):
     """DPM-Solver++(2M), the multistep second-order data-prediction solver (Algorithm 2 of the paper).
 
@@ -32,14 +41,18 @@ def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=No
       model_kind: "eps" (VP/VE, x = x0 + sigma n) or "flow" (x = (1 - sigma) x0 + sigma n).
       lower_order_final: first-order last step; ``None`` = on below 15 steps (the paper's recommendation).  A step
         into sigma = 0 is always first order (it returns the denoised prediction, as in k-diffusion).
-      final_step: "denoise" (a trailing 0 in sigmas returns D) or "stop" (return x at the last positive sigma).
+      final_step: for a trailing 0 in sigmas, "denoise" returns D (k-diffusion's step), "extrapolate" returns D
+        extrapolated to sigma = 0 from the last two outputs (second order, ``exponential.extrapolated_denoised``),
+        "stop" returns x at the last positive sigma.  None (default): "extrapolate" for flow, "denoise" for eps.
       solver_type: "midpoint" is the paper's form, D_s + (D_s - D_prev) / (2r) with weight 1 - e^{-h}, and equals
         k-diffusion's ``sample_dpmpp_2m``; "taylor" uses the exact Taylor weight psi_2(h) on (D_s - D_prev)/h_prev
         (the official code's "taylor"; DPM-Solver-v3 with l = 1, s = b = 0 reduces to it).  They differ at O(h^3).
       threshold_percentile, threshold_max: Imagen dynamic thresholding of D for pixel-space models (off if None).
     """
     check_choice("solver_type", solver_type, SOLVER_TYPES_2M)
-    run = SamplerRun(model, x, sigmas, extra_args, callback, disable, model_kind=model_kind, final_step=final_step,
+    final_step = _final_step(final_step, model_kind)
+    run = SamplerRun(model, x, sigmas, extra_args, callback, disable, model_kind=model_kind,
+                     final_step="stop" if final_step == "stop" else "denoise",
                      threshold_percentile=threshold_percentile, threshold_max=threshold_max)
     lower_order_final = run.default_lower_order_final(lower_order_final)
     t = run.table
@@ -48,7 +61,9 @@ def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=No
     for i in run.range():
         denoised = run.denoise(x, i)
         run.report(x, i, denoised)
-        if run.order(i, 2, lower_order_final, 1 if previous is None else 2) == 1:
+        if t.sigma[i + 1] == 0 and final_step == "extrapolate" and previous is not None:
+            x = extrapolated_denoised([t.lam[i], previous[0]], [denoised, previous[1]])
+        elif run.order(i, 2, lower_order_final, 1 if previous is None else 2) == 1:
             x = data_prediction_step(x, t, i, [denoised])
         elif not math.isfinite(previous[0]):  # history at sigma = 1: the step in w = e^lambda keeps order 2
             x = data_prediction_step(x, t, i, history=([t.lam[i], previous[0]], [denoised, previous[1]]))
@@ -61,7 +76,7 @@ def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=No
 
 
 def sample_dpmpp_3m(model, x, sigmas, extra_args=None, callback=None, disable=None, *, model_kind="eps",
-                    lower_order_final=None, final_step="denoise", solver_type="official", guard=True,
+                    lower_order_final=None, final_step=None, solver_type="official", guard=True,
                     threshold_percentile=None, threshold_max=1.0):
     """DPM-Solver++(3M), the multistep third-order data-prediction solver (DPM-Solver++ App. B, official code).
 
@@ -81,7 +96,9 @@ def sample_dpmpp_3m(model, x, sigmas, extra_args=None, callback=None, disable=No
     """
     check_choice("solver_type", solver_type, SOLVER_TYPES_3M)
     scales = OFFICIAL_3M_SCALES if solver_type == "official" else None
-    run = SamplerRun(model, x, sigmas, extra_args, callback, disable, model_kind=model_kind, final_step=final_step,
+    final_step = _final_step(final_step, model_kind)
+    run = SamplerRun(model, x, sigmas, extra_args, callback, disable, model_kind=model_kind,
+                     final_step="stop" if final_step == "stop" else "denoise",
                      threshold_percentile=threshold_percentile, threshold_max=threshold_max)
     lower_order_final = run.default_lower_order_final(lower_order_final)
     t = run.table
@@ -98,7 +115,9 @@ def sample_dpmpp_3m(model, x, sigmas, extra_args=None, callback=None, disable=No
         run.report(x, i, denoised)
         lams, outputs = [t.lam[i]] + lams[:2], [denoised] + outputs[:2]
         order = run.order(i, 3, lower_order_final, len(lams))
-        if order == 1:
+        if t.sigma[i + 1] == 0 and final_step == "extrapolate":
+            x = extrapolated_denoised(lams, outputs)
+        elif order == 1:
             x = data_prediction_step(x, t, i, [denoised])
         elif order == 2:
             x = second_order(x, i, lams, outputs)

@@ -159,6 +159,20 @@ def data_prediction_step(x, table, i, derivatives=None, eta=0.0, midpoint=None, 
     return out
 
 
+def extrapolated_denoised(lams, outputs):
+    """D at sigma = 0 from the last two outputs (newest first): the second-order step into sigma = 0.
+
+    Along the probability-flow ODE, in VE coordinates y = x / alpha_t with v = sigma_t / alpha_t = e^{-lambda},
+    D = y - v eps and dy/dv = eps give dD/dv = -v d eps/dv: D = D(0) + O(v^2).  The line through (v_s^2, D_s) and
+    (v_prev^2, D_prev) at v = 0 has local error O(v^3) where returning D_s has O(v^2) (k-diffusion's last step).
+    Without a finite previous point it returns D_s.
+    """
+    if len(lams) < 2 or not math.isfinite(lams[1]):
+        return outputs[0]
+    now, before = math.exp(-2 * lams[0]), math.exp(-2 * lams[1])
+    return outputs[0] + (outputs[0] - outputs[1]) * (now / (before - now))
+
+
 # Interpolation variable of the steps whose history reaches sigma = 1 (measurement switch).
 START_VARIABLE = "rho"
 

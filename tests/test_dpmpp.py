@@ -238,7 +238,10 @@ def test_trailing_zero_denoise_versus_stop(sampler, model_kind):
               else torch.cat([logsnr_sigmas(19, 0.99, 0.03, "flow"), torch.zeros(1, dtype=torch.float64)]))
     x = start_latent(model_kind, 4) * (14.6 / 80 if model_kind == "eps" else 1)
     options = {} if sampler is sample_dpmpp_2s else {"lower_order_final": False}
+    if sampler is not sample_dpmpp_2s:
+        options["final_step"] = "denoise"  # the flow default, "extrapolate", is tested in test_flow_guidance.py
     denoised = sampler(model, x, sigmas, model_kind=model_kind, disable=True, **options)
+    options.pop("final_step", None)
     stopped = sampler(model, x, sigmas, model_kind=model_kind, final_step="stop", disable=True, **options)
     without_zero = sampler(model, x, sigmas[:-1], model_kind=model_kind, disable=True, **options)
     assert torch.equal(stopped, without_zero)
