@@ -83,6 +83,8 @@ def main(argv=None):
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--guidance", type=float, nargs="+", default=[1.0, 5.0, 7.5])
     parser.add_argument("--samplers", nargs="+", default=None)
+    parser.add_argument("--model", default="mixture", choices=("mixture", "embedded"),
+                        help="exact Gaussian mixtures (one per seed) or the embedded MNIST model (--seeds = noise seeds)")
     parser.add_argument("--spread", type=float, default=1.0, help="spread of the mixture's means")
     parser.add_argument("--variance", type=float, nargs=2, default=[0.05, 0.5], help="range of component variances")
     args = parser.parse_args(argv)
@@ -111,14 +113,30 @@ def main(argv=None):
     names = args.samplers or list(table)
     results = []
     for seed in args.seeds:
-        mixture = GaussianMixture.random(dim=4 * 16 * 16, components=8, seed=seed, spread=args.spread,
-                                         variance_range=tuple(args.variance))
+        if args.model == "mixture":
+            mixture = GaussianMixture.random(dim=4 * 16 * 16, components=8, seed=seed, spread=args.spread,
+                                             variance_range=tuple(args.variance))
+        else:
+            from dpm_solver_nodes.embedded.model import load_model
+            network = load_model(args.kind)
         for w in args.guidance:
-            model = GuidedGaussianMixture(mixture, [0, 1], scale=w).denoiser(args.kind)
+            if args.model == "mixture":
+                model = GuidedGaussianMixture(mixture, [0, 1], scale=w).denoiser(args.kind)
+            else:
+                labels = torch.arange(32) % 10
+                model = (lambda w: lambda x, sigma, **_: network(x, sigma, cond=labels, cfg_scale=w))(w)
             for sched_name, make in SCHEDULES[args.kind].items():
                 start = float(make(5)[0])
-                x = sample_noise(16, (4, 16, 16), seed=100 + seed) * start
-                ref = reference_solution(model, x, start, 0.0, args.kind, rtol=1e-10, atol=1e-10)
+                if args.model == "mixture":
+                    x = sample_noise(16, (4, 16, 16), seed=100 + seed) * start
+                    ref = reference_solution(model, x, start, 0.0, args.kind, rtol=1e-10, atol=1e-10)
+                else:  # the demo's converged reference: Taylor-form 3M, 500 logSNR-uniform steps, float64
+                    x = sample_noise(32, (1, 16, 16), seed=100 + seed) * start
+                    fine = SCHEDULES[args.kind]["logsnr"](500)
+                    ref = pkg.samplers.sample_dpmpp_3m(model, x, fine, model_kind=args.kind, solver_type="taylor",
+                                                       guard=False, disable=True) if "guard" in \
+                        pkg.samplers.sample_dpmpp_3m.__code__.co_varnames else pkg.samplers.sample_dpmpp_3m(
+                            model, x, fine, model_kind=args.kind, solver_type="taylor", disable=True)
                 for n in args.steps:
                     sigmas = make(n)
                     for name in names:
