@@ -48,6 +48,8 @@ def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=No
         k-diffusion's ``sample_dpmpp_2m``; "taylor" uses the exact Taylor weight psi_2(h) on (D_s - D_prev)/h_prev
         (the official code's "taylor"; DPM-Solver-v3 with l = 1, s = b = 0 reduces to it).  They differ at O(h^3).
       threshold_percentile, threshold_max: Imagen dynamic thresholding of D for pixel-space models (off if None).
+    On flow models sigma = 1 is lambda = -inf; the step after it keeps order 2 by interpolating D in
+    rho = -log sigma = softplus(lambda), finite there (``exponential._step_in_w``); later steps are the lambda form.
     """
     check_choice("solver_type", solver_type, SOLVER_TYPES_2M)
     final_step = _final_step(final_step, model_kind)
@@ -88,11 +90,15 @@ def sample_dpmpp_3m(model, x, sigmas, extra_args=None, callback=None, disable=No
         with order 3 (measured 3.0-3.2).  "official" is the more accurate at the step counts people use: on the
         embedded trained models 0.68-0.90x the Taylor form's error at 5-20 NFE (eps, Karras and logSNR-uniform) and
         0.73-1.02x at 6-20 NFE (flow; 1.06-1.09x at 5), about equal at 40; on the Gaussian mixture up to about 30
-        logSNR-uniform steps (still at 40 Karras steps).  ``sample_dpmpp_3m_sde`` at eta = 0 is the "taylor" form,
-        and so is the demo's converged reference.
+        logSNR-uniform steps (still at 40 Karras steps).  ``sample_dpmpp_3m_sde(solver_type="taylor")`` at eta = 0 is
+        the "taylor" form, and so is the demo's converged reference.
+      guard: True (default) keeps a third-order step only for the samples whose D'' term is small next to the D'
+        term (``exponential.guarded_step``), else that sample takes the second-order step; with guidance and coarse
+        steps the quadratic extrapolation otherwise explodes (issue 15).  False: the authors' step everywhere.
     Warm-up runs orders 1, 2, then 3; with ``lower_order_final`` the last steps run 2, 1; the "official" second-order
-    steps are the paper's 2M (midpoint) step, so it equals diffusers' order-3 scheduler on the same sigmas.  Other
-    options as in ``sample_dpmpp_2m``.
+    steps are the paper's 2M (midpoint) step, so with ``guard=False`` it equals diffusers' order-3 scheduler on the
+    same sigmas.  On flow models the steps whose history reaches sigma = 1 interpolate in rho = -log sigma (see
+    ``sample_dpmpp_2m``).  Other options as in ``sample_dpmpp_2m``.
     """
     check_choice("solver_type", solver_type, SOLVER_TYPES_3M)
     scales = OFFICIAL_3M_SCALES if solver_type == "official" else None

@@ -251,13 +251,15 @@ def sample_dpm_solver_sde_2m(model, x, sigmas, extra_args=None, callback=None, d
 
 def sample_dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, *, model_kind="eps",
                         eta=1.0, s_noise=1.0, noise_type="brownian", noise_sampler=None, seed=None,
-                        noise_device="latent", final_step="denoise", lower_order_final=None, solver_type="taylor",
+                        noise_device="latent", final_step="denoise", lower_order_final=None, solver_type="official",
                         guard=True):
     """SDE-DPM-Solver++(3M): third order in the drift, D, D', D'' from the quadratic through the last three outputs.
 
-    solver_type: "taylor" gives D'' its Taylor weight alpha_t psi_3(kappa h) / kappa^2; "official" is k-diffusion's
-    ``sample_dpmpp_3m_sde`` step, whose d2 = h^2 f[l0, l1, l2] = h^2 D''/2 takes the weight psi_3(kappa h) /
-    (kappa h)^2, i.e. half the Taylor D'' term (as the official ODE 3M, ``dpmpp.sample_dpmpp_3m``).  Both take the
+    solver_type: "official" (default) is k-diffusion's ``sample_dpmpp_3m_sde`` step (ComfyUI's dpmpp_3m_sde), whose
+    d2 = h^2 f[l0, l1, l2] = h^2 D''/2 takes the weight psi_3(kappa h) / (kappa h)^2, i.e. half the Taylor D'' term
+    (as the official ODE 3M, ``dpmpp.sample_dpmpp_3m``); "taylor" gives D'' its Taylor weight
+    alpha_t psi_3(kappa h) / kappa^2.  "official" measured at most the Taylor form's error at 8-40 steps, eta = 1
+    (bench/results_flow_guidance.md).  Both take the
     Taylor weight psi_2(kappa h) / kappa on D' in their second-order (warm-up, final) steps, as k-diffusion does.  At
     eta = 0 "taylor" is ``sample_dpmpp_3m(solver_type="taylor")``; "official" differs from the ODE's official form
     only in those second-order steps (diffusers' scheduler, which the ODE form follows, uses the 2M midpoint there).
