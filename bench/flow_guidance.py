@@ -74,6 +74,47 @@ def samplers(pkg, kind, kdiff):
     return out
 
 
+def report(before_path, after_path, title):
+    """Markdown tables from two result files: mean over seeds of the median per-sample MSE, before -> after."""
+    tables = {}
+    for label, path in (("before", before_path), ("after", after_path)):
+        for row in json.loads(pathlib.Path(path).read_text()):
+            if "mse" in row:
+                key = (row["guidance"], row["schedule"], row["sampler"], row["steps"])
+                tables.setdefault(key, {}).setdefault(label, []).append((row["mse"], row["max_abs"],
+                                                                           row["ref_max_abs"]))
+    steps = sorted({k[3] for k in tables})
+    lines = []
+    for w, schedule in sorted({(k[0], k[1]) for k in tables}):
+        lines += ["", f"**{title}, guidance {w:g}, {schedule}**: median per-sample MSE (mean over seeds), "
+                  "before / after", "", "| sampler | " + " | ".join(f"{n} steps" for n in steps) + " |",
+                  "|---" * (len(steps) + 1) + "|"]
+        for sampler in sorted({k[2] for k in tables if k[:2] == (w, schedule)}):
+            cells = []
+            for n in steps:
+                entry = tables.get((w, schedule, sampler, n), {})
+                values = [sum(v[0] for v in entry[label]) / len(entry[label]) if label in entry else float("nan")
+                          for label in ("before", "after")]
+                cells.append(f"{values[0]:.3g} / {values[1]:.3g}" if "kdiff" not in sampler else f"{values[1]:.3g}")
+            lines.append(f"| {sampler} | " + " | ".join(cells) + " |")
+        ours, theirs = "2m", "kdiff:2m"
+        if any(k[2] == theirs for k in tables if k[:2] == (w, schedule)):
+            ratios = []
+            for n in steps:
+                a = tables[(w, schedule, ours, n)]
+                k = tables[(w, schedule, theirs, n)]["after"]
+                mean_k = sum(v[0] for v in k) / len(k)
+                ratios.append(" / ".join(f"{sum(v[0] for v in a[label]) / len(a[label]) / mean_k:.2f}"
+                                         for label in ("before", "after")))
+            lines.append("| our 2M / k-diffusion 2M | " + " | ".join(ratios) + " |")
+        peak = {label: max(v[1] for k2, e in tables.items() if k2[:2] == (w, schedule) and k2[2] == "3m"
+                           for v in e.get(label, [])) for label in ("before", "after")}
+        exact = max(v[2] for k2, e in tables.items() if k2[:2] == (w, schedule) for v in e["after"])
+        lines.append(f"\nlargest |output| of the official 3M over these step counts: before {peak['before']:.3g}, "
+                     f"after {peak['after']:.3g} (exact solution: {exact:.3g})")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", default=str(pathlib.Path(__file__).resolve().parents[1]))
@@ -87,7 +128,12 @@ def main(argv=None):
                         help="exact Gaussian mixtures (one per seed) or the embedded MNIST model (--seeds = noise seeds)")
     parser.add_argument("--spread", type=float, default=1.0, help="spread of the mixture's means")
     parser.add_argument("--variance", type=float, nargs=2, default=[0.05, 0.5], help="range of component variances")
+    parser.add_argument("--report", nargs=2, metavar=("BEFORE", "AFTER"), help="print tables from two --out files")
+    parser.add_argument("--title", default="Gaussian mixtures")
     args = parser.parse_args(argv)
+    if args.report:
+        print(report(*args.report, args.title))
+        return
     torch.set_num_threads(1)
     load_package(args.root)
     import dpm_solver_nodes.samplers as pkg_samplers  # noqa: F401

@@ -232,7 +232,8 @@ def guarded_step(x, table, i, history, second, eta=0.0, scales=None, guard=True)
     dims = tuple(range(1, x.ndim))
     correction = (third - second).square().sum(dims)
     previous = (second - first).square().sum(dims)
-    keep = (correction <= GUARD_RATIO ** 2 * previous).reshape(-1, *[1] * (x.ndim - 1))
+    limit = GUARD_RATIO * (scales[2] if scales is not None else 1.0) / 0.5  # per unit of D'' (official: half)
+    keep = (correction <= limit ** 2 * previous).reshape(-1, *[1] * (x.ndim - 1))
     return torch.where(keep, third, second)
 
 
