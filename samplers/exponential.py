@@ -214,6 +214,7 @@ def _step_in_w(x, table, i, history, eta):
 # term moves it (measured: bench/results_flow_guidance.md); otherwise that sample takes the second-order step.
 GUARD_RATIO = 0.25
 GUARD_MIN_STEP = 0.2
+GUARD_NEGLIGIBLE = 0.003
 
 
 def guarded_step(x, table, i, history, second, eta=0.0, scales=None, guard=True):
@@ -222,7 +223,10 @@ def guarded_step(x, table, i, history, second, eta=0.0, scales=None, guard=True)
 
     The Taylor series of the step (DPM-Solver++ Eq. 9) converges when each term is smaller than the one before:
     with x1, x2, x3 the first-, second- and third-order results, a sample keeps x3 if
-    |x3 - x2| <= GUARD_RATIO |x2 - x1| (norms per sample).  Guided, fast-changing outputs on coarse steps break this
+    |x3 - x2| <= GUARD_RATIO |x2 - x1| per unit of D'' weight (norms per sample), or if |x3 - x2| <=
+    GUARD_NEGLIGIBLE |x2| (too small to do harm; keeps the 3M's lead at 20+ steps); steps with h < GUARD_MIN_STEP are
+    never guarded.  A hard switch: bounding the correction continuously instead measured far worse (158x the 2M's
+    error at 8 guided flow logSNR steps), so a sample near the threshold can flip with rounding (fp16).  Guided, fast-changing outputs on coarse steps break this
     and the quadratic extrapolation of D'' then amplifies the error instead of cancelling it.
     """
     third = data_prediction_step(x, table, i, history=history, eta=eta, scales=scales)
@@ -233,7 +237,8 @@ def guarded_step(x, table, i, history, second, eta=0.0, scales=None, guard=True)
     correction = (third - second).square().sum(dims)
     previous = (second - first).square().sum(dims)
     limit = GUARD_RATIO * (scales[2] if scales is not None else 1.0) / 0.5  # per unit of D'' (official: half)
-    keep = (correction <= limit ** 2 * previous).reshape(-1, *[1] * (x.ndim - 1))
+    small = correction <= GUARD_NEGLIGIBLE ** 2 * second.square().sum(dims)  # too small to do harm: keep order 3
+    keep = ((correction <= limit ** 2 * previous) | small).reshape(-1, *[1] * (x.ndim - 1))
     return torch.where(keep, third, second)
 
 

@@ -297,8 +297,10 @@ def test_half_precision_latents(dtype, tolerance, sampler):
     model = MIXTURE.denoiser()
     sigmas = karras_sigmas(15).float()
     x = (sample_noise(16, (8,), seed=10) * 14.6).float()
-    reference_out = sampler(model, x, sigmas, disable=True)
-    out = sampler(model, x.to(dtype), sigmas, disable=True)
+    # The 3M's guard is a per-sample switch that rounding can flip (samplers/exponential.py): compared without it.
+    options = {"guard": False} if sampler is sample_dpmpp_3m else {}
+    reference_out = sampler(model, x, sigmas, disable=True, **options)
+    out = sampler(model, x.to(dtype), sigmas, disable=True, **options)
     assert out.dtype == dtype and torch.isfinite(out).all()
     # Relative to the fp32 result's scale; the error is the rounding of x and of D at the model boundary and of the
     # result.  Measured: fp16 1.3e-3 / 1.2e-3 / 1.4e-3, bf16 4.1e-3 / 5.0e-3 / 6.1e-3 (2M / 3M / 2S).
