@@ -125,7 +125,8 @@ def main(argv=None):
     parser.add_argument("--guidance", type=float, nargs="+", default=[1.0, 5.0, 7.5])
     parser.add_argument("--samplers", nargs="+", default=None)
     parser.add_argument("--model", default="mixture", choices=("mixture", "embedded"),
-                        help="exact Gaussian mixtures (one per seed) or the embedded MNIST model (--seeds = noise seeds)")
+                        help="exact Gaussian mixtures (one per seed) or the embedded MNIST model "
+                             "(--seeds = noise seeds)")
     parser.add_argument("--spread", type=float, default=1.0, help="spread of the mixture's means")
     parser.add_argument("--variance", type=float, nargs=2, default=[0.05, 0.5], help="range of component variances")
     parser.add_argument("--report", nargs=2, metavar=("BEFORE", "AFTER"), help="print tables from two --out files")

@@ -49,7 +49,7 @@ def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=No
         (the official code's "taylor"; DPM-Solver-v3 with l = 1, s = b = 0 reduces to it).  They differ at O(h^3).
       threshold_percentile, threshold_max: Imagen dynamic thresholding of D for pixel-space models (off if None).
     On flow models sigma = 1 is lambda = -inf; the step after it keeps order 2 by interpolating D in
-    rho = -log sigma = softplus(lambda), finite there (``exponential._step_in_w``); later steps are the lambda form.
+    rho = -log sigma = softplus(lambda), finite there (``exponential._step_in_rho``); later steps are the lambda form.
     """
     check_choice("solver_type", solver_type, SOLVER_TYPES_2M)
     final_step = _final_step(final_step, model_kind)
@@ -67,7 +67,7 @@ def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=No
             x = extrapolated_denoised([t.lam[i], previous[0]], [denoised, previous[1]])
         elif run.order(i, 2, lower_order_final, 1 if previous is None else 2) == 1:
             x = data_prediction_step(x, t, i, [denoised])
-        elif not math.isfinite(previous[0]):  # history at sigma = 1: the step in w = e^lambda keeps order 2
+        elif not math.isfinite(previous[0]):  # history at sigma = 1: interpolated in rho, order 2
             x = data_prediction_step(x, t, i, history=([t.lam[i], previous[0]], [denoised, previous[1]]))
         elif solver_type == "midpoint":
             x = _midpoint_2m_step(x, t, i, denoised, *previous)
@@ -115,7 +115,7 @@ def sample_dpmpp_3m(model, x, sigmas, extra_args=None, callback=None, disable=No
             return _midpoint_2m_step(x, t, i, outputs[0], lams[1], outputs[1])
         return data_prediction_step(x, t, i, history=(lams[:2], outputs[:2]))
 
-    lams, outputs = [], []  # newest first; lambda = -inf at a flow model's sigma = 1 (then steps in w = e^lambda)
+    lams, outputs = [], []  # newest first; lambda = -inf at a flow model's sigma = 1 (steps interpolated in rho)
     for i in run.range():
         denoised = run.denoise(x, i)
         run.report(x, i, denoised)

@@ -143,7 +143,7 @@ def data_prediction_step(x, table, i, derivatives=None, eta=0.0, midpoint=None, 
     if table.sigma[i + 1] == 0:
         return (derivatives[0] if history is None else history[1][0]) * alpha_t
     if history is not None and len(history[0]) > 1 and not all(map(math.isfinite, history[0])):
-        return _step_in_w(x, table, i, history, eta)
+        return _step_in_rho(x, table, i, history, eta)
     h, kappa = table.h[i], 1.0 + eta
     decay = math.exp(-eta * h) if eta > 0 else 1.0  # eta = 0 with h = inf (flow sigma = 1) gives 1, not nan
     out = x * (table.sigma[i + 1] / table.sigma[i] * decay)
@@ -183,7 +183,7 @@ def _start_variable(lam):
     return math.log1p(math.exp(lam)) if lam < 30 else lam + math.log1p(math.exp(-lam))  # rho = softplus(lambda)
 
 
-def _step_in_w(x, table, i, history, eta):
+def _step_in_rho(x, table, i, history, eta):
     """A multistep data-prediction step whose history reaches a flow model's sigma = 1 (lambda = -inf).
 
     The drift integral alpha_t int_0^h kappa e^{-kappa (h - tau)} D(lambda_s + tau) dtau (DPM-Solver++ Eq. 9) with D
@@ -225,9 +225,10 @@ def guarded_step(x, table, i, history, second, eta=0.0, scales=None, guard=True)
     with x1, x2, x3 the first-, second- and third-order results, a sample keeps x3 if
     |x3 - x2| <= GUARD_RATIO |x2 - x1| per unit of D'' weight (norms per sample), or if |x3 - x2| <=
     GUARD_NEGLIGIBLE |x2| (too small to do harm; keeps the 3M's lead at 20+ steps); steps with h < GUARD_MIN_STEP are
-    never guarded.  A hard switch: bounding the correction continuously instead measured far worse (158x the 2M's
-    error at 8 guided flow logSNR steps), so a sample near the threshold can flip with rounding (fp16).  Guided, fast-changing outputs on coarse steps break this
-    and the quadratic extrapolation of D'' then amplifies the error instead of cancelling it.
+    never guarded.  Guided, fast-changing outputs on coarse steps break the series, and the quadratic extrapolation
+    of D'' then amplifies the error instead of cancelling it.  A hard switch: bounding the correction continuously
+    measured far worse (158x the 2M's error at 8 guided flow logSNR steps), so a sample near the threshold can flip
+    with rounding (fp16).
     """
     third = data_prediction_step(x, table, i, history=history, eta=eta, scales=scales)
     if not guard or table.sigma[i + 1] == 0 or GUARD_RATIO is None or table.h[i] < GUARD_MIN_STEP:

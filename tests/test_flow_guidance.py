@@ -188,8 +188,8 @@ BOUNDED = {
 @pytest.mark.parametrize("model_kind", ["flow", "eps"])
 @pytest.mark.parametrize("guidance", GUIDANCE)
 def test_outputs_stay_within_a_multiple_of_the_exact_range(guidance, model_kind):
-    """max |output| / max |exact ODE output| (same noise) over step counts 5, 6, 8, 12, 20, 40, 3 random mixtures (dim 16)
-    and both schedules of the model kind.  Measured (guidance 1 / 5 / 7.5, flow | eps): 2M 1.14 / 2.81 / 5.83 |
+    """max |output| / max |exact ODE output| (same noise) over step counts 5, 6, 8, 12, 20, 40, 3 random mixtures
+    (dim 16) and both schedules of the model kind.  Measured (guidance 1 / 5 / 7.5, flow | eps): 2M 1.14 / 2.81 / 5.83 |
     1.19 / 1.65 / 7.78 (its own excursions at 5-6 guided logSNR or Karras steps), official 3M the same as the 2M,
     Taylor 3M up to 6.49 | 13.5, 2M SDE up to 10.7 | 18.9, 3M SDE up to 18.2 | 27.8 (eta = 1, Gaussian noise).
     Without the guard the 3M reached |x| = 1.2e4 on data of range 4.7 (bench/results_flow_guidance.md)."""
