@@ -104,8 +104,9 @@ def test_the_step_after_sigma_one_has_third_order_local_error(sampler):
 
 @pytest.mark.parametrize("model_kind", ["flow", "eps"])
 def test_extrapolated_final_step_has_third_order_local_error(model_kind):
-    """On the exact ODE path, D at v and 2v extrapolated to v = 0 misses x(0) by O(v^3) (measured slopes 2.9-3.1);
-    returning D at v (k-diffusion's last step) by O(v^2) (measured 2.0)."""
+    """On the exact ODE path, D at v and 2v extrapolated to v = 0 misses x(0) by O(v^3) (measured slopes 3.1 / 3.7 for
+    v = 0.2 -> 0.1 -> 0.05, error 2.5e-4 at 0.05); returning D at v (k-diffusion's last step) by O(v^2) (measured
+    1.86 / 1.96, error 5.6e-3)."""
     model = mixture(0, 5.0, dim=8).denoiser(model_kind)
     schedule = noise_schedule(model_kind)
     start = 0.5 if model_kind == "flow" else 1.0
