@@ -27,7 +27,9 @@ Brownian path and the solvers converge strongly (order 1: the noise enters addit
 
 A step into sigma = 0 returns D (first order, no noise, as k-diffusion).  A flow model's step out of sigma = 1
 (lambda = -inf) is the data-prediction first-order step, x_t = alpha_t D + sigma_t z for eta > 0: the
-noise-prediction coefficients are infinite there.
+noise-prediction coefficients are infinite there.  The data-prediction multistep solvers (++2M, ++3M) keep the
+output at sigma = 1 in their history and interpolate it in rho = -log sigma (``exponential._step_in_rho``), so the
+next step keeps its order; the noise-prediction 2M restarts its history there.
 """
 from __future__ import annotations
 
