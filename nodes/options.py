@@ -105,13 +105,16 @@ def _dpmpp_3m(lower_order_final, solver_type, thresholding, threshold_percentile
                         **_threshold_options(thresholding, threshold_percentile, threshold_max)}
 
 
-def _sde(solver, eta, s_noise, noise_type, noise_device):
+def _sde(solver, eta, s_noise, noise_type, noise_device, solver_type_3m="official"):
     if solver not in SDE_SOLVERS:
         raise ValueError(f"solver must be one of {SDE_SOLVERS}, got {solver!r}")
     if noise_device not in NOISE_DEVICES:
         raise ValueError(f"noise_device must be one of {tuple(NOISE_DEVICES)}, got {noise_device!r}")
-    return solver, {"eta": float(eta), "s_noise": float(s_noise), "noise_type": noise_type,
-                    "noise_device": NOISE_DEVICES[noise_device]}
+    options = {"eta": float(eta), "s_noise": float(s_noise), "noise_type": noise_type,
+               "noise_device": NOISE_DEVICES[noise_device]}
+    if solver == "dpmpp_3m_sde":
+        options["solver_type"] = solver_type_3m
+    return solver, options
 
 
 def _ddim(eta):
@@ -182,7 +185,10 @@ SAMPLER_NODES = (
                                                        "gaussian = fresh draws every step"),
          "noise_device": _combo(tuple(NOISE_DEVICES), "cpu", "where noise is drawn: cpu gives the same image on every "
                                                       "machine, gpu is faster and device-dependent")},
-        _sde),
+        _sde,
+        optional={"solver_type_3m": _combo(("official", "taylor"), "official",
+                                           "dpmpp_3m_sde only: official = k-diffusion's / ComfyUI's 3M SDE step; "
+                                           "taylor = exact Taylor weight on D''")}),
     SamplerNodeSpec(
         NODE_PREFIX + "DDIM", "DDIM",
         "DDIM (Song et al. 2020), the first-order exponential integrator; eta > 0 adds noise.",

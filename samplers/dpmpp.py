@@ -10,10 +10,19 @@ from __future__ import annotations
 import math
 
 from .common import SamplerRun, check_choice
-from .exponential import data_prediction_step, first_order_data_step
+from .exponential import data_prediction_step, extrapolated_denoised, first_order_data_step, guarded_step
 
 SOLVER_TYPES_2M = ("midpoint", "taylor")
 SOLVER_TYPES_3M = ("official", "taylor")
+FINAL_STEPS = ("denoise", "extrapolate", "stop")
+
+
+def _final_step(final_step, model_kind):
+    """None -> "extrapolate" for flow models (measured: bench/results_flow_guidance.md), "denoise" for eps models
+    (k-diffusion's step, so the 2M equals the hosts' built-in DPM++ 2M)."""
+    if final_step is None:
+        return "extrapolate" if model_kind == "flow" else "denoise"
+    return check_choice("final_step", final_step, FINAL_STEPS)
 OFFICIAL_3M_SCALES = (1.0, 1.0, 0.5)
 
 
@@ -24,7 +33,7 @@ def _midpoint_2m_step(x, table, i, denoised, lam_prev, denoised_prev):
 
 
 def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=None, *, model_kind="eps",
-                    lower_order_final=None, final_step="denoise", solver_type="midpoint",
+                    lower_order_final=None, final_step=None, solver_type="midpoint",
                     threshold_percentile=None, threshold_max=1.0):
     """DPM-Solver++(2M), the multistep second-order data-prediction solver (Algorithm 2 of the paper).
 
@@ -32,37 +41,45 @@ def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=No
       model_kind: "eps" (VP/VE, x = x0 + sigma n) or "flow" (x = (1 - sigma) x0 + sigma n).
       lower_order_final: first-order last step; ``None`` = on below 15 steps (the paper's recommendation).  A step
         into sigma = 0 is always first order (it returns the denoised prediction, as in k-diffusion).
-      final_step: "denoise" (a trailing 0 in sigmas returns D) or "stop" (return x at the last positive sigma).
+      final_step: for a trailing 0 in sigmas, "denoise" returns D (k-diffusion's step), "extrapolate" returns D
+        extrapolated to sigma = 0 from the last two outputs (second order, ``exponential.extrapolated_denoised``),
+        "stop" returns x at the last positive sigma.  None (default): "extrapolate" for flow, "denoise" for eps.
       solver_type: "midpoint" is the paper's form, D_s + (D_s - D_prev) / (2r) with weight 1 - e^{-h}, and equals
         k-diffusion's ``sample_dpmpp_2m``; "taylor" uses the exact Taylor weight psi_2(h) on (D_s - D_prev)/h_prev
         (the official code's "taylor"; DPM-Solver-v3 with l = 1, s = b = 0 reduces to it).  They differ at O(h^3).
       threshold_percentile, threshold_max: Imagen dynamic thresholding of D for pixel-space models (off if None).
+    On flow models sigma = 1 is lambda = -inf; the step after it keeps order 2 by interpolating D in
+    rho = -log sigma = softplus(lambda), finite there (``exponential._step_in_rho``); later steps are the lambda form.
     """
     check_choice("solver_type", solver_type, SOLVER_TYPES_2M)
-    run = SamplerRun(model, x, sigmas, extra_args, callback, disable, model_kind=model_kind, final_step=final_step,
+    final_step = _final_step(final_step, model_kind)
+    run = SamplerRun(model, x, sigmas, extra_args, callback, disable, model_kind=model_kind,
+                     final_step="stop" if final_step == "stop" else "denoise",
                      threshold_percentile=threshold_percentile, threshold_max=threshold_max)
     lower_order_final = run.default_lower_order_final(lower_order_final)
     t = run.table
     x = run.start(x)
-    previous = None  # (lambda, D) of the last finite-lambda point
+    previous = None  # (lambda, D) of the last point; lambda = -inf at a flow model's sigma = 1
     for i in run.range():
         denoised = run.denoise(x, i)
         run.report(x, i, denoised)
-        history = 1 if previous is None or not math.isfinite(t.lam[i]) else 2
-        if run.order(i, 2, lower_order_final, history) == 1:
+        if t.sigma[i + 1] == 0 and final_step == "extrapolate" and previous is not None:
+            x = extrapolated_denoised([t.lam[i], previous[0]], [denoised, previous[1]])
+        elif run.order(i, 2, lower_order_final, 1 if previous is None else 2) == 1:
             x = data_prediction_step(x, t, i, [denoised])
+        elif not math.isfinite(previous[0]):  # history at sigma = 1: interpolated in rho, order 2
+            x = data_prediction_step(x, t, i, history=([t.lam[i], previous[0]], [denoised, previous[1]]))
+        elif solver_type == "midpoint":
+            x = _midpoint_2m_step(x, t, i, denoised, *previous)
         else:
-            if solver_type == "midpoint":
-                x = _midpoint_2m_step(x, t, i, denoised, *previous)
-            else:
-                x = data_prediction_step(x, t, i, [denoised, (denoised - previous[1]) / (t.lam[i] - previous[0])])
-        previous = (t.lam[i], denoised) if math.isfinite(t.lam[i]) else None
+            x = data_prediction_step(x, t, i, [denoised, (denoised - previous[1]) / (t.lam[i] - previous[0])])
+        previous = (t.lam[i], denoised)
     return run.finish(x)
 
 
 def sample_dpmpp_3m(model, x, sigmas, extra_args=None, callback=None, disable=None, *, model_kind="eps",
-                    lower_order_final=None, final_step="denoise", solver_type="official", threshold_percentile=None,
-                    threshold_max=1.0):
+                    lower_order_final=None, final_step=None, solver_type="official", guard=True,
+                    threshold_percentile=None, threshold_max=1.0):
     """DPM-Solver++(3M), the multistep third-order data-prediction solver (DPM-Solver++ App. B, official code).
 
     D, D' and D'' at lambda_s are the Taylor coefficients of the quadratic through the last three outputs.
@@ -73,32 +90,46 @@ def sample_dpmpp_3m(model, x, sigmas, extra_args=None, callback=None, disable=No
         with order 3 (measured 3.0-3.2).  "official" is the more accurate at the step counts people use: on the
         embedded trained models 0.68-0.90x the Taylor form's error at 5-20 NFE (eps, Karras and logSNR-uniform) and
         0.73-1.02x at 6-20 NFE (flow; 1.06-1.09x at 5), about equal at 40; on the Gaussian mixture up to about 30
-        logSNR-uniform steps (still at 40 Karras steps).  ``sample_dpmpp_3m_sde`` at eta = 0 is the "taylor" form,
-        and so is the demo's converged reference.
+        logSNR-uniform steps (still at 40 Karras steps).  ``sample_dpmpp_3m_sde(solver_type="taylor")`` at eta = 0 is
+        the "taylor" form, and so is the demo's converged reference.
+      guard: True (default) keeps a third-order step only for the samples whose D'' term is small next to the D'
+        term (``exponential.guarded_step``), else that sample takes the second-order step; with guidance and coarse
+        steps the quadratic extrapolation otherwise explodes (issue 15).  False: the authors' step everywhere.
     Warm-up runs orders 1, 2, then 3; with ``lower_order_final`` the last steps run 2, 1; the "official" second-order
-    steps are the paper's 2M (midpoint) step, so it equals diffusers' order-3 scheduler on the same sigmas.  Other
-    options as in ``sample_dpmpp_2m``.
+    steps are the paper's 2M (midpoint) step, so with ``guard=False`` it equals diffusers' order-3 scheduler on the
+    same sigmas.  On flow models the steps whose history reaches sigma = 1 interpolate in rho = -log sigma (see
+    ``sample_dpmpp_2m``).  Other options as in ``sample_dpmpp_2m``.
     """
     check_choice("solver_type", solver_type, SOLVER_TYPES_3M)
     scales = OFFICIAL_3M_SCALES if solver_type == "official" else None
-    run = SamplerRun(model, x, sigmas, extra_args, callback, disable, model_kind=model_kind, final_step=final_step,
+    final_step = _final_step(final_step, model_kind)
+    run = SamplerRun(model, x, sigmas, extra_args, callback, disable, model_kind=model_kind,
+                     final_step="stop" if final_step == "stop" else "denoise",
                      threshold_percentile=threshold_percentile, threshold_max=threshold_max)
     lower_order_final = run.default_lower_order_final(lower_order_final)
     t = run.table
     x = run.start(x)
-    lams, outputs = [], []  # newest first, finite lambdas only
+
+    def second_order(x, i, lams, outputs):
+        if solver_type == "official" and math.isfinite(lams[1]):  # the 2M's warm-up / final steps, as diffusers
+            return _midpoint_2m_step(x, t, i, outputs[0], lams[1], outputs[1])
+        return data_prediction_step(x, t, i, history=(lams[:2], outputs[:2]))
+
+    lams, outputs = [], []  # newest first; lambda = -inf at a flow model's sigma = 1 (steps interpolated in rho)
     for i in run.range():
         denoised = run.denoise(x, i)
         run.report(x, i, denoised)
-        if math.isfinite(t.lam[i]):
-            lams, outputs = [t.lam[i]] + lams[:2], [denoised] + outputs[:2]
+        lams, outputs = [t.lam[i]] + lams[:2], [denoised] + outputs[:2]
         order = run.order(i, 3, lower_order_final, len(lams))
-        if order == 1:
+        if t.sigma[i + 1] == 0 and final_step == "extrapolate":
+            x = extrapolated_denoised(lams, outputs)
+        elif order == 1:
             x = data_prediction_step(x, t, i, [denoised])
-        elif order == 2 and solver_type == "official":     # its warm-up / final second-order steps are the 2M's
-            x = _midpoint_2m_step(x, t, i, denoised, lams[1], outputs[1])
-        else:
-            x = data_prediction_step(x, t, i, history=(lams[:order], outputs[:order]), scales=scales)
+        elif order == 2:
+            x = second_order(x, i, lams, outputs)
+        else:  # order 3, or 2 per sample where the guard finds the D'' extrapolation unreliable
+            x = guarded_step(x, t, i, (lams[:3], outputs[:3]), second_order(x, i, lams, outputs), scales=scales,
+                             guard=guard)
     return run.finish(x)
 
 

@@ -27,15 +27,18 @@ Brownian path and the solvers converge strongly (order 1: the noise enters addit
 
 A step into sigma = 0 returns D (first order, no noise, as k-diffusion).  A flow model's step out of sigma = 1
 (lambda = -inf) is the data-prediction first-order step, x_t = alpha_t D + sigma_t z for eta > 0: the
-noise-prediction coefficients are infinite there.
+noise-prediction coefficients are infinite there.  The data-prediction multistep solvers (++2M, ++3M) keep the
+output at sigma = 1 in their history and interpolate it in rho = -log sigma (``exponential._step_in_rho``), so the
+next step keeps its order; the noise-prediction 2M restarts its history there.
 """
 from __future__ import annotations
 
 import math
 
 from .common import SamplerRun, check_choice, check_nonnegative
-from .exponential import (NOISE_TYPES, batch_seeds, data_prediction_noise_scale, data_prediction_step, make_noise,
-                          noise_prediction_noise_scale, noise_prediction_step)
+from .dpmpp import OFFICIAL_3M_SCALES, SOLVER_TYPES_3M
+from .exponential import (NOISE_TYPES, batch_seeds, data_prediction_noise_scale, data_prediction_step,
+                          guarded_step, make_noise, noise_prediction_noise_scale, noise_prediction_step)
 
 SOLVER_TYPES_2M_SDE = ("midpoint", "heun")
 NOISE_DEVICES = ("latent", "cpu")
@@ -91,10 +94,11 @@ def _setup(model, x, sigmas, extra_args, callback, disable, model_kind, final_st
 # Steps
 # ----------------------------------------------------------------------------------------------------------------
 
-def _data_sde_step(x, run, i, derivatives, eta, s_noise, noise, midpoint=None, history=None):
-    """``data_prediction_step`` (drift) plus sigma_t sqrt(1 - e^{-2 eta h}) s_noise z; a step into 0 returns D."""
-    out = data_prediction_step(x, run.table, i, None if history else derivatives, eta=eta, midpoint=midpoint,
-                               history=history)
+def _data_sde_step(x, run, i, derivatives, eta, s_noise, noise, midpoint=None, history=None, drift=None):
+    """``data_prediction_step`` (or a given ``drift``) plus sigma_t sqrt(1 - e^{-2 eta h}) s_noise z; a step into 0
+    returns D."""
+    out = drift if drift is not None else data_prediction_step(
+        x, run.table, i, None if history else derivatives, eta=eta, midpoint=midpoint, history=history)
     if eta > 0 and s_noise > 0 and run.table.sigma[i + 1] > 0:
         out.add_(noise(i), alpha=data_prediction_noise_scale(run.table, i, eta) * s_noise)
     return out
@@ -187,13 +191,15 @@ def sample_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, disabl
                                          eta, s_noise, noise_type, noise_sampler, seed, noise_device)
     lower_order_final = run.default_lower_order_final(lower_order_final)
     t = run.table
-    previous = None  # (lambda, D) of the last finite-lambda point
+    previous = None  # (lambda, D) of the last point; lambda = -inf at a flow model's sigma = 1
     for i in run.range():
         denoised = run.denoise(x, i)
         run.report(x, i, denoised)
-        history = 1 if previous is None or not math.isfinite(t.lam[i]) else 2
-        if run.order(i, 2, lower_order_final, history) == 1:
+        if run.order(i, 2, lower_order_final, 1 if previous is None else 2) == 1:
             x = _data_sde_step(x, run, i, [denoised], eta, s_noise, noise)
+        elif not math.isfinite(previous[0]):  # history at sigma = 1: interpolated in rho (exponential.py)
+            history = ([t.lam[i], previous[0]], [denoised, previous[1]])
+            x = _data_sde_step(x, run, i, None, eta, s_noise, noise, history=history)
         else:
             h_prev = t.lam[i] - previous[0]
             if solver_type == "midpoint":
@@ -202,7 +208,7 @@ def sample_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, disabl
             else:
                 derivative = (denoised - previous[1]) / h_prev
                 x = _data_sde_step(x, run, i, [denoised, derivative], eta, s_noise, noise)
-        previous = (t.lam[i], denoised) if math.isfinite(t.lam[i]) else None
+        previous = (t.lam[i], denoised)
     return run.finish(x)
 
 
@@ -247,28 +253,40 @@ def sample_dpm_solver_sde_2m(model, x, sigmas, extra_args=None, callback=None, d
 
 def sample_dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, *, model_kind="eps",
                         eta=1.0, s_noise=1.0, noise_type="brownian", noise_sampler=None, seed=None,
-                        noise_device="latent", final_step="denoise", lower_order_final=None):
+                        noise_device="latent", final_step="denoise", lower_order_final=None, solver_type="official",
+                        guard=True):
     """SDE-DPM-Solver++(3M): third order in the drift, D, D', D'' from the quadratic through the last three outputs.
 
-    D'' gets its Taylor weight alpha_t psi_3(kappa h) / kappa^2.  k-diffusion's ``sample_dpmpp_3m_sde`` weights
-    d2 = h^2 f[l0, l1, l2] = h^2 D''/2 by psi_3(kappa h) / (kappa h)^2, i.e. half the Taylor D'' term (see
-    ``dpmpp.sample_dpmpp_3m``); with equal histories the two steps differ by exactly that half term (pinned in
-    tests/test_sde.py).  At eta = 0 this is ``sample_dpmpp_3m``.  Warm-up runs orders 1, 2, 3; lower_order_final
-    (None = on below 15 steps) makes the last steps 2, 1.
+    solver_type: "official" (default) is k-diffusion's ``sample_dpmpp_3m_sde`` step (ComfyUI's dpmpp_3m_sde), whose
+    d2 = h^2 f[l0, l1, l2] = h^2 D''/2 takes the weight psi_3(kappa h) / (kappa h)^2, i.e. half the Taylor D'' term
+    (as the official ODE 3M, ``dpmpp.sample_dpmpp_3m``); "taylor" gives D'' its Taylor weight
+    alpha_t psi_3(kappa h) / kappa^2.  "official" measured at most the Taylor form's error at 8-40 steps, eta = 1
+    (bench/results_flow_guidance.md).  Both take the
+    Taylor weight psi_2(kappa h) / kappa on D' in their second-order (warm-up, final) steps, as k-diffusion does.  At
+    eta = 0 "taylor" is ``sample_dpmpp_3m(solver_type="taylor")``; "official" differs from the ODE's official form
+    only in those second-order steps (diffusers' scheduler, which the ODE form follows, uses the 2M midpoint there).
+    guard: as in ``sample_dpmpp_3m`` (a third-order drift only where its D'' term is small next to the D' term).
+    Warm-up runs orders 1, 2, 3; lower_order_final (None = on below 15 steps) makes the last steps 2, 1.
     """
+    check_choice("solver_type", solver_type, SOLVER_TYPES_3M)
+    scales = OFFICIAL_3M_SCALES if solver_type == "official" else None
     run, x, eta, s_noise, noise = _setup(model, x, sigmas, extra_args, callback, disable, model_kind, final_step,
                                          eta, s_noise, noise_type, noise_sampler, seed, noise_device)
     lower_order_final = run.default_lower_order_final(lower_order_final)
     t = run.table
-    lams, outputs = [], []  # newest first, finite lambdas only
+    lams, outputs = [], []  # newest first; lambda = -inf at a flow model's sigma = 1
     for i in run.range():
         denoised = run.denoise(x, i)
         run.report(x, i, denoised)
-        if math.isfinite(t.lam[i]):
-            lams, outputs = [t.lam[i]] + lams[:2], [denoised] + outputs[:2]
+        lams, outputs = [t.lam[i]] + lams[:2], [denoised] + outputs[:2]
         order = run.order(i, 3, lower_order_final, len(lams))
-        history = None if order == 1 else (lams[:order], outputs[:order])
-        x = _data_sde_step(x, run, i, [denoised], eta, s_noise, noise, history=history)
+        if order < 3:
+            history = None if order == 1 else (lams[:2], outputs[:2])
+            x = _data_sde_step(x, run, i, [denoised], eta, s_noise, noise, history=history)
+            continue
+        second = data_prediction_step(x, t, i, history=(lams[:2], outputs[:2]), eta=eta)
+        drift = guarded_step(x, t, i, (lams, outputs), second, eta=eta, scales=scales, guard=guard)
+        x = _data_sde_step(x, run, i, None, eta, s_noise, noise, drift=drift)
     return run.finish(x)
 
 

@@ -160,7 +160,7 @@ def test_official_3m_equals_diffusers_order_3_scheduler():
         sigmas = karras_sigmas(steps)
         x = sample_noise(16, (8,), seed=5) * sigmas[0]
         theirs = third.function(model, x, sigmas, {}, "eps", steps)
-        ours = sample_dpmpp_3m(model, x, sigmas, disable=True)
+        ours = sample_dpmpp_3m(model, x, sigmas, guard=False, disable=True)
         assert (ours - theirs).abs().max().item() < 2e-5, steps
         taylor = sample_dpmpp_3m(model, x, sigmas, solver_type="taylor", disable=True)
         assert (taylor - theirs).abs().max().item() > 1e-3, steps   # a different method: the check can fail
@@ -238,7 +238,10 @@ def test_trailing_zero_denoise_versus_stop(sampler, model_kind):
               else torch.cat([logsnr_sigmas(19, 0.99, 0.03, "flow"), torch.zeros(1, dtype=torch.float64)]))
     x = start_latent(model_kind, 4) * (14.6 / 80 if model_kind == "eps" else 1)
     options = {} if sampler is sample_dpmpp_2s else {"lower_order_final": False}
+    if sampler is not sample_dpmpp_2s:
+        options["final_step"] = "denoise"  # the flow default, "extrapolate", is tested in test_flow_guidance.py
     denoised = sampler(model, x, sigmas, model_kind=model_kind, disable=True, **options)
+    options.pop("final_step", None)
     stopped = sampler(model, x, sigmas, model_kind=model_kind, final_step="stop", disable=True, **options)
     without_zero = sampler(model, x, sigmas[:-1], model_kind=model_kind, disable=True, **options)
     assert torch.equal(stopped, without_zero)
@@ -294,8 +297,10 @@ def test_half_precision_latents(dtype, tolerance, sampler):
     model = MIXTURE.denoiser()
     sigmas = karras_sigmas(15).float()
     x = (sample_noise(16, (8,), seed=10) * 14.6).float()
-    reference_out = sampler(model, x, sigmas, disable=True)
-    out = sampler(model, x.to(dtype), sigmas, disable=True)
+    # The 3M's guard is a per-sample switch that rounding can flip (samplers/exponential.py): compared without it.
+    options = {"guard": False} if sampler is sample_dpmpp_3m else {}
+    reference_out = sampler(model, x, sigmas, disable=True, **options)
+    out = sampler(model, x.to(dtype), sigmas, disable=True, **options)
     assert out.dtype == dtype and torch.isfinite(out).all()
     # Relative to the fp32 result's scale; the error is the rounding of x and of D at the model boundary and of the
     # result.  Measured: fp16 1.3e-3 / 1.2e-3 / 1.4e-3, bf16 4.1e-3 / 5.0e-3 / 6.1e-3 (2M / 3M / 2S).

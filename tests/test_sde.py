@@ -192,7 +192,7 @@ def test_3m_sde_differs_from_kdiffusion_by_exactly_the_missing_half_of_the_secon
     reference = kd.sample_dpmpp_3m_sde(model, x, sigmas, noise_sampler=kd_brownian(x, sigmas, [4, 5, 6]),
                                        callback=lambda d: recorded.append(d["denoised"]), disable=True)
     ours = sde.sample_dpmpp_3m_sde(model, x, sigmas, noise_sampler=kd_brownian(x, sigmas, [4, 5, 6]),
-                                   lower_order_final=False)
+                                   lower_order_final=False, guard=False, solver_type="taylor")
     lam = (-sigmas.log()).tolist()
     h = [lam[i + 1] - lam[i] for i in range(3)]
     correction = _kd_3m_correction(h[2], h[1], h[0], recorded[2], recorded[1], recorded[0])
@@ -344,11 +344,12 @@ def test_eta_zero_is_the_ode_solver():
                                          ("flow", MIXTURE.denoiser("flow"), torch.linspace(1, 0, 11), start(2, 1))]:
         ode = dict(model_kind=model_kind, lower_order_final=False)
         pairs = [
-            (sde.sample_dpmpp_2m_sde(model, x, sigmas, eta=0.0, **ode), dpmpp.sample_dpmpp_2m(model, x, sigmas, **ode)),
+            (sde.sample_dpmpp_2m_sde(model, x, sigmas, eta=0.0, **ode),
+             dpmpp.sample_dpmpp_2m(model, x, sigmas, final_step="denoise", **ode)),
             (sde.sample_dpmpp_2m_sde(model, x, sigmas, eta=0.0, solver_type="heun", **ode),
-             dpmpp.sample_dpmpp_2m(model, x, sigmas, solver_type="taylor", **ode)),
-            (sde.sample_dpmpp_3m_sde(model, x, sigmas, eta=0.0, **ode),
-             dpmpp.sample_dpmpp_3m(model, x, sigmas, solver_type="taylor", **ode)),
+             dpmpp.sample_dpmpp_2m(model, x, sigmas, solver_type="taylor", final_step="denoise", **ode)),
+            (sde.sample_dpmpp_3m_sde(model, x, sigmas, eta=0.0, solver_type="taylor", **ode),
+             dpmpp.sample_dpmpp_3m(model, x, sigmas, solver_type="taylor", final_step="denoise", **ode)),
         ]
         for ours, ode_result in pairs:
             torch.testing.assert_close(ours, ode_result, rtol=1e-12, atol=1e-12)
@@ -416,12 +417,8 @@ def test_bad_options_raise_value_error(sampler, options):
 
 @pytest.mark.parametrize("sampler", MULTISTEP, ids=lambda f: f.__name__)
 def test_solver_type_is_checked(sampler):
-    if sampler is sde.sample_dpmpp_3m_sde:
-        with pytest.raises(TypeError):
-            sampler(MIXTURE.denoiser("eps"), start(1, 10.0), karras(4), solver_type="midpoint")
-    else:
-        with pytest.raises(ValueError, match="solver_type"):
-            sampler(MIXTURE.denoiser("eps"), start(1, 10.0), karras(4), solver_type="euler")
+    with pytest.raises(ValueError, match="solver_type"):
+        sampler(MIXTURE.denoiser("eps"), start(1, 10.0), karras(4), solver_type="euler")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -436,3 +433,49 @@ def test_noise_device_on_cuda(noise_type):
     on_gpu_noise = sde.sample_dpmpp_2m_sde(model, x.cuda(), sigmas, seed=3, noise_type=noise_type)
     assert on_cpu_noise.device.type == "cuda" and torch.isfinite(on_gpu_noise).all()
     torch.testing.assert_close(on_cpu_noise.cpu(), cpu, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("steps", [4, 12, 25])
+def test_official_3m_sde_equals_kdiffusion_on_the_same_noise(steps):
+    """solver_type="official" is k-diffusion's sample_dpmpp_3m_sde step (half the Taylor D'' weight); fed the same
+    Brownian noise it reproduces it (guard off, no lower-order final steps; measured < 1e-15 relative).  The Taylor
+    form differs (measured 1e-3 .. 1e-2), so the comparison can fail."""
+    kd = load()
+    model, sigmas, x = MIXTURE.denoiser("eps"), karras(steps), start(3, 10.0)
+    reference = kd.sample_dpmpp_3m_sde(model, x, sigmas, noise_sampler=kd_brownian(x, sigmas, [7, 8, 9]),
+                                       disable=True)
+    options = dict(noise_sampler=kd_brownian(x, sigmas, [7, 8, 9]), lower_order_final=False, guard=False)
+    ours = sde.sample_dpmpp_3m_sde(model, x, sigmas, solver_type="official", **options)
+    assert relative(ours, reference) < 1e-6
+    options["noise_sampler"] = kd_brownian(x, sigmas, [7, 8, 9])
+    assert relative(sde.sample_dpmpp_3m_sde(model, x, sigmas, solver_type="taylor", **options), reference) > 1e-5
+
+
+def test_official_3m_sde_at_eta_zero_is_kdiffusions_ode_and_differs_from_ours_in_the_warm_up_step_only():
+    """At eta = 0 the official 3M SDE is k-diffusion's sample_dpmpp_3m_sde(eta=0).  Our official ODE 3M follows
+    diffusers, whose second-order (warm-up) step is the 2M midpoint step where k-diffusion takes the Taylor weight
+    psi_2: with three positive steps (orders 1, 2, 3) the two agree after step 1 exactly and differ after step 2."""
+    kd = load()
+    model, sigmas, x = MIXTURE.denoiser("eps"), karras(6), start(3, 10.0)
+    zero = lambda s, t: torch.zeros_like(x)  # noqa: E731
+    options = dict(eta=0.0, lower_order_final=False, guard=False, solver_type="official")
+    ours = sde.sample_dpmpp_3m_sde(model, x, sigmas, **options)
+    assert relative(ours, kd.sample_dpmpp_3m_sde(model, x, sigmas, eta=0.0, noise_sampler=zero, disable=True)) < 1e-6
+    ode = dict(lower_order_final=False, guard=False, final_step="stop")
+    one = sigmas[:2]
+    torch.testing.assert_close(sde.sample_dpmpp_3m_sde(model, x, one, **options, final_step="stop"),
+                               dpmpp.sample_dpmpp_3m(model, x, one, **ode), rtol=1e-12, atol=1e-12)
+    two = sigmas[:3]
+    assert relative(sde.sample_dpmpp_3m_sde(model, x, two, **options, final_step="stop"),
+                    dpmpp.sample_dpmpp_3m(model, x, two, **ode)) > 1e-6
+
+
+def test_comfyui_sde_node_passes_the_3m_solver_type():
+    from dpm_solver_nodes.nodes import options
+
+    node = next(s for s in options.SAMPLER_NODES if s.node_id == "DPMSolverNodes_DPMSolverSDE")
+    widgets = {**options.widget_defaults(node), "solver": "dpmpp_3m_sde"}
+    assert node.build(**widgets)[1]["solver_type"] == "official"
+    assert node.build(**widgets, solver_type_3m="taylor")[1]["solver_type"] == "taylor"
+    assert "solver_type" not in node.build(**{**widgets, "solver": "dpmpp_sde_1"})[1]
+    assert "solver_type_3m" in node.optional
