@@ -14,6 +14,7 @@ from dpm_solver_nodes.analytic.gaussian_mixture import (GaussianMixture, GuidedG
                                                          sample_noise)
 from dpm_solver_nodes.samplers import sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_dpmpp_3m, sample_dpmpp_3m_sde
 from dpm_solver_nodes.samplers.exponential import extrapolated_denoised
+from dpm_solver_nodes.samplers.sigmas import exponential, flow_logsnr_uniform, karras, shifted, with_zero
 from dpm_solver_nodes.samplers.schedule import noise_schedule
 
 import kdiffusion_reference
@@ -28,27 +29,22 @@ def mixture(seed, guidance, dim=16):
 
 
 def shift3_sigmas(n):
-    """The hosts' default flow schedule: time-uniform t, shift 3 (sigma = 3t / (1 + 2t)), ending at 0."""
-    t = torch.linspace(1, 0, n + 1, dtype=torch.float64)
-    return 3 * t / (1 + 2 * t)
+    """The hosts' default flow schedule: time-uniform t with shift 3, sigma = 3t / (1 + 2t), trailing 0."""
+    return shifted(n, 3.0)
 
 
 def logsnr_flow_sigmas(n):
-    """1 -> 0.995, uniform in lambda to 0.002, then 0."""
-    lam = torch.linspace(-math.log(0.995 / 0.005), math.log(0.998 / 0.002), n - 1, dtype=torch.float64)
-    one, zero = torch.ones(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
-    return torch.cat([one, torch.sigmoid(-lam), zero])
+    """1 -> 0.995, uniform in lambda down to 0.002, then 0 (issue 13's flow schedule)."""
+    inner = flow_logsnr_uniform(n - 1, -math.log(0.995 / 0.005), math.log(0.998 / 0.002))
+    return with_zero(torch.cat([torch.ones(1, dtype=torch.float64), inner]))
 
 
 def karras_sigmas(n, sigma_min=0.03, sigma_max=14.6, rho=7.0):
-    ramp = torch.linspace(0, 1, n, dtype=torch.float64)
-    s = (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
-    return torch.cat([s, s.new_zeros(1)])
+    return with_zero(karras(n, sigma_min, sigma_max, rho))
 
 
 def logsnr_eps_sigmas(n, sigma_min=0.002, sigma_max=80.0):
-    s = torch.linspace(math.log(sigma_max), math.log(sigma_min), n, dtype=torch.float64).exp()
-    return torch.cat([s, s.new_zeros(1)])
+    return with_zero(exponential(n, sigma_min, sigma_max))
 
 
 SCHEDULES = {"flow": (shift3_sigmas, logsnr_flow_sigmas), "eps": (karras_sigmas, logsnr_eps_sigmas)}
