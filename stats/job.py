@@ -146,7 +146,16 @@ class EMSJob:
 
     # ---- the computation -------------------------------------------------------------------------------------
     def compute(self, access, *, progress=None, should_stop=None, resume=None) -> EMS:
-        """x0 -> estimate -> check through ``access`` (a ``ModelAccess``); returns the EMS (not stored)."""
+        """x0 -> estimate -> check through ``access`` (a ``ModelAccess``); returns the EMS (not stored).  The row
+        count behind ``progress`` is an upper bound (a skipped check, early-stopping tuning), so a finished job
+        reports total / total: the host's bar ends full."""
+        ems = self._compute(access, progress=progress, should_stop=should_stop, resume=resume)
+        if progress is not None:
+            total = max(int(self._calls()), 1)
+            progress(total, total)
+        return ems
+
+    def _compute(self, access, *, progress=None, should_stop=None, resume=None) -> EMS:
         s, t = self.settings, self.target
         key_json = self.key.to_json()
         if resume is not None and resume.key_json != key_json:

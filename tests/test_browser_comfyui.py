@@ -45,6 +45,7 @@ TINY = {
     "EmptyLatentImage": {"width": 16, "height": 16},
     "KSampler": {"steps": 6},
     "BasicScheduler": {"steps": 6},
+    "DPMSolverNodes_RecommendedSigmas": {"steps": 6},
     EMS_NODE: {"width": 16, "height": 16, "grid_size": 2, "sample_count": 2, "x0_steps": 2, "batch_size": 2,
                "filename_prefix": "browser"},
     "DPMSolverNodes_SaveEMS": {"filename": "browser"},
@@ -70,6 +71,21 @@ const changes = arguments[0];
 for (const node of app.graph._nodes) for (const widget of node.widgets ?? []) {
   const value = changes[node.type]?.[widget.name];
   if (value !== undefined) { widget.value = value; widget.callback?.(value); }
+}
+app.graph.setDirtyCanvas(true, true);
+"""
+# The tiny checkpoint has SD1.5's 4 latent channels: a user trying the SD3 workflow on it swaps SD3's 16-channel empty
+# latent for an EmptyLatentImage wired to the same inputs (the integration test does the same in API format).
+SWAP_SD3_LATENT = """
+for (const old of app.graph._nodes.filter(n => n.type === 'EmptySD3LatentImage')) {
+  const node = LiteGraph.createNode('EmptyLatentImage');
+  node.pos = [...old.pos];
+  app.graph.add(node);
+  for (const id of [...(old.outputs[0].links ?? [])]) {
+    const link = app.graph.links[id] ?? app.graph.links.get?.(id);
+    node.connect(0, app.graph.getNodeById(link.target_id), link.target_slot);
+  }
+  app.graph.remove(old);
 }
 app.graph.setDirtyCanvas(true, true);
 """
@@ -215,6 +231,7 @@ def _ems_phases(events, node_id):
 @pytest.mark.parametrize("name", UI_WORKFLOWS)
 def test_workflow_queued_from_the_page_delivers_images_and_shows_progress(server, browser, artifacts, name):
     workflow = _load(browser, name)
+    browser.execute_script(SWAP_SD3_LATENT)
     browser.execute_script(SET_WIDGETS, TINY)
     browser.execute_script("window.__events.length = 0")
     ems_nodes = [node["id"] for node in workflow["nodes"] if node["type"] == EMS_NODE]

@@ -307,6 +307,17 @@ def test_job_interrupt_and_resume_give_the_uninterrupted_result(tmp_path):
     assert len(calls) <= uninterrupted + 10, (first, len(calls), uninterrupted)
 
 
+def test_a_finished_job_reports_a_full_progress_bar():
+    """The row count behind the progress bar is an upper bound; with the check skipped (toy settings, as in the
+    browser test's EMS workflow) the bar stopped at 846 / 1000 in a real ComfyUI.  A finished job ends at total."""
+    seen = []
+    settings = EMSSettings(N=2, K=2, x0_steps=2)
+    EMSJob(_target(), settings, batch_size=2).compute(ModelAccess(_mixture_model()),
+                                                     progress=lambda done, total: seen.append((done, total)))
+    assert seen[-1][0] == seen[-1][1] and all(done <= total for done, total in seen)
+    assert [done for done, _ in seen] == sorted(done for done, _ in seen)
+
+
 def test_check_cost_follows_the_settings():
     """main ran min(K, 16) x (100 + 2 sum NFE) model rows of check whatever N was; now the check never costs more
     than the estimation and shrinks with it (none for toy settings)."""
