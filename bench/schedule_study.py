@@ -1,7 +1,7 @@
 """Which step schedule our solvers do best on, per model kind (issue 13).  Writes bench/results/schedules.json and
 bench/results_schedules.md.
 
-    python -m dpm_solver_nodes.bench.schedule_study [--quick] [--candidates]
+    python -m dpm_solver_nodes.bench.schedule_study [--quick] [--candidates] [--kind flow|eps]
 
 Models: the exact denoiser of random Gaussian mixtures (``analytic.GaussianMixture.random``, d = 8, 5 components,
 seeds 0-3, 64 samples each, float64; reference: DOP853 at 1e-12, ``reference_solution``) and the embedded trained
@@ -9,7 +9,9 @@ eps and flow models (64 samples, labels k mod 10, float64; reference: our 3M (Ta
 Metric: the median over samples of the per-sample RMS error of x0 (trajectories near basin boundaries switch
 modes, so the mean is noisy; the benchmark's metric).  eps range [0.0292, 14.6] (SD v1), flow from
 sigma = 1 with sigma_min 1e-3.  Solvers: our 2M and 3M, PyPI k-diffusion's 2M (what ComfyUI runs).
-``--candidates`` adds the flow variants the recommendation was chosen from.
+``--candidates`` adds the flow variants the recommendation was chosen from ("1, then lambda log(0.1 h)..end" is
+the flow rule recommended before the flow solvers kept the sigma = 1 output in their history; "mix ..." are
+``flow_shift_mix`` variants around the recommended shift 3, w 0.5, taper 0.25).  ``--kind`` runs one model kind.
 """
 from __future__ import annotations
 
@@ -31,8 +33,8 @@ SAMPLES = 64
 def schedules(kind, candidates=False):
     """name -> (steps -> n + 1 sigmas)."""
     from ..embedded.model import DiscreteVPSchedule
-    from ..samplers.sigmas import flow_lambda, make_sigmas, recommended_sigmas, shifted, with_zero, \
-        flow_logsnr_uniform
+    from ..samplers.sigmas import flow_lambda, flow_logsnr_uniform, flow_shift_mix, make_sigmas, \
+        recommended_sigmas, shifted, with_zero
 
     if kind == "eps":
         lo, hi = EPS_RANGE
@@ -57,8 +59,15 @@ def schedules(kind, candidates=False):
             out[f"1, then lambda {start:g}..end"] = (
                 lambda n, start=start: with_zero(torch.cat([torch.ones(1, dtype=torch.float64),
                                                             flow_logsnr_uniform(n - 1, start, lam_end)])))
-        for c in (0.02, 0.05, 0.2):
+        for c in (0.02, 0.05, 0.1, 0.2, 0.5):
             out[f"1, then lambda log({c:g} h)..end"] = lambda n, c=c: first_step_family(n, lo, c)
+        for shift in (2.0, 3.0, 4.0):
+            out[f"shift {shift:g} to sigma_min"] = lambda n, shift=shift: shifted_to(n, lo, shift)
+        for shift, w, taper in ((3.0, 0.5, 0.0), (3.0, 0.5, 1.0), (3.0, 0.3, 0.25), (3.0, 0.7, 0.25),
+                                (2.0, 0.5, 0.25)):
+            out[f"mix shift {shift:g} w {w:g} taper {taper:g}"] = (
+                lambda n, shift=shift, w=w, taper=taper: recommended_sigmas(n, lo, 1.0, "flow") if n < 3
+                else flow_shift_mix(n, lo, shift, w, taper))
         for shift, w in ((3.0, 1.0), (3.0, 0.7), (3.0, 0.5), (1.0, 0.5)):
             out[f"blend shift {shift:g} w {w:g}"] = lambda n, shift=shift, w=w: blend(n, lo, shift, w)
     return out
@@ -75,6 +84,16 @@ def first_step_family(n, sigma_min, c):
     for _ in range(50):
         lam_1 = math.log(c * (lam_end - lam_1) / (n - 2))
     return with_zero(torch.cat([torch.ones(1, dtype=torch.float64), flow_logsnr_uniform(n - 1, lam_1, lam_end)]))
+
+
+def shifted_to(n, sigma_min, shift):
+    """The hosts' rule ending at sigma_min: t uniform on [1, t_min] (n sigmas), sigma = shift t / (1 + (shift - 1) t),
+    then 0."""
+    from ..samplers.sigmas import with_zero
+
+    t_min = sigma_min / (shift - (shift - 1) * sigma_min)
+    t = torch.linspace(1.0, t_min, n, dtype=torch.float64)
+    return with_zero(shift * t / (1 + (shift - 1) * t))
 
 
 def blend(n, sigma_min, shift, w):
@@ -143,7 +162,7 @@ def embedded_problem(kind, reference_steps=1000):
 
 def solvers():
     from ..samplers import sample_dpmpp_2m, sample_dpmpp_3m
-    from .peers import Unavailable, load_kdiffusion
+    from ..peers import Unavailable, load_kdiffusion
 
     out = {"ours 2M": lambda m, x, s, kind, **kw: sample_dpmpp_2m(m, x, s, model_kind=kind, **kw),
            "ours 3M": lambda m, x, s, kind, **kw: sample_dpmpp_3m(m, x, s, model_kind=kind, **kw)}
@@ -161,11 +180,11 @@ def measured_order(errors, steps):
     return math.log(e1 / e2) / math.log(n2 / n1)
 
 
-def run(quick=False, candidates=False):
+def run(quick=False, candidates=False, kinds=("flow", "eps")):
     torch.set_num_threads(1)
     steps = (10, 20, 40) if quick else STEPS
     rows = []
-    for kind in ("flow", "eps"):
+    for kind in kinds:
         problems = list(mixture_problems(kind, MIXTURE_SEEDS[:2] if quick else MIXTURE_SEEDS))
         problems.append(embedded_problem(kind, 300 if quick else 1000))
         for problem in problems:
@@ -187,6 +206,8 @@ def markdown(data):
              "order: slope between the two largest step counts.", ""]
     for kind in ("flow", "eps"):
         rows = [r for r in data["rows"] if r["kind"] == kind]
+        if not rows:
+            continue
         lines += [f"## {kind}", "", "| model | schedule | solver | " + " | ".join(map(str, steps)) + " | order |",
                   "|---|---|---|" + "---|" * (len(steps) + 1)]
         groups = {}
@@ -205,9 +226,10 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--candidates", action="store_true")
+    parser.add_argument("--kind", choices=("flow", "eps"), help="only this model kind (default: both)")
     parser.add_argument("--out", default=str(HERE / "results" / "schedules.json"))
     args = parser.parse_args(argv)
-    data = run(args.quick, args.candidates)
+    data = run(args.quick, args.candidates, (args.kind,) if args.kind else ("flow", "eps"))
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(data, indent=1) + "\n")

@@ -165,8 +165,8 @@ def build_mappings():
 
 class RecommendedSigmas:
     """The step schedule our solvers do best on for this model (samplers.recommended_sigmas): Karras spacing with
-    rho 15 for eps/v models, sigma = 1 then logSNR-uniform steps for flow models (SD3, Flux).  sigma_min / sigma_max
-    of 0 use the model's; denoise < 1 keeps the tail, as BasicScheduler does."""
+    rho 15 for eps/v models, sigma = 1 then a logSNR mix of shift-3 and uniform steps for flow models (SD3, Flux).
+    sigma_min / sigma_max of 0 use the model's; denoise < 1 keeps the tail, as BasicScheduler does."""
 
     @classmethod
     def INPUT_TYPES(cls):

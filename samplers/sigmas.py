@@ -123,6 +123,9 @@ def make_sigmas(schedule, n, model_kind="eps", sigma_min=None, sigma_max=None, d
 
 RECOMMENDED_EPS_RHO = 15.0
 RECOMMENDED_FLOW_FIRST_STEP = 0.1
+RECOMMENDED_FLOW_SHIFT = 3.0
+RECOMMENDED_FLOW_SHIFT_WEIGHT = 0.5
+RECOMMENDED_FLOW_TAPER = 0.25
 
 
 def flow_first_lambda(n, lambda_end, first_step=RECOMMENDED_FLOW_FIRST_STEP):
@@ -146,10 +149,15 @@ def recommended_sigmas(n, sigma_min, sigma_max, model_kind="eps"):
       eps:  Karras spacing with rho = 15, between Karras' rho = 7 (dense at low noise) and logSNR-uniform steps
             (rho -> inf): below Karras' error at 6-20 steps and within a few percent of it at 40, where
             logSNR-uniform steps fall behind Karras on the embedded model.
-      flow: sigma = 1 (when sigma_max = 1), then uniform in lambda = log((1 - sigma) / sigma) from lambda_1 to
-            lambda(sigma_min).  The step out of sigma = 1 is first order (lambda = -inf there) with an error
-            ~ alpha_1^2 ~ e^{2 lambda_1}; e^{lambda_1} = 0.1 h ties it to the second-order steps' h^2, so the schedule
-            converges at second order (a fixed lambda_1 leaves an error that more steps do not remove).
+      flow: sigma = 1 (when sigma_max = 1), then a mix in lambda = log((1 - sigma) / sigma) of two schedules:
+            lambda_k = w_k lambda_k(shift 3) + (1 - w_k) lambda_k(uniform), k = 1 .. n - 1, with
+            w_k = 0.5 (1 - (k - 1) / (n - 2))^(1/4).  "shift 3" is the hosts' default (``shifted``), whose steps
+            crowd where a mixture's modes separate; "uniform" is uniform in lambda from lambda_1 to lambda(sigma_min)
+            with e^{lambda_1} = 0.1 h (``flow_first_lambda``: the step out of sigma = 1 has an error
+            ~ e^{2 lambda_1}, tied to the second-order steps' h^2).  w_k falls to 0 at sigma_min, so the last steps
+            are uniform in lambda and the schedule stays second order (the hosts' last positive sigma, shift(1/n),
+            makes every solver first order).  The shift-3 lambdas are capped by the uniform ones (changes nothing
+            below 86 steps at sigma_min = 1e-3; keeps the lambdas increasing for any sigma_min).
             With sigma_max < 1 (img2img): uniform in lambda from lambda(sigma_max).
     """
     _check_steps(n)
@@ -164,5 +172,18 @@ def recommended_sigmas(n, sigma_min, sigma_max, model_kind="eps"):
         return with_zero(flow_logsnr_uniform(n, flow_lambda(sigma_max), lam_end))
     if n == 2:
         return with_zero(torch.tensor([1.0, sigma_min], dtype=torch.float64))
-    lam_1 = max(flow_first_lambda(n, lam_end), -lam_end)  # never closer to sigma = 1 than sigma_min is to 0
-    return with_zero(torch.cat([torch.ones(1, dtype=torch.float64), flow_logsnr_uniform(n - 1, lam_1, lam_end)]))
+    return flow_shift_mix(n, sigma_min)
+
+
+def flow_shift_mix(n, sigma_min, shift=RECOMMENDED_FLOW_SHIFT, weight=RECOMMENDED_FLOW_SHIFT_WEIGHT,
+                   taper=RECOMMENDED_FLOW_TAPER, first_step=RECOMMENDED_FLOW_FIRST_STEP):
+    """n + 1 flow sigmas (n >= 3): 1, then lambda_k = w_k lambda_k(shifted) + (1 - w_k) lambda_k(uniform) for
+    k = 1 .. n - 1 with w_k = weight (1 - (k - 1) / (n - 2))^taper, then 0 (``recommended_sigmas``, flow)."""
+    lam_end = flow_lambda(sigma_min)
+    lam_1 = max(flow_first_lambda(n, lam_end, first_step), -lam_end)  # never closer to 1 than sigma_min is to 0
+    uniform = -torch.logit(flow_logsnr_uniform(n - 1, lam_1, lam_end))
+    # the hosts' lambdas, capped by the uniform ones so that the mix stays increasing for any sigma_min
+    host = (-torch.logit(shifted(n, shift)[1:-1])).minimum(uniform)
+    k = torch.arange(n - 1, dtype=torch.float64)
+    w = weight * (1 - k / (n - 2)) ** taper
+    return with_zero(torch.cat([torch.ones(1, dtype=torch.float64), torch.sigmoid(-(w * host + (1 - w) * uniform))]))

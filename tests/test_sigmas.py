@@ -39,7 +39,8 @@ def test_recommended_sigmas_shape(kind, lo, hi):
 
 
 def test_flow_first_step_shrinks_with_the_step_count():
-    """1 - sigma_1 ~ e^{lambda_1} = 0.1 h: halves (about) as the steps double."""
+    """1 - sigma_1 ~ e^{lambda_1}, lambda_1 the mean of the shift-3 schedule's log(1 / (3 (n - 1))) and the uniform
+    part's log(0.1 h): halves (about) as the steps double."""
     gaps = [1 - recommended_sigmas(n, FLOW_SIGMA_MIN, 1.0, "flow")[1].item() for n in (10, 20, 40, 80)]
     assert all(1.6 < a / b < 2.6 for a, b in zip(gaps, gaps[1:]))
 
@@ -133,7 +134,7 @@ def flow_ratios(case):
 
 def test_flow_embedded_recommended_beats_the_hosts_default():
     """The embedded flow model: our 2M on recommended_sigmas <= 0.5x k-diffusion's 2M on the shift-3 schedule at
-    10 / 15 / 20 / 40 steps (measured 0.375 / 0.215 / 0.161 / 0.075), order >= 1.8 (measured 2.02)."""
+    10 / 15 / 20 / 40 steps (measured 0.426 / 0.218 / 0.144 / 0.068), order >= 1.8 (measured 1.99)."""
     ratios, ours = flow_ratios(embedded_case("flow"))
     assert max(ratios) <= 0.5, ratios
     assert order(ours[2:]) >= 1.8, ours
@@ -141,13 +142,14 @@ def test_flow_embedded_recommended_beats_the_hosts_default():
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
 def test_flow_mixtures_recommended_against_the_hosts_default(seed):
-    """Random flow mixtures: the shift-3 schedule suits them (its steps crowd where the modes separate), and our 2M on
-    recommended_sigmas only matches k-diffusion's 2M there at 10-20 steps (measured 0.68-1.26x over seeds 0-3) and
-    halves its error at 40 (0.46-0.53x); the order on recommended_sigmas is >= 1.8 (measured 2.06-2.18).  The
-    issue's <= 0.5x at 10-20 steps holds on the embedded model only."""
+    """Random flow mixtures: the shift-3 schedule suits them (its steps crowd where the modes separate; the
+    recommended schedule is half of it in lambda for that reason).  Our 2M on recommended_sigmas against k-diffusion's
+    2M on the shift-3 schedule, measured over seeds 0-3: 0.47-1.08x at 10-20 steps (asserted <= 1.2x), 0.33-0.45x
+    at 40 (asserted <= 0.5x); order on recommended_sigmas 1.99-2.21 (asserted >= 1.8).  The issue's <= 0.5x holds
+    at 10-20 steps on the embedded model only (seed 0 at 15 steps: 0.47x)."""
     ratios, ours = flow_ratios(mixture_case("flow", seed))
-    assert max(ratios[:3]) <= 1.35, ratios
-    assert ratios[3] <= 0.6, ratios
+    assert max(ratios[:3]) <= 1.2, ratios
+    assert ratios[3] <= 0.5, ratios
     assert order(ours[2:]) >= 1.8, ours
 
 
