@@ -98,8 +98,10 @@ def test_default_path_beats_the_pack_or_runs_the_better_solver(case):
         ratio = _error(out, reference) / min(peers.values())
         report[nfe] = round(ratio, 3)
         assert ratio <= BOUND[cfg], (nfe, ratio, peers, report)
-    # where v3 runs, it runs with the stored corrector decision
-    assert sum(1 for v in report.values() if not isinstance(v, str)) >= 2, report
+    # v3 runs somewhere (twice unguided); on the cfg-10 flow mixture the 2M's second-order start in rho and
+    # extrapolated final step beat v3's first-order flow start at 6-10 NFE (v3/2M 1.06, 2.2, 1.9 there), so the
+    # decisions route those NFEs to the 2M, checked bit for bit above
+    assert sum(1 for v in report.values() if not isinstance(v, str)) >= (2 if cfg == 1 else 1), report
 
 
 def test_tuning_costs_at_most_the_estimation():
