@@ -17,7 +17,9 @@ network's roughness in s, b but blurs the real structure of a smooth model, wher
    better (``clearly_better``: by more than one standard error of the paired mean log error ratio), and v3 with the
    better policy runs where it is clearly better than that solver;
 4. on the other S ("report") samples: the decided runs and both pack solvers; the stored ``ratio`` of each decision
-   is decided error / the better of 2M and 3M there (< 1: v3 wins), so the numbers in the file are held out.
+   is decided error / the better of 2M and 3M there (< 1: v3 wins), so the numbers in the file are held out.  A v3
+   decision the report set contradicts (v3's mean error not below the solver's) goes to that solver: the set can
+   only veto v3, never choose it.
 
 Cost in model rows (one sample through the model): S x (steps + (|FITS| x |POLICIES| + 2) x sum(nfes)) for the
 selection and S x (steps + 3 x sum(nfes)) for the report; ``tune_samples`` picks the largest S (at most
