@@ -509,7 +509,9 @@ def sample_dpm_solver_v3(model, x, sigmas, extra_args=None, callback=None, disab
         logger.info("DPM-Solver-v3: %s; running %s instead", reason,
                     "DPM-Solver++(3M)" if decision.solver == "dpmpp_3m" else "DPM-Solver++(2M)")
         solver = sample_dpmpp_3m if decision.solver == "dpmpp_3m" else sample_dpmpp_2m
-        return solver(model, x, sigmas, extra_args, callback, disable, model_kind=model_kind, final_step=final_step)
+        # the solver as the tuning measured it: its own final step for the model kind (flow: extrapolated D)
+        return solver(model, x, sigmas, extra_args, callback, disable, model_kind=model_kind,
+                      final_step="stop" if final_step == "stop" else None)
     if use_corrector is None:
         use_corrector = decision.corrector if decision is not None else True
     run = SamplerRun(model, x, sigmas, extra_args, callback, disable, model_kind=model_kind, final_step=final_step)
