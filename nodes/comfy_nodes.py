@@ -8,7 +8,7 @@ import os
 import comfy.samplers
 import folder_paths
 
-from ..stats.settings import JVP_BACKENDS as JVP_MODES, REDUCTIONS
+from ..stats.settings import JVP_BACKENDS as JVP_MODES, REDUCTIONS, EMSSettings
 from . import comfy_ems, comfy_schedulers, ems_store
 from .comfy_sampling import comfy_sampler_function, register_dropdown_samplers
 from .options import CATEGORY, NODE_PREFIX, SAMPLER_NODES
@@ -61,12 +61,12 @@ class ComputeEMS:
             "width": ("INT", {"default": 512, "min": 16, "max": 4096, "step": 8,
                               "tooltip": "image width of the generated samples (per_element EMS fit only it)"}),
             "height": ("INT", {"default": 512, "min": 16, "max": 4096, "step": 8}),
-            "grid_size": ("INT", {"default": 200, "min": 2, "max": 2000,
-                                  "tooltip": "N: log-SNR grid cells (200 recommended: coarser grids lost to "
-                                             "DPM-Solver++ at 10-20 steps in bench/results_v3_study.md)"}),
-            "sample_count": ("INT", {"default": 64, "min": 2, "max": 8192,
-                                     "tooltip": "K: samples per grid node (32-64 were as good as 512 on the "
-                                                "embedded model; the paper uses 1024)"}),
+            "grid_size": ("INT", {"default": EMSSettings.N, "min": 2, "max": 2000,
+                                  "tooltip": "N: log-SNR grid cells (the library default; the tuning picks the "
+                                             "fit, bench/results_ems_tuning.md)"}),
+            "sample_count": ("INT", {"default": EMSSettings.K, "min": 2, "max": 8192,
+                                     "tooltip": "K: samples per grid node (16 lost at 15-20 NFE, 64 gained nothing "
+                                                "over 32 in bench/results_ems_tuning.md; the paper uses 1024)"}),
             "reduction": (list(REDUCTIONS), {"default": "per_channel",
                                              "tooltip": "per_channel works at every resolution"}),
             "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "control_after_generate": True,
