@@ -142,13 +142,13 @@ def main(argv=None):
     from dpm_solver_nodes.analytic.gaussian_mixture import (GaussianMixture, GuidedGaussianMixture,
                                                              reference_solution, sample_noise)
     try:
-        from dpm_solver_nodes.bench.peers import load_kdiffusion
+        try:
+            from dpm_solver_nodes.peers import load_kdiffusion
+        except ImportError:  # checkouts before the registry moved out of bench/
+            from dpm_solver_nodes.bench.peers import load_kdiffusion
         kdiff = load_kdiffusion()
     except Exception:  # noqa: BLE001 - the peer is optional
         kdiff = None
-    if os.environ.get("START_VARIABLE"):  # measurement switch for the flow start (samplers/exponential.py)
-        import dpm_solver_nodes.samplers.exponential as exponential
-        exponential.START_VARIABLE = os.environ["START_VARIABLE"]
     if os.environ.get("GUARD_RATIO"):  # measurement switch for the 3M guard
         import dpm_solver_nodes.samplers.exponential as exponential
         value = os.environ["GUARD_RATIO"]

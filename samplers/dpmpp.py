@@ -17,7 +17,7 @@ SOLVER_TYPES_3M = ("official", "taylor")
 FINAL_STEPS = ("denoise", "extrapolate", "stop")
 
 
-def _final_step(final_step, model_kind):
+def _final_step(final_step):
     """None -> "auto": "extrapolate" on flow models when the last positive sigma is coarse (v = sigma / (1 - sigma)
     >= 0.125), else "denoise" (k-diffusion's step, so the 2M equals the hosts' built-in DPM++ 2M).  On the shift-3
     flow schedule extrapolating halves the 2M's error at 10-20 steps (v >= 0.16) but doubles it at 40-80 steps
@@ -67,7 +67,7 @@ def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=No
     rho = -log sigma = softplus(lambda), finite there (``exponential._step_in_rho``); later steps are the lambda form.
     """
     check_choice("solver_type", solver_type, SOLVER_TYPES_2M)
-    final_step = _final_step(final_step, model_kind)
+    final_step = _final_step(final_step)
     run = SamplerRun(model, x, sigmas, extra_args, callback, disable, model_kind=model_kind,
                      final_step="stop" if final_step == "stop" else "denoise",
                      threshold_percentile=threshold_percentile, threshold_max=threshold_max)
@@ -118,7 +118,7 @@ def sample_dpmpp_3m(model, x, sigmas, extra_args=None, callback=None, disable=No
     """
     check_choice("solver_type", solver_type, SOLVER_TYPES_3M)
     scales = OFFICIAL_3M_SCALES if solver_type == "official" else None
-    final_step = _final_step(final_step, model_kind)
+    final_step = _final_step(final_step)
     run = SamplerRun(model, x, sigmas, extra_args, callback, disable, model_kind=model_kind,
                      final_step="stop" if final_step == "stop" else "denoise",
                      threshold_percentile=threshold_percentile, threshold_max=threshold_max)
@@ -145,7 +145,7 @@ def sample_dpmpp_3m(model, x, sigmas, extra_args=None, callback=None, disable=No
         elif order == 2:
             x = second_order(x, i, lams, outputs)
         else:  # order 3, or 2 per sample where the guard finds the D'' extrapolation unreliable
-            x = guarded_step(x, t, i, (lams[:3], outputs[:3]), second_order(x, i, lams, outputs), scales=scales,
+            x = guarded_step(x, t, i, (lams[:3], outputs[:3]), lambda: second_order(x, i, lams, outputs), scales=scales,
                              guard=guard)
     return run.finish(x)
 

@@ -174,14 +174,9 @@ def extrapolated_denoised(lams, outputs):
     return outputs[0] + (outputs[0] - outputs[1]) * (now / (before - now))
 
 
-# Interpolation variable of the steps whose history reaches sigma = 1 (measurement switch).
-START_VARIABLE = "rho"
-
-
-def _start_variable(lam):
-    if START_VARIABLE == "u":
-        return math.exp(lam) if lam < 700 else math.inf
-    return math.log1p(math.exp(lam)) if lam < 30 else lam + math.log1p(math.exp(-lam))  # rho = softplus(lambda)
+def _rho(lam):
+    """rho = -log sigma = softplus(lambda) of a flow model: 0 at sigma = 1, ~lambda near sigma = 0."""
+    return math.log1p(math.exp(lam)) if lam < 30 else lam + math.log1p(math.exp(-lam))
 
 
 def _step_in_rho(x, table, i, history, eta):
@@ -195,11 +190,11 @@ def _step_in_rho(x, table, i, history, eta):
 
     lams, outputs = history
     kappa, lam_s, lam_t = 1.0 + eta, table.lam[i], table.lam[i + 1]
-    nodes = [_start_variable(lam) if math.isfinite(lam) else 0.0 for lam in lams]
+    nodes = [_rho(lam) if math.isfinite(lam) else 0.0 for lam in lams]
     g, gw = np.polynomial.legendre.leggauss(24)
     lam = lam_s + (g + 1) * (0.5 * (lam_t - lam_s))
     kernel = gw * (0.5 * (lam_t - lam_s)) * kappa * np.exp(-kappa * (lam_t - lam))
-    v = np.array([_start_variable(float(l)) for l in lam])
+    v = np.array([_rho(float(l)) for l in lam])
     decay = math.exp(-eta * table.h[i]) if eta > 0 else 1.0
     out = x * (table.sigma[i + 1] / table.sigma[i] * decay)
     for j, output in enumerate(outputs):
@@ -219,8 +214,8 @@ GUARD_NEGLIGIBLE = 0.003
 
 
 def guarded_step(x, table, i, history, second, eta=0.0, scales=None, guard=True):
-    """The multistep step of order len(history) >= 3, falling back per sample to ``second`` (that step's
-    second-order result) where the extrapolation is unreliable.
+    """The multistep step of order len(history) >= 3, falling back per sample to ``second()`` (a callable giving that
+    step's second-order result, computed only when the guard acts) where the extrapolation is unreliable.
 
     The Taylor series of the step (DPM-Solver++ Eq. 9) converges when each term is smaller than the one before:
     with x1, x2, x3 the first-, second- and third-order results, a sample keeps x3 if
@@ -234,6 +229,7 @@ def guarded_step(x, table, i, history, second, eta=0.0, scales=None, guard=True)
     third = data_prediction_step(x, table, i, history=history, eta=eta, scales=scales)
     if not guard or table.sigma[i + 1] == 0 or GUARD_RATIO is None or table.h[i] < GUARD_MIN_STEP:
         return third
+    second = second()
     first = data_prediction_step(x, table, i, [history[1][0]], eta=eta)
     dims = tuple(range(1, x.ndim))
     correction = (third - second).square().sum(dims)

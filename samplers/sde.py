@@ -284,7 +284,9 @@ def sample_dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, disabl
             history = None if order == 1 else (lams[:2], outputs[:2])
             x = _data_sde_step(x, run, i, [denoised], eta, s_noise, noise, history=history)
             continue
-        second = data_prediction_step(x, t, i, history=(lams[:2], outputs[:2]), eta=eta)
+        def second():
+            return data_prediction_step(x, t, i, history=(lams[:2], outputs[:2]), eta=eta)
+
         drift = guarded_step(x, t, i, (lams, outputs), second, eta=eta, scales=scales, guard=guard)
         x = _data_sde_step(x, run, i, None, eta, s_noise, noise, drift=drift)
     return run.finish(x)
