@@ -155,15 +155,10 @@ class EMSStore:
         (e.g. saved under another name)."""
         digest = key.digest()
         own = f"-{digest[:16]}{EXTENSION}"
-        for path in sorted(self.files(), key=lambda p: not p.endswith(own)):
-            entry = self.header(path)
-            if entry is None or entry[0] is None or entry[0].digest() != digest:
-                continue
-            try:
-                return self.load(path), path
-            except ValueError as error:
-                self._skip(path, "load", error)
-        return None, None
+        matching = [path for path in sorted(self.files(), key=lambda p: not p.endswith(own))
+                    if (entry := self.header(path)) is not None and entry[0] is not None
+                    and entry[0].digest() == digest]
+        return self._first_loadable(matching)
 
     def find(self, fingerprint, model_kind, cfg=None, latent_shape=None, sigma_digest=None, where=None):
         """(EMS, path) for a generation: files of this model (fingerprint, kind and, if given, sigma digest and
@@ -186,7 +181,11 @@ class EMSStore:
                 continue
             distance = abs(target.cfg - float(cfg)) if cfg is not None and math.isfinite(float(cfg)) else 0.0
             candidates.append((distance, -self._headers[path][0][0], path))  # ties: the newest file
-        for _, _, path in sorted(candidates):
+        return self._first_loadable(path for _, _, path in sorted(candidates))
+
+    def _first_loadable(self, paths):
+        """(EMS, path) of the first of ``paths`` that loads; the others are skipped with a log line."""
+        for path in paths:
             try:
                 return self.load(path), path
             except ValueError as error:
