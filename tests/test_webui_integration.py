@@ -329,6 +329,11 @@ def harness():
         sys.argv.append("--always-cpu")
     report = {"errors": {}}
     started = time.time()
+    import logging
+    warnings = report["warnings"] = []   # what the WebUI's console shows at its default level (WARNING, no config)
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    logging.getLogger("dpm_solver_nodes").addHandler(handler)
     with contextlib.redirect_stdout(io.StringIO()):
         if _host() in ("forge", "reforge"):      # what their webui.py does before the WebUI's imports
             from modules_forge.initialization import initialize_forge
@@ -466,12 +471,15 @@ def _ems_round_trip(shared, sd_samplers, webui, ems_tab, infotext_utils, process
 
     result = {}
     shared.sd_model = _analytic_model("eps", mixture=True)
-    shared.opts.dpm_solver_ems_grid, shared.opts.dpm_solver_ems_samples = 10, 8
+    shared.opts.dpm_solver_ems_grid, shared.opts.dpm_solver_ems_samples = 20, 16
     shared.opts.dpm_solver_v3_corrector = "Automatic"
     without, p0 = _sample("DPM-Solver-v3 (dpm-solver-nodes)", shared.sd_model, STEPS)
     result["without_ems"] = p0.extra_generation_params.get("DPM-Solver-v3 EMS")
+    result["without_ems_ran"] = p0.extra_generation_params.get("DPM-Solver-v3 ran")
+    # N 20, K 16: the smallest grid and sample count here whose job includes the v3-vs-DPM-Solver++(2M) check (6
+    # samples; N 10, K 8 has none, and its v3 measured 2.7x the error of the 2M at 12 steps on this model)
     # jvp="auto": forward AD through the WebUI's CFG denoiser (finite differences if it raises)
-    job = ems_tab.EMSJob(webui.STORE, N=10, K=8, reduction="per_channel", seed=0, x0_steps=8,
+    job = ems_tab.EMSJob(webui.STORE, N=20, K=16, reduction="per_channel", seed=0, x0_steps=8,
                          jvp=os.environ.get("WEBUI_EMS_JVP", "auto"))
 
     def function(model, x, sigmas=None, extra_args=None, callback=None, disable=None):
@@ -509,6 +517,7 @@ def _ems_round_trip(shared, sd_samplers, webui, ems_tab, infotext_utils, process
         package_logger.removeHandler(handler)
         package_logger.setLevel(level)
     result["with_ems"] = p1.extra_generation_params.get("DPM-Solver-v3 EMS")
+    result["with_ems_ran"] = p1.extra_generation_params.get("DPM-Solver-v3 ran")
     result["v3_decisions"] = job.result.metadata.get("v3_decisions") if job.result is not None else None
     # the stored estimation-time check may send this NFE to DPM-Solver++(2M) (logged): the EMS were used for that
     result["fallback_logged"] = any("running DPM-Solver++(2M) instead" in r.getMessage() for r in records)
@@ -696,20 +705,43 @@ def test_ems_computed_in_the_webui_are_used_and_recorded():
     # runs with continuous timesteps and restores the rounding afterwards
     assert ems["quantize_before"] and not ems["quantize_during"] and ems["quantize_after"]
     assert ems["stored"] and ems["samples_finite"] and ems["finite"]
-    assert ems["with_ems"].startswith("5eed5eed5e cfg 5 N 10 K 8 per_channel")
+    assert ems["with_ems"].startswith("5eed5eed5e cfg 5 N 20 K 16 per_channel")
     # the EMS change the result, or their stored check sent this NFE to DPM-Solver++(2M) (logged): both use them
     assert ems["changed_by_ems"] > 0 or ems["fallback_logged"], (ems["changed_by_ems"], ems["v3_decisions"])
     assert ems["parsed_sampler"] == "DPM-Solver-v3 (dpm-solver-nodes)"
-    assert "DPM-Solver-v3 EMS: 5eed5eed5e cfg 5 N 10 K 8 per_channel" in ems["infotext"]
+    assert "DPM-Solver-v3 EMS: 5eed5eed5e cfg 5 N 20 K 16 per_channel" in ems["infotext"]
     # pasting the parameters restores the v3 settings that differ from the current ones
     assert ems["override_settings"] == {"dpm_solver_v3_order": 2}
 
 
 def test_v3_with_webui_ems_is_no_worse_than_without():
-    """DPM-Solver-v3 with EMS computed in the WebUI (N 10, K 8, the mixture model, CFG 5), 12 Karras steps, against
+    """DPM-Solver-v3 with EMS computed in the WebUI (N 20, K 16, the mixture model, CFG 5), 12 Karras steps, against
     the 100-step built-in DPM++ 2M: the statistics must help, or at least not hurt."""
     ems = _report()["ems"]
     assert ems["mse_with_ems"] < max(0.01, 2 * ems["mse_without_ems"]), (ems["mse_with_ems"], ems["mse_without_ems"])
+
+
+def test_what_v3_ran_is_in_the_infotext_and_a_fallback_is_not_silent():
+    """The infotext field "DPM-Solver-v3 ran" says what ran: without EMS (CFG 5, corrector Automatic = off) the
+    paper's DPM-Solver++(2M); with the EMS, the solver of the stored decision at the checked NFE nearest 12 steps.
+    Running without EMS, or on a solver the EMS check chose over v3, is logged at WARNING (the level the WebUI's
+    console shows by default)."""
+    import math
+
+    report = _report()
+    ems = report["ems"]
+    assert ems["without_ems_ran"] == "DPM-Solver++(2M) (no EMS and corrector off)"
+    assert any(m.startswith("DPM-Solver-v3: no EMS for this checkpoint") for m in report["warnings"])
+    decisions = json.loads(ems["v3_decisions"])
+    nfe, solver, ratio = min(decisions, key=lambda d: (abs(math.log(d[0] / STEPS)), d[0]))[:3]
+    if solver == "v3":
+        assert ems["with_ems_ran"].startswith("v3 with EMS") and f"at {nfe} NFE" in ems["with_ems_ran"]
+    else:
+        name = {"dpmpp_2m": "DPM-Solver++(2M)", "dpmpp_3m": "DPM-Solver++(3M)"}[solver]
+        assert ems["with_ems_ran"].startswith(name) and f"at {nfe} NFE" in ems["with_ems_ran"], ems["with_ems_ran"]
+        assert any(m.startswith(f"DPM-Solver-v3: the EMS check chose {name} over v3 at {nfe} NFE")
+                   for m in report["warnings"]), report["warnings"]
+    assert "DPM-Solver-v3 ran: " in ems["infotext"]
 
 
 if __name__ == "__main__" and "--harness" in sys.argv:

@@ -367,14 +367,53 @@ def test_v3_options_and_infotext_fields():
     out = registered_functions(opts, find_ems)[V3](WebUIModel(p=p), x, sigmas=sigmas, extra_args={}, disable=True)
     assert torch.isfinite(out).all() and seen == {"kind": "eps", "cfg": 7.0}
     assert p.extra_generation_params == {"DPM-Solver-v3 order": 3, "DPM-Solver-v3 corrector": "Noisy half",
-                                         "DPM-Solver-v3 use EMS": True, "DPM-Solver-v3 EMS": "none"}
+                                         "DPM-Solver-v3 use EMS": True, "DPM-Solver-v3 EMS": "none",
+                                         "DPM-Solver-v3 ran": "DPM-Solver++ with the v3 corrector (no EMS)"}
     options, _ = registration.v3_options(WebUIModel(p=p), x, "eps", p, registration.Host(opts=opts,
                                                                                           find_ems=find_ems))
     assert options["half"] == "noisy" and options["half_sigma"] == pytest.approx(
         float(torch.linspace(0.03, 14.6, 1000)[499]))
     # infotext names are the settings' infotext names, so pasting the PNG's parameters restores the settings
     infotext_names = {s.infotext for s in settings.SETTINGS if s.infotext}
-    assert set(p.extra_generation_params) - {"DPM-Solver-v3 EMS"} == infotext_names
+    assert set(p.extra_generation_params) - {"DPM-Solver-v3 EMS", "DPM-Solver-v3 ran"} == infotext_names
+
+
+def test_v3_runs_what_the_ems_decision_says_records_it_and_warns_on_a_fallback(caplog):
+    """EMS whose check chose DPM-Solver++(2M) at 5 NFE and v3 without corrector at 10: a 5-step run is the 2M bit
+    for bit, with the reason in the infotext and one WARNING (not repeated until the checkpoint changes); an 11-step
+    run is v3 with the decision's corrector (corrector setting "Automatic", though CFG 3 would turn it on)."""
+    from dpm_solver_nodes.samplers import sample_dpm_solver_v3
+    from dpm_solver_nodes.samplers.ems_data import EMSData, NFEDecision
+
+    plain = EMSData.degenerate(torch.linspace(-2.7, 3.6, 11, dtype=torch.float64))
+    ems = EMSData(plain.lambdas, plain.l, plain.s + 0.05, plain.b, model_kind="eps",
+                  decisions=[NFEDecision(5, "dpmpp_2m", 1.3), NFEDecision(10, "v3", 0.8, corrector=False)])
+    opts = Options(dpm_solver_v3_corrector="Automatic")
+    function = registered_functions(opts, lambda model, x, kind, cfg: (ems, "5eed cfg 3"))[V3]
+    x = torch.randn(2, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(5)) * 14.6
+    registration.forget_warnings()
+    caplog.set_level(logging.WARNING, logger="dpm_solver_nodes")
+    runs = {}
+    for steps in (5, 5, 11):
+        p = types.SimpleNamespace(cfg_scale=3.0, extra_generation_params={})
+        runs[steps] = (function(WebUIModel(p=p), x, sigmas=karras(steps), extra_args={}, disable=True),
+                       p.extra_generation_params["DPM-Solver-v3 ran"])
+    out, ran = runs[5]
+    assert torch.equal(out, sample_dpmpp_2m(MIXTURE.denoiser(), x, karras(5), disable=True))
+    assert ran == "DPM-Solver++(2M) (the EMS check chose it over v3 at 5 NFE; stored error ratio 1.30)"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warnings == ["DPM-Solver-v3: the EMS check chose DPM-Solver++(2M) over v3 at 5 NFE (stored error ratio "
+                        "1.30); this 5-step run uses DPM-Solver++(2M)"]
+    out, ran = runs[11]
+    assert torch.equal(out, sample_dpm_solver_v3(MIXTURE.denoiser(), x, karras(11), disable=True, ems=ems,
+                                                 use_corrector=False))
+    assert not torch.equal(out, sample_dpm_solver_v3(MIXTURE.denoiser(), x, karras(11), disable=True, ems=ems,
+                                                     use_corrector=True))
+    assert ran == "v3 with EMS, corrector off (checked at 10 NFE: error ratio 0.80)"
+    registration.forget_warnings()            # a checkpoint change: the next fallback warns again
+    function(WebUIModel(p=types.SimpleNamespace(cfg_scale=3.0, extra_generation_params={})), x, sigmas=karras(5),
+             extra_args={}, disable=True)
+    assert len([r for r in caplog.records if r.levelno >= logging.WARNING]) == 2
 
 
 def test_adaptive_records_the_model_calls_it_made_whatever_steps_says():

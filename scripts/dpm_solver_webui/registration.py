@@ -26,6 +26,7 @@ logger = logging.getLogger("dpm_solver_nodes")
 
 MARKER = "dpm_solver_nodes"          # key in SamplerData.options marking our entries
 ADAPTIVE_INFOTEXT = "DPM-Solver adaptive"  # infotext field: the model calls the adaptive solver made
+V3_RAN_INFOTEXT = "DPM-Solver-v3 ran"      # infotext field: what DPM-Solver-v3 ran (v3, or the solver the EMS chose)
 INJECTED_DEFAULTS = {"noise_sampler": None, "eta": 1.0, "s_noise": 1.0}
 
 
@@ -135,8 +136,10 @@ class Host:
 DEFAULT_HOST = Host()   # the WebUI's; the entry script points its find_ems at the EMS store
 
 
-def v3_options(model, x, model_kind, p, host):
-    """DPM-Solver-v3 keyword options from the settings and the EMS, and the infotext fields that reproduce them."""
+def v3_options(model, x, model_kind, p, host, steps=None):
+    """DPM-Solver-v3 keyword options from the settings and the EMS, and the infotext fields that reproduce them and
+    say what ran (``v3_outcome``; ``steps``: the run's step count).  Corrector "Automatic" follows the EMS's
+    per-NFE decision where the EMS carry one, else the official rule (on below CFG 5)."""
     opts = host.opts
     order = settings.get(opts, "dpm_solver_v3_order")
     corrector = settings.get(opts, "dpm_solver_v3_corrector")
@@ -144,13 +147,68 @@ def v3_options(model, x, model_kind, p, host):
     cfg_scale = getattr(p, "cfg_scale", None)
     use_corrector, half = corrector_options(corrector, cfg_scale)
     ems, description = host.find_ems(model, x, model_kind, cfg_scale) if use_ems else (None, "off")
+    if corrector == "Automatic" and ems is not None and steps is not None and ems.decision_for(steps) is not None:
+        use_corrector = None      # the sampler applies the decision's corrector
     options = {"ems": ems, "order": order, "use_corrector": use_corrector, "half": half}
     boundary = half_sigma(model, model_kind)
     if half is not None and boundary is not None:
         options["half_sigma"] = boundary
     infotext = {"DPM-Solver-v3 order": order, "DPM-Solver-v3 corrector": corrector,
                 "DPM-Solver-v3 use EMS": use_ems, "DPM-Solver-v3 EMS": description}
+    if steps is not None:
+        ran, warning = v3_outcome(ems, steps, options, description)
+        infotext[V3_RAN_INFOTEXT] = ran
+        if warning:
+            warn_once(warning)
     return options, infotext
+
+
+def v3_outcome(ems, steps, options, description="none"):
+    """(what DPM-Solver-v3 runs for ``steps`` model calls with ``options``, a warning or None).
+
+    The sampler's own rule (``samplers.v3.sample_dpm_solver_v3`` with ``fallback=True``), read from the EMS's public
+    per-NFE decisions (``EMSData.decision_for``): with EMS, the decision at the checked NFE nearest ``steps`` picks
+    v3 or DPM-Solver++(2M)/(3M); without EMS, v3 is DPM-Solver++ with the v3 corrector, or the paper's
+    DPM-Solver++(2M)/(3M) when the corrector is off.  The warning says why a run is not v3 with EMS: that is
+    logged at WARNING, the level the WebUI shows by default."""
+    order, use_corrector = options["order"], options["use_corrector"]
+    if ems is None:
+        why = ("EMS are off in Settings -> DPM-Solver" if description == "off" else
+               "no EMS for this checkpoint at this CFG (compute them in the DPM-Solver-v3 tab)")
+        if use_corrector is False and order >= 2:
+            solver = "DPM-Solver++(3M)" if order == 3 else "DPM-Solver++(2M)"
+            return (f"{solver} (no EMS and corrector off)",
+                    f"DPM-Solver-v3: {why}; without EMS and corrector it runs {solver}")
+        return ("DPM-Solver++ with the v3 corrector (no EMS)",
+                f"DPM-Solver-v3: {why}; running DPM-Solver++ with the v3 corrector")
+    decision = ems.decision_for(steps)
+    if decision is None:
+        return "v3 with EMS (no per-NFE check stored)", None
+    if decision.solver == "v3":
+        corrector = decision.corrector if use_corrector is None else use_corrector
+        return (f"v3 with EMS, corrector {'on' if corrector else 'off'} (checked at {decision.nfe} NFE: error "
+                f"ratio {decision.ratio:.2f})"), None
+    solver = SOLVER_NAMES[decision.solver]
+    return (f"{solver} (the EMS check chose it over v3 at {decision.nfe} NFE; stored error ratio "
+            f"{decision.ratio:.2f})",
+            f"DPM-Solver-v3: the EMS check chose {solver} over v3 at {decision.nfe} NFE (stored error ratio "
+            f"{decision.ratio:.2f}); this {steps}-step run uses {solver}")
+
+
+SOLVER_NAMES = {"v3": "DPM-Solver-v3", "dpmpp_2m": "DPM-Solver++(2M)", "dpmpp_3m": "DPM-Solver++(3M)"}
+_WARNED = set()
+
+
+def warn_once(message):
+    """``logger.warning(message)`` the first time it is seen since start-up or the last checkpoint change
+    (``forget_warnings``): every generation would repeat it."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        logger.warning("%s", message)
+
+
+def forget_warnings():
+    _WARNED.clear()
 
 
 def rng_noise_sampler(p, x):
@@ -196,7 +254,7 @@ def run_entry(entry, model, x, sigmas, extra_args, callback, disable, injected, 
             if name in injected:
                 kwargs[name] = float(injected[name])
     if entry.uses_ems:
-        options, infotext = v3_options(model, x, kind, p, host)
+        options, infotext = v3_options(model, x, kind, p, host, steps=len(sigmas) - 1)
         kwargs.update(options)
     if p is not None and infotext and hasattr(p, "extra_generation_params"):
         p.extra_generation_params.update(infotext)

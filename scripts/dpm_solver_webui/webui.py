@@ -31,6 +31,7 @@ def on_ui_settings():
 
 def on_model_loaded(sd_model):
     STORE.invalidate()
+    registration.forget_warnings()     # warn again about the new checkpoint's EMS
 
 
 def on_ui_tabs():
