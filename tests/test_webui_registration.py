@@ -699,6 +699,57 @@ def test_ems_tab_job_runs_the_one_job_and_the_sampler_finds_its_file(tmp_path):
     assert store.find_for_sampler(model, x, "eps", 3.0, Options(dpm_solver_ems_grid=8))[0] is None  # other N
 
 
+def test_ems_tab_estimate_is_the_settings_cost_and_says_when_no_check_fits():
+    from dpm_solver_nodes.stats.settings import EMSSettings
+
+    rows = EMSSettings(N=100, K=32, x0_steps=20).cost(guided=True)
+    text = ems_tab.estimate_text(100, 32, "per_channel", 20, 4)
+    assert text.startswith(f"Cost: {rows['total']:,} model rows (data samples {rows['x0']:,}, estimation "
+                           f"{rows['estimate']:,}, tuning {rows['tune']:,}, check {rows['check']:,};")
+    assert "measured on the first chunk" in text and "too small" not in text
+    assert ems_tab.estimate_text(100, 30, "per_channel", 20, 4) == text       # K rounded up to whole batches of 4
+    timed = ems_tab.estimate_text(100, 32, "per_channel", 20, 4, seconds_per_row=0.01)
+    assert f"about {ems_tab.format_duration(0.01 * rows['total'])}." in timed
+    assert "too small for the v3-vs-DPM-Solver++ check" in ems_tab.estimate_text(10, 8, "per_channel", 4, 4)
+    assert ems_tab.estimate_text(1, 32, "per_channel", 20, 4).startswith("Invalid settings: N must be")
+
+
+def test_ems_tab_outcome_says_where_v3_runs():
+    from dpm_solver_nodes.samplers.ems_data import EMSData, NFEDecision
+
+    plain = EMSData.degenerate(torch.linspace(-2.7, 3.6, 11, dtype=torch.float64))
+    decided = EMSData(plain.lambdas, plain.l, plain.s, plain.b, decisions=[
+        NFEDecision(5, "dpmpp_2m", 1.2), NFEDecision(6, "v3", 0.7), NFEDecision(8, "v3", 0.9),
+        NFEDecision(10, "dpmpp_3m", 1.1)])
+    assert ems_tab.describe_decisions(decided) == (
+        "DPM-Solver-v3 runs DPM-Solver++(2M) at 5 NFE; v3 at 6, 8 NFE; DPM-Solver++(3M) at 10 NFE (the check's "
+        "choice per NFE; a run uses the one nearest its step count).")
+    assert ems_tab.describe_decisions(plain).startswith("No check ran")
+
+
+def test_ems_tab_progress_time_left_at_the_recent_rate_and_interrupt(monkeypatch):
+    """A fast first phase (400 evaluations in 4 s) then a slow one (20 in 20 s): the time left follows the last 20 s
+    (560 left at 40 per 46 s: 644 s), not the average since the start (64 s)."""
+    clock = [0.0]
+    monkeypatch.setattr(ems_tab.time, "monotonic", lambda: clock[0])
+    run = ems_tab.TabRun()
+    run.thread = types.SimpleNamespace(is_alive=lambda: True)
+    run.cost_rows, run.speed_key = 5000, ("toy", 64, 64, 4)
+    assert "Preparing" in run.progress_html()
+    assert run.should_stop() is False            # asked before the first model call: the work starts at 0
+    for clock[0], done in ((0.1, 4), (4.0, 400), (30.0, 420), (50.0, 440)):
+        run.progress(done, 1000)
+    assert run.seconds_left() == pytest.approx(644.0)
+    line = run.progress_html()
+    assert "440 / 1,000 sample evaluations (44%)" in line and "about 11 min left" in line
+    assert "first chunk: 4 in 0.10 s" in line and 'value="440" max="1000"' in line
+    run.stop()
+    assert run.should_stop() is True and "stopping" in run.progress_html()
+    clock[0] = 100.0
+    run.progress(1000, 1000)
+    assert run.speeds[("toy", 64, 64, 4)] == pytest.approx(100.0 / 5000)
+
+
 # ---- the "DPM-Solver recommended" schedule type (scripts/dpm_solver_webui/schedulers.py) ---------------------------
 
 def test_recommended_schedule_reads_the_model_kind_from_the_wrap():

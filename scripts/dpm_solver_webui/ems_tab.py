@@ -18,22 +18,27 @@ index in log sigma instead.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
+import html
 import logging
 import math
+import threading
+import time
 
 import torch
 
 from ...stats.estimate import generate_x0
 from ...stats.job import EMSJob as StatsEMSJob
+from ...stats.job import EMSJobInterrupted
 from ...stats.settings import EMSSettings, EMSTarget
 from . import registration, settings
 from .ems_store import checkpoint_sha256, sigma_digest
 
 logger = logging.getLogger("dpm_solver_nodes")
 
-X0_STEPS = 50
+X0_STEPS = 20   # DPM++ 2M steps of the data samples: the WebUI's default Steps, an ordinary image
 FLOW_SIGMA_CAP = 0.999
 
 
@@ -124,8 +129,8 @@ class EMSJob:
     """A WebUI sampler function (``KDiffusionSampler(job, sd_model)``) that runs ``stats.EMSJob`` for the loaded
     checkpoint at the processing's cfg and stores the result in ``store``.
 
-    After the call, ``result`` is the EMS, ``path`` the file, ``key`` the ``stats.EMSKey`` and ``save_error`` the
-    message of a failed save (all None if it failed).
+    After the call, ``result`` is the EMS, ``path`` the file, ``key`` the ``stats.EMSKey``, ``save_error`` the
+    message of a failed save and ``source`` "computed" or "cached" (all None if it failed).
     """
 
     def __init__(self, store, *, N, K, reduction, seed=0, x0_steps=X0_STEPS, jvp="auto", progress=None,
@@ -136,7 +141,7 @@ class EMSJob:
         self.settings = EMSSettings(N=int(N), K=int(K), reduction=reduction, seed=int(seed), x0_steps=int(x0_steps),
                                     jvp=jvp)
         self.progress, self.should_stop = progress, should_stop
-        self.result = self.path = self.key = self.save_error = None
+        self.result = self.path = self.key = self.save_error = self.source = None
 
     def __call__(self, model, x, sigmas=None, extra_args=None, callback=None, disable=None):
         kind = registration.detect_model_kind(model)
@@ -160,6 +165,7 @@ class EMSJob:
         result = job.run(access, self.store, name_prefix="ems", progress=self.progress,
                          should_stop=self.should_stop)
         self.result, self.path, self.key, self.save_error = result.ems, result.path, job.key, result.save_error
+        self.source = result.source
         logger.info("DPM-Solver-v3: EMS %s in %s", result.source, self.path)
         if result.x0 is not None:  # the first batch of the job's samples, a preview of the data
             return result.x0[:x.shape[0]].to(x.device, x.dtype)
@@ -170,8 +176,11 @@ class EMSJob:
         return x0.to(x.dtype)
 
 
-def run_in_webui(store, prompt, negative_prompt, cfg_scale, width, height, batch_size, seed, x0_steps=X0_STEPS):
-    """Run an ``EMSJob`` through the WebUI's txt2img processing with the current EMS settings; returns a message."""
+def run_in_webui(store, prompt, negative_prompt, cfg_scale, width, height, batch_size, seed, x0_steps=X0_STEPS,
+                 progress=None, should_stop=None):
+    """Run an ``EMSJob`` through the WebUI's txt2img processing with the current EMS settings (Settings ->
+    DPM-Solver: N, K, reduction); returns (images or None, message).  ``progress(done, total)`` and
+    ``should_stop()`` are the job's own (``stats.EMSJob.compute``); the WebUI's Interrupt also stops it."""
     from modules import processing, sd_samplers_common, sd_samplers_kdiffusion, shared
     from modules.scripts import ScriptRunner
     from modules.shared import state
@@ -183,12 +192,17 @@ def run_in_webui(store, prompt, negative_prompt, cfg_scale, width, height, batch
     batch_size = max(1, int(batch_size))
     K = int(math.ceil(K / batch_size) * batch_size)
 
-    def progress(done, total):
+    def report(done, total):
         state.sampling_steps, state.sampling_step = total, done
         state.textinfo = f"DPM-Solver-v3 EMS: {done}/{total} sample evaluations"
+        if progress is not None:
+            progress(done, total)
 
-    job = EMSJob(store, N=N, K=K, reduction=reduction, seed=int(seed), x0_steps=int(x0_steps), progress=progress,
-                 should_stop=lambda: bool(state.interrupted))
+    def stop():
+        return bool(state.interrupted) or (should_stop is not None and bool(should_stop()))
+
+    job = EMSJob(store, N=N, K=K, reduction=reduction, seed=int(seed), x0_steps=int(x0_steps), progress=report,
+                 should_stop=stop)
 
     def function(model, x, sigmas=None, extra_args=None, callback=None, disable=None):
         return job(model, x, sigmas, extra_args, callback, disable)
@@ -211,13 +225,34 @@ def run_in_webui(store, prompt, negative_prompt, cfg_scale, width, height, batch
     p.scripts, p.script_args = ScriptRunner(), []
     try:
         processed = processing.process_images(p)
+    except EMSJobInterrupted as error:
+        return None, f"EMS not computed: interrupted during {error.phase}; nothing was stored (computing again with " \
+                     "the same settings resumes where it stopped)."
     finally:
         p.close()
     if job.result is None:
         return None, "EMS not computed (interrupted or failed); nothing was stored."
-    stored = f"EMS stored: {job.path}" if not job.save_error else f"EMS computed but not stored: {job.save_error}"
-    return processed.images, (f"{stored}\n{job.result!r}\ncfg {cfg_scale:g}, N {N}, K {K}, {reduction}, "
-                              f"checkpoint {job.key.target.fingerprint[:10]}")
+    if job.save_error:
+        stored = f"EMS computed but not stored: {job.save_error}"
+    else:
+        stored = f"EMS {'loaded (already computed)' if job.source == 'cached' else 'stored'}: {job.path}"
+    return processed.images, (f"{stored}\n{describe_decisions(job.result)}\n{job.result!r}\ncfg {cfg_scale:g}, "
+                              f"N {N}, K {K}, {reduction}, checkpoint {job.key.target.fingerprint[:10]}")
+
+
+def describe_decisions(ems):
+    """Where the EMS make DPM-Solver-v3 run v3 and where another solver (their per-NFE decisions), in one line."""
+    decisions = getattr(ems, "decisions", ())
+    if not decisions:
+        return ("No check ran (these settings are too small for one): DPM-Solver-v3 runs v3 with these EMS at every "
+                "step count, unchecked.")
+    by_solver = {}
+    for decision in decisions:
+        by_solver.setdefault(decision.solver, []).append(str(decision.nfe))
+    parts = [f"{'v3' if solver == 'v3' else registration.SOLVER_NAMES[solver]} at {', '.join(nfes)} NFE"
+             for solver, nfes in by_solver.items()]
+    return ("DPM-Solver-v3 runs " + "; ".join(parts) + " (the check's choice per NFE; a run uses the one nearest its "
+            "step count).")
 
 
 def _any_sampler_name():
@@ -227,37 +262,251 @@ def _any_sampler_name():
     return sd_samplers.all_samplers[0].name
 
 
+# ---- cost and progress shown in the tab ----------------------------------------------------------------------------
+
+def job_settings(N, K, reduction, x0_steps, batch_size, seed=0):
+    """The ``EMSSettings`` the tab's job will run (K rounded up to whole batches, as ``run_in_webui`` does)."""
+    batch_size = max(1, int(batch_size))
+    return EMSSettings(N=int(N), K=int(math.ceil(int(K) / batch_size) * batch_size), reduction=reduction,
+                       seed=int(seed), x0_steps=int(x0_steps))
+
+
+def format_duration(seconds):
+    seconds = max(0.0, float(seconds))
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def estimate_text(N, K, reduction, x0_steps, batch_size, seconds_per_row=None):
+    """The cost shown before a job starts: ``EMSSettings.cost`` model rows per phase (the WebUI's CFG denoiser
+    evaluates cond and uncond, so guided), and the time at the speed measured on this checkpoint and size."""
+    try:
+        cost = job_settings(N, K, reduction, x0_steps, batch_size).cost(guided=True)
+    except ValueError as error:
+        return f"Invalid settings: {error}"
+    text = (f"Cost: {cost['total']:,} model rows (data samples {cost['x0']:,}, estimation {cost['estimate']:,}, "
+            f"tuning {cost['tune']:,}, check {cost['check']:,}; cond and uncond each count).")
+    if seconds_per_row:
+        text += (f" At the speed measured on this checkpoint and size: about "
+                 f"{format_duration(seconds_per_row * cost['total'])}.")
+    else:
+        text += " Time: measured on the first chunk once it starts."
+    if not cost["tune"] and not cost["check"]:
+        text += (" These settings are too small for the v3-vs-DPM-Solver++ check: v3 would run unchecked at every "
+                 "step count (raise N or K).")
+    return text
+
+
+class TabRun:
+    """The tab's EMS job: one at a time, in a thread (so the tab can show its progress while it runs), through
+    the WebUI's queue (``call_queue.wrap_gradio_gpu_call``: one generation at a time, ``shared.state``, errors).
+
+    Progress counts the job's sample evaluations.  The time left is measured, from the first chunk on, at the rate
+    of the last ``RATE_WINDOW`` seconds (the phases differ in cost per evaluation: a data-sample step is one forward
+    pass, an estimation row a JVP).  ``stop()`` (the tab's Interrupt) stops the job before its next model call or
+    estimator chunk; nothing is stored."""
+
+    RATE_WINDOW = 20.0
+
+    def __init__(self):
+        self.thread = None
+        self.stop_requested = threading.Event()
+        self.done = self.total = 0
+        self.work_started = self.first_chunk = self.finished = None
+        self.reports = collections.deque()  # (time, done) of the progress reports of the last RATE_WINDOW seconds
+        self.outputs = None
+        self.cost_rows = None
+        self.speed_key = None
+        self.speeds = {}  # (checkpoint, width, height, batch) -> seconds per model row of EMSSettings.cost
+
+    def running(self):
+        return self.thread is not None and self.thread.is_alive()
+
+    def start(self, store, args, cost_rows, speed_key):
+        """Start the job for ``args`` (``run_in_webui``'s from prompt to x0_steps); False if one is running."""
+        if self.running():
+            return False
+        from modules import call_queue
+
+        self.stop_requested.clear()
+        self.done = self.total = 0
+        self.work_started = self.first_chunk = self.finished = None
+        self.reports.clear()
+        self.outputs, self.cost_rows, self.speed_key = None, cost_rows, speed_key
+
+        def compute(*values):   # (images, message, info HTML: the WebUI appends its timing there)
+            images, message = run_in_webui(store, *values, progress=self.progress, should_stop=self.should_stop)
+            return images, message, ""
+
+        def work():
+            try:
+                self.outputs = call_queue.wrap_gradio_gpu_call(compute, extra_outputs=[None, ""])(*args)
+            except BaseException as error:  # noqa: BLE001 - shown in the tab
+                logger.exception("DPM-Solver-v3 EMS job failed")
+                self.outputs = [None, f"EMS job failed: {type(error).__name__}: {error}", ""]
+            finally:
+                self.finished = time.monotonic()
+
+        self.thread = threading.Thread(target=work, name="dpm_solver_v3_ems", daemon=True)
+        self.thread.start()
+        return True
+
+    def stop(self):
+        self.stop_requested.set()
+
+    def should_stop(self):
+        if self.work_started is None:      # asked before the first model call: the job's work starts now
+            self.work_started = time.monotonic()
+        return self.stop_requested.is_set()
+
+    def progress(self, done, total):
+        now = time.monotonic()
+        if self.work_started is None:
+            self.work_started = now
+        self.done, self.total = int(done), int(total)
+        if self.first_chunk is None and done > 0:
+            self.first_chunk = (int(done), now - self.work_started)
+        self.reports.append((now, self.done))
+        while len(self.reports) > 2 and now - self.reports[1][0] > self.RATE_WINDOW:
+            self.reports.popleft()
+        if done >= total and self.cost_rows:   # the speed for the next estimate at this checkpoint and size
+            self.speeds[self.speed_key] = (now - self.work_started) / self.cost_rows
+
+    def seconds_left(self):
+        """The time left at the rate of the last RATE_WINDOW seconds (None before two reports)."""
+        if len(self.reports) < 2:
+            return None
+        (start, first), (end, last) = self.reports[0], self.reports[-1]
+        if last <= first or end <= start:
+            return None
+        return (self.total - self.done) * (end - start) / (last - first)
+
+    def progress_html(self):
+        """The progress line: evaluations done / total, elapsed, ETA, and the first chunk's measurement."""
+        if self.thread is None:
+            return ""
+        end = self.finished if self.finished is not None else time.monotonic()
+        elapsed = end - self.work_started if self.work_started is not None else 0.0
+        if not self.total:
+            line = "Preparing (loading the model, building the conditioning)..."
+        else:
+            percent = 100.0 * self.done / self.total
+            line = f"{self.done:,} / {self.total:,} sample evaluations ({percent:.0f}%), {format_duration(elapsed)}"
+            left = self.seconds_left() if self.finished is None else None
+            if left is not None:
+                line += f", about {format_duration(left)} left"
+            if self.first_chunk is not None:
+                done, seconds = self.first_chunk
+                line += f"; first chunk: {done:,} in {seconds:.2f} s"
+        if self.stop_requested.is_set() and self.finished is None:
+            line += "; stopping..."
+        value = f' value="{self.done}" max="{max(self.total, 1)}"' if self.total else ""
+        return (f'<div id="dpm_solver_ems_progress"><progress style="width: 100%"{value}></progress>'
+                f'<div class="dpm-solver-ems-progress-text">{html.escape(line)}</div></div>')
+
+
+RUN = TabRun()
+
+
+def _current_checkpoint():
+    from modules import shared
+
+    info = getattr(getattr(shared, "sd_model", None), "sd_checkpoint_info", None)
+    return getattr(info, "title", None) or getattr(info, "filename", None) or ""
+
+
+def _store_settings(N, K, reduction):
+    """The tab's N, K and reduction into Settings -> DPM-Solver (saved), so the sampler looks up these EMS."""
+    from modules import shared
+
+    changed = False
+    for key, value in (("dpm_solver_ems_grid", int(N)), ("dpm_solver_ems_samples", int(K)),
+                       ("dpm_solver_ems_reduction", reduction)):
+        if settings.get(shared.opts, key) != value:
+            shared.opts.set(key, value)
+            changed = True
+    if changed:
+        shared.opts.save(shared.config_filename)
+
+
 def build(store):
     """The gradio block of the tab."""
     import gradio as gr
-    from modules import call_queue
+    from modules import shared
 
+    def setting(key):
+        return lambda: settings.get(shared.opts, key)
+
+    grid, samples = settings.SETTINGS_BY_KEY["dpm_solver_ems_grid"], settings.SETTINGS_BY_KEY["dpm_solver_ems_samples"]
     with gr.Blocks(analytics_enabled=False) as block:
-        gr.Markdown("Compute DPM-Solver-v3's empirical model statistics (EMS) for the **loaded checkpoint**. "
-                    "Grid size, sample count and reduction come from Settings -> DPM-Solver. The DPM-Solver-v3 "
-                    "sampler then uses them automatically at the nearest CFG.")
+        gr.Markdown("Compute DPM-Solver-v3's empirical model statistics (EMS) for the **loaded checkpoint** at the "
+                    "CFG you sample at. The DPM-Solver-v3 sampler then uses them automatically (nearest CFG) and "
+                    "records in the infotext what it ran. Grid size, sample count and statistics shape are saved to "
+                    "Settings -> DPM-Solver when you start.")
         with gr.Row():
-            prompt = gr.Textbox(label="Prompt (empty: unconditional data)", lines=2)
-            negative = gr.Textbox(label="Negative prompt", lines=2)
+            prompt = gr.Textbox(label="Prompt (empty: unconditional data)", lines=2, elem_id="dpm_solver_ems_prompt")
+            negative = gr.Textbox(label="Negative prompt", lines=2, elem_id="dpm_solver_ems_negative")
         with gr.Row():
-            cfg = gr.Slider(1.0, 30.0, value=7.0, step=0.5, label="CFG scale (compute EMS at the CFG you sample at)")
-            width = gr.Slider(64, 2048, value=512, step=8, label="Width")
-            height = gr.Slider(64, 2048, value=512, step=8, label="Height")
+            cfg = gr.Slider(1.0, 30.0, value=7.0, step=0.5, label="CFG scale (compute EMS at the CFG you sample at)",
+                            elem_id="dpm_solver_ems_cfg")
+            width = gr.Slider(64, 2048, value=512, step=8, label="Width", elem_id="dpm_solver_ems_width")
+            height = gr.Slider(64, 2048, value=512, step=8, label="Height", elem_id="dpm_solver_ems_height")
         with gr.Row():
-            batch = gr.Slider(1, 64, value=4, step=1, label="Batch size (memory only)")
-            seed = gr.Number(value=0, precision=0, label="Seed")
-            x0_steps = gr.Slider(4, 200, value=X0_STEPS, step=1, label="Steps for the data samples (DPM++ 2M)")
-            button = gr.Button("Compute EMS", variant="primary")
-        gallery = gr.Gallery(label="Samples the EMS were computed on", columns=4)
-        status = gr.Textbox(label="Status", lines=4, interactive=False)
-        info = gr.HTML()
+            n_grid = gr.Slider(grid.minimum, grid.maximum, value=setting(grid.key), step=grid.step,
+                               label="Grid size N", elem_id="dpm_solver_ems_grid")
+            k_samples = gr.Slider(samples.minimum, samples.maximum, value=setting(samples.key), step=samples.step,
+                                  label="Samples K", elem_id="dpm_solver_ems_samples")
+            reduction = gr.Radio(list(settings.REDUCTION_CHOICES), value=setting("dpm_solver_ems_reduction"),
+                                 label="Statistics shape", elem_id="dpm_solver_ems_reduction")
+        with gr.Row():
+            batch = gr.Slider(1, 64, value=4, step=1, label="Batch size (memory only)", elem_id="dpm_solver_ems_batch")
+            seed = gr.Number(value=0, precision=0, label="Seed", elem_id="dpm_solver_ems_seed")
+            x0_steps = gr.Slider(4, 200, value=X0_STEPS, step=1, label="Steps for the data samples (DPM++ 2M)",
+                                 elem_id="dpm_solver_ems_x0_steps")
+        estimate = gr.Markdown(elem_id="dpm_solver_ems_estimate")
+        with gr.Row():
+            button = gr.Button("Compute EMS", variant="primary", elem_id="dpm_solver_ems_compute")
+            interrupt = gr.Button("Interrupt", elem_id="dpm_solver_ems_interrupt")
+        progress = gr.HTML(elem_id="dpm_solver_ems_progress_box")
+        status = gr.Textbox(label="Outcome", lines=4, interactive=False, elem_id="dpm_solver_ems_status")
+        gallery = gr.Gallery(label="Samples the EMS were computed on", columns=4, elem_id="dpm_solver_ems_gallery")
+        info = gr.HTML(elem_id="dpm_solver_ems_info")
 
-        def compute(*args):
-            images, message = run_in_webui(store, *args)
-            return images, message, ""
+        cost_inputs = [n_grid, k_samples, reduction, x0_steps, batch, width, height]
 
-        # wrap_gradio_gpu_call: queue lock, shared.state begin/end, errors and timing shown in the last output
-        button.click(fn=call_queue.wrap_gradio_gpu_call(compute, extra_outputs=[None, ""]),
-                     inputs=[prompt, negative, cfg, width, height, batch, seed, x0_steps],
-                     outputs=[gallery, status, info])
+        def show_estimate(N, K, reduction_value, x0, batch_size, w, h):
+            speed = RUN.speeds.get((_current_checkpoint(), int(w), int(h), int(batch_size)))
+            return estimate_text(N, K, reduction_value, x0, batch_size, speed)
+
+        for component in cost_inputs:
+            component.change(fn=show_estimate, inputs=cost_inputs, outputs=[estimate], queue=False)
+        block.load(fn=show_estimate, inputs=cost_inputs, outputs=[estimate], queue=False)
+
+        def compute(prompt_text, negative_text, cfg_value, w, h, N, K, reduction_value, batch_size, seed_value, x0):
+            if RUN.running():
+                yield gr.update(), "An EMS computation is already running.", RUN.progress_html(), gr.update(), \
+                    gr.update()
+                return
+            try:
+                cost = job_settings(N, K, reduction_value, x0, batch_size, seed_value).cost(guided=True)["total"]
+            except ValueError as error:
+                yield gr.update(), f"Invalid settings: {error}", "", gr.update(), gr.update()
+                return
+            _store_settings(N, K, reduction_value)
+            args = (prompt_text, negative_text, cfg_value, w, h, batch_size, seed_value, x0)
+            RUN.start(store, args, cost, (_current_checkpoint(), int(w), int(h), int(batch_size)))
+            while RUN.running():
+                yield gr.update(), "Computing EMS...", RUN.progress_html(), gr.update(), gr.update()
+                time.sleep(0.5)
+            images, message, timing = (list(RUN.outputs) + [None, "", ""])[:3]
+            yield images, message, RUN.progress_html(), timing, show_estimate(N, K, reduction_value, x0, batch_size,
+                                                                                 w, h)
+
+        button.click(fn=compute, inputs=[prompt, negative, cfg, width, height, n_grid, k_samples, reduction, batch,
+                                         seed, x0_steps],
+                     outputs=[gallery, status, progress, info, estimate], show_progress="hidden")
+        interrupt.click(fn=RUN.stop, inputs=[], outputs=[], queue=False)
     return block
