@@ -736,6 +736,9 @@ def test_ems_tab_progress_time_left_at_the_recent_rate_and_interrupt(monkeypatch
     run.thread = types.SimpleNamespace(is_alive=lambda: True)
     run.cost_rows, run.speed_key = 5000, ("toy", 64, 64, 4)
     assert "Preparing" in run.progress_html()
+    run.interrupt_host = lambda: pytest.fail("the WebUI was interrupted before the job's work started")
+    run.stop()                                   # waiting for the WebUI's queue: only the job's own flag
+    run.stop_requested.clear()
     assert run.should_stop() is False            # asked before the first model call: the work starts at 0
     for clock[0], done in ((0.1, 4), (4.0, 400), (30.0, 420), (50.0, 440)):
         run.progress(done, 1000)
@@ -743,8 +746,12 @@ def test_ems_tab_progress_time_left_at_the_recent_rate_and_interrupt(monkeypatch
     line = run.progress_html()
     assert "440 / 1,000 sample evaluations (44%)" in line and "about 11 min left" in line
     assert "first chunk: 4 in 0.10 s" in line and 'value="440" max="1000"' in line
+    run.model_call()
+    assert "; denoiser calls: 1" in run.progress_html()
+    interrupted = []
+    run.interrupt_host = lambda: interrupted.append(True)   # the WebUI's shared.state.interrupt()
     run.stop()
-    assert run.should_stop() is True and "stopping" in run.progress_html()
+    assert run.should_stop() is True and "stopping" in run.progress_html() and interrupted == [True]
     clock[0] = 100.0
     run.progress(1000, 1000)
     assert run.speeds[("toy", 64, 64, 4)] == pytest.approx(100.0 / 5000)

@@ -44,10 +44,11 @@ FLOW_SIGMA_CAP = 0.999
 
 class FixedBatchModel:
     """Calls the WebUI's CFG denoiser, whose conditioning is for exactly ``batch`` rows, with any number of rows:
-    chunks of ``batch``, the last padded by repeating its final row (the prompt is the same for every row)."""
+    chunks of ``batch``, the last padded by repeating its final row (the prompt is the same for every row).
+    ``on_call()`` is called after each call of the denoiser (a sign of life where the job reports no progress)."""
 
-    def __init__(self, model, batch):
-        self.model, self.batch = model, int(batch)
+    def __init__(self, model, batch, on_call=None):
+        self.model, self.batch, self.on_call = model, int(batch), on_call
 
     def __call__(self, x, sigma, **extra_args):
         outputs = []
@@ -58,6 +59,8 @@ class FixedBatchModel:
                 xs = torch.cat([xs, xs[-1:].expand(self.batch - rows, *xs.shape[1:])])
                 ss = torch.cat([ss, ss[-1:].expand(self.batch - rows)])
             outputs.append(self.model(xs, ss, **extra_args)[:rows])
+            if self.on_call is not None:
+                self.on_call()
         return torch.cat(outputs)
 
 
@@ -117,8 +120,9 @@ class WebUIModelAccess:
     """``stats.job``'s model access in the WebUI: every phase calls the WebUI's CFG denoiser with any number of
     rows (``FixedBatchModel``) under ``continuous_timesteps``."""
 
-    def __init__(self, model, batch, extra_args, device):
-        self.model, self.fixed, self.extra_args, self.device = model, FixedBatchModel(model, batch), extra_args, device
+    def __init__(self, model, batch, extra_args, device, on_call=None):
+        self.model, self.extra_args, self.device = model, extra_args, device
+        self.fixed = FixedBatchModel(model, batch, on_call)
 
     def run(self, phase, work):
         with continuous_timesteps(self.model):
@@ -134,13 +138,13 @@ class EMSJob:
     """
 
     def __init__(self, store, *, N, K, reduction, seed=0, x0_steps=X0_STEPS, jvp="auto", progress=None,
-                 should_stop=None):
+                 should_stop=None, on_model_call=None):
         if reduction not in settings.REDUCTION_CHOICES:
             raise ValueError(f"reduction must be one of {settings.REDUCTION_CHOICES}, got {reduction!r}")
         self.store = store
         self.settings = EMSSettings(N=int(N), K=int(K), reduction=reduction, seed=int(seed), x0_steps=int(x0_steps),
                                     jvp=jvp)
-        self.progress, self.should_stop = progress, should_stop
+        self.progress, self.should_stop, self.on_model_call = progress, should_stop, on_model_call
         self.result = self.path = self.key = self.save_error = self.source = None
 
     def __call__(self, model, x, sigmas=None, extra_args=None, callback=None, disable=None):
@@ -161,7 +165,7 @@ class EMSJob:
         info = {"host": "webui", "prompt": str(getattr(p, "prompt", ""))[:200],
                 "model_name": getattr(getattr(sd_model, "sd_checkpoint_info", None), "model_name", "")}
         job = StatsEMSJob(target, self.settings, batch_size=x.shape[0], metadata=info)
-        access = WebUIModelAccess(model, x.shape[0], extra_args, x.device)
+        access = WebUIModelAccess(model, x.shape[0], extra_args, x.device, self.on_model_call)
         result = job.run(access, self.store, name_prefix="ems", progress=self.progress,
                          should_stop=self.should_stop)
         self.result, self.path, self.key, self.save_error = result.ems, result.path, job.key, result.save_error
@@ -177,10 +181,13 @@ class EMSJob:
 
 
 def run_in_webui(store, prompt, negative_prompt, cfg_scale, width, height, batch_size, seed, x0_steps=X0_STEPS,
-                 progress=None, should_stop=None):
+                 progress=None, should_stop=None, on_model_call=None):
     """Run an ``EMSJob`` through the WebUI's txt2img processing with the current EMS settings (Settings ->
     DPM-Solver: N, K, reduction); returns (images or None, message).  ``progress(done, total)`` and
-    ``should_stop()`` are the job's own (``stats.EMSJob.compute``); the WebUI's Interrupt also stops it."""
+    ``should_stop()`` are the job's own (``stats.EMSJob.compute``), ``on_model_call()`` follows every call of the
+    WebUI's denoiser.  The WebUI's Interrupt also stops it: between the job's steps, or inside the next call of the
+    denoiser, which raises the WebUI's ``InterruptedException`` (in every phase, also where the job asks no
+    ``should_stop``)."""
     from modules import processing, sd_samplers_common, sd_samplers_kdiffusion, shared
     from modules.scripts import ScriptRunner
     from modules.shared import state
@@ -202,10 +209,17 @@ def run_in_webui(store, prompt, negative_prompt, cfg_scale, width, height, batch
         return bool(state.interrupted) or (should_stop is not None and bool(should_stop()))
 
     job = EMSJob(store, N=N, K=K, reduction=reduction, seed=int(seed), x0_steps=int(x0_steps), progress=report,
-                 should_stop=stop)
+                 should_stop=stop, on_model_call=on_model_call)
+    stopped = []  # where an interrupt stopped the job
 
     def function(model, x, sigmas=None, extra_args=None, callback=None, disable=None):
-        return job(model, x, sigmas, extra_args, callback, disable)
+        try:
+            return job(model, x, sigmas, extra_args, callback, disable)
+        except EMSJobInterrupted as error:
+            stopped.append(f"during {error.phase}")
+        except sd_samplers_common.InterruptedException:
+            stopped.append("inside a model call")
+        return x  # the processing decodes something; the tab shows no images of an interrupted job
 
     def sample(conditioning, unconditional_conditioning, seeds, subseeds, subseed_strength, prompts):
         sampler = sd_samplers_kdiffusion.KDiffusionSampler(function, p.sd_model)
@@ -225,11 +239,11 @@ def run_in_webui(store, prompt, negative_prompt, cfg_scale, width, height, batch
     p.scripts, p.script_args = ScriptRunner(), []
     try:
         processed = processing.process_images(p)
-    except EMSJobInterrupted as error:
-        return None, f"EMS not computed: interrupted during {error.phase}; nothing was stored (computing again with " \
-                     "the same settings resumes where it stopped)."
     finally:
         p.close()
+    if stopped:
+        return None, (f"EMS not computed: interrupted {stopped[0]}; nothing was stored (computing again with the "
+                      "same settings resumes where it stopped).")
     if job.result is None:
         return None, "EMS not computed (interrupted or failed); nothing was stored."
     if job.save_error:
@@ -306,8 +320,10 @@ class TabRun:
 
     Progress counts the job's sample evaluations.  The time left is measured, from the first chunk on, at the rate
     of the last ``RATE_WINDOW`` seconds (the phases differ in cost per evaluation: a data-sample step is one forward
-    pass, an estimation row a JVP).  ``stop()`` (the tab's Interrupt) stops the job before its next model call or
-    estimator chunk; nothing is stored."""
+    pass, an estimation row a JVP), and the denoiser calls are counted too (the job reports no progress while it
+    tunes).  ``stop()`` (the tab's Interrupt) stops the job: its own ``should_stop`` between steps and, once the job
+    is running, the WebUI's interrupt inside the next denoiser call (the only stop while it tunes); nothing is
+    stored."""
 
     RATE_WINDOW = 20.0
 
@@ -317,6 +333,8 @@ class TabRun:
         self.done = self.total = 0
         self.work_started = self.first_chunk = self.finished = None
         self.reports = collections.deque()  # (time, done) of the progress reports of the last RATE_WINDOW seconds
+        self.model_calls = 0
+        self.interrupt_host = _interrupt_webui
         self.outputs = None
         self.cost_rows = None
         self.speed_key = None
@@ -335,10 +353,12 @@ class TabRun:
         self.done = self.total = 0
         self.work_started = self.first_chunk = self.finished = None
         self.reports.clear()
+        self.model_calls = 0
         self.outputs, self.cost_rows, self.speed_key = None, cost_rows, speed_key
 
         def compute(*values):   # (images, message, info HTML: the WebUI appends its timing there)
-            images, message = run_in_webui(store, *values, progress=self.progress, should_stop=self.should_stop)
+            images, message = run_in_webui(store, *values, progress=self.progress, should_stop=self.should_stop,
+                                           on_model_call=self.model_call)
             return images, message, ""
 
         def work():
@@ -356,6 +376,11 @@ class TabRun:
 
     def stop(self):
         self.stop_requested.set()
+        if self.work_started is not None and self.finished is None:   # our job holds the WebUI, not a generation
+            self.interrupt_host()
+
+    def model_call(self):
+        self.model_calls += 1
 
     def should_stop(self):
         if self.work_started is None:      # asked before the first model call: the job's work starts now
@@ -401,11 +426,18 @@ class TabRun:
             if self.first_chunk is not None:
                 done, seconds = self.first_chunk
                 line += f"; first chunk: {done:,} in {seconds:.2f} s"
+            line += f"; denoiser calls: {self.model_calls:,}"
         if self.stop_requested.is_set() and self.finished is None:
             line += "; stopping..."
         value = f' value="{self.done}" max="{max(self.total, 1)}"' if self.total else ""
         return (f'<div id="dpm_solver_ems_progress"><progress style="width: 100%"{value}></progress>'
                 f'<div class="dpm-solver-ems-progress-text">{html.escape(line)}</div></div>')
+
+
+def _interrupt_webui():
+    from modules import shared
+
+    shared.state.interrupt()
 
 
 RUN = TabRun()
