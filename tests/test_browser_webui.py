@@ -102,7 +102,7 @@ class Page:
     def open_tab(self, title):
         self.driver.execute_script(
             "[...gradioApp().querySelectorAll('#tabs > .tab-nav > button')]"
-            ".find(b => b.textContent.trim() === arguments[0]).click()", title)
+            ".find(b => b.textContent.trim() === arguments[0]).click(); window.scrollTo(0, 0)", title)
         time.sleep(0.5)
 
     def type_number(self, elem_id, value):

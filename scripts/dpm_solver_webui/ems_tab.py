@@ -40,6 +40,7 @@ logger = logging.getLogger("dpm_solver_nodes")
 
 X0_STEPS = 20   # DPM++ 2M steps of the data samples: the WebUI's default Steps, an ordinary image
 FLOW_SIGMA_CAP = 0.999
+PHASE_NAMES = {"x0": "the data samples", "estimate": "the estimation", "check": "the check"}  # stats.job.PHASES
 
 
 class FixedBatchModel:
@@ -216,7 +217,7 @@ def run_in_webui(store, prompt, negative_prompt, cfg_scale, width, height, batch
         try:
             return job(model, x, sigmas, extra_args, callback, disable)
         except EMSJobInterrupted as error:
-            stopped.append(f"during {error.phase}")
+            stopped.append("during " + PHASE_NAMES.get(error.phase, error.phase))
         except sd_samplers_common.InterruptedException:
             stopped.append("inside a model call")
         return x  # the processing decodes something; the tab shows no images of an interrupted job
