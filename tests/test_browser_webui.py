@@ -8,8 +8,9 @@ tests/webui_host.py (the WebUI's own launch.py, this checkout linked as an exten
   computation (N 10, K 8) runs to the end, the tab says what the EMS decide, and a DPM-Solver-v3 generation in
   txt2img uses them (infotext).
 
-Screenshots go to $DPM_TEST_ARTIFACTS/browser_webui (else the test's temporary folder).  Needs WEBUI_DIR (see
-webui_host.py), Debian's chromium + chromium-driver and the selenium package; skips without.
+Screenshots go to $DPM_TEST_ARTIFACTS/browser_webui (else the test's temporary folder).  Needs WEBUI_DIR (an
+A1111 checkout, see webui_host.py), Debian's chromium + chromium-driver and the selenium package; skips without,
+and on Forge / reForge checkouts.
 """
 from __future__ import annotations
 
@@ -23,13 +24,14 @@ import time
 
 import pytest
 
-from webui_host import SKIP_REASON, WEBUI_DIR, webui_server
+from webui_host import FORGE_SKIP_REASON, IS_FORGE_FAMILY, SKIP_REASON, WEBUI_DIR, webui_server
 
 CHROMIUM = os.environ.get("CHROMIUM_BINARY") or shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = os.environ.get("CHROMEDRIVER") or shutil.which("chromedriver")
 
 pytestmark = [
     pytest.mark.skipif(not WEBUI_DIR, reason=SKIP_REASON),
+    pytest.mark.skipif(IS_FORGE_FAMILY, reason=FORGE_SKIP_REASON),
     pytest.mark.skipif(importlib.util.find_spec("selenium") is None, reason="selenium is not installed"),
     pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
                        reason="no chromium / chromedriver on PATH (Debian: apt-get install chromium chromium-driver)"),

@@ -33,6 +33,9 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 WEBUI_DIR = os.environ.get("WEBUI_DIR")
 SKIP_REASON = "WEBUI_DIR is not set: no AUTOMATIC1111 WebUI checkout to run against (docs/hosts.md section 4)"
+IS_FORGE_FAMILY = bool(WEBUI_DIR) and os.path.isdir(os.path.join(WEBUI_DIR, "modules_forge"))
+FORGE_SKIP_REASON = ("WEBUI_DIR is a Forge / reForge checkout: the browser test's checkpoint is built from "
+                     "A1111's ldm config (repositories/stable-diffusion-stability-ai), which these load differently")
 CHECKPOINT = "tiny_sd1.safetensors"
 PORT = int(os.environ.get("WEBUI_TEST_PORT", "7911"))
 

@@ -4,12 +4,14 @@ How it runs: a txt2img job of one batch whose sampler is an ``EMSJob`` instead o
 conditioning, loads the model and wraps it in its own CFG denoiser exactly as for an image, then calls the job
 like a sampler.  It runs the package's one EMS job (``stats.EMSJob``: K samples of the model at the chosen CFG,
 the estimate, the v3-vs-DPM-Solver++(2M) check) and stores the result for the checkpoint (``EMSStore``); the first
-batch of samples comes back as the job's images, a preview of the data the EMS describe.  Progress goes to
-``shared.state``; "Interrupt" stops it (the WebUI's CFG denoiser raises inside the next model call) and nothing is
-stored (a rerun with the same settings resumes).
+batch of samples comes back as the job's images, a preview of the data the EMS describe.  The job runs in a thread
+(``TabRun``) so the tab shows its progress (sample evaluations, time left, denoiser calls) while it runs; the tab's
+Interrupt and the WebUI's stop it, between the job's steps or inside the next denoiser call (the WebUI's
+``InterruptedException``), and nothing is stored (a rerun with the same settings resumes).
 
-Cost: ``stats.EMSSettings.cost`` (K x (x0 steps) rows for the samples, (N + 1) x K x 2 JVP rows, about 2-3 forward
-passes each, for the statistics, and a check no larger than the estimation). Forward AD needs an attention
+Cost, shown before the start: ``stats.EMSSettings.cost`` (K x (x0 steps) rows for the samples, (N + 1) x K x 2 JVP
+rows, about 2-3 forward passes each, for the statistics, then the tuning or the check, no larger than the
+estimation). Forward AD needs an attention
 implementation with forward-mode derivatives; otherwise the estimator falls back to finite differences (logged).
 Forge's discrete predictors and reForge's ldm_patched model sampling map sigma to the nearest integer timestep
 (their ``timestep`` is an argmin) and A1111 does the same with "Enable quantization in K samplers" on, which would
