@@ -736,6 +736,9 @@ def test_ems_tab_progress_time_left_at_the_recent_rate_and_interrupt(monkeypatch
     run.thread = types.SimpleNamespace(is_alive=lambda: True)
     run.cost_rows, run.speed_key = 5000, ("toy", 64, 64, 4)
     assert "Preparing" in run.progress_html()
+    run.finished = 0.0
+    assert "Ended before the first model call of the job." in run.progress_html()     # e.g. no checkpoint loaded
+    run.finished = None
     run.interrupt_host = lambda: pytest.fail("the WebUI was interrupted before the job's work started")
     run.stop()                                   # waiting for the WebUI's queue: only the job's own flag
     run.stop_requested.clear()

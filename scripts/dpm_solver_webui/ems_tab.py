@@ -419,7 +419,8 @@ class TabRun:
         end = self.finished if self.finished is not None else time.monotonic()
         elapsed = end - self.work_started if self.work_started is not None else 0.0
         if not self.total:
-            line = "Preparing (loading the model, building the conditioning)..."
+            line = ("Preparing (loading the model, building the conditioning)..." if self.finished is None else
+                    "Ended before the first model call of the job.")
         else:
             percent = 100.0 * self.done / self.total
             line = f"{self.done:,} / {self.total:,} sample evaluations ({percent:.0f}%), {format_duration(elapsed)}"
@@ -537,6 +538,7 @@ def build(store):
                 yield gr.update(), "Computing EMS...", RUN.progress_html(), gr.update(), gr.update()
                 time.sleep(0.5)
             images, message, timing = (list(RUN.outputs) + [None, "", ""])[:3]
+            message = message or "EMS not computed: the job failed (the WebUI's message is below)."
             yield images, message, RUN.progress_html(), timing, show_estimate(N, K, reduction_value, x0, batch_size,
                                                                                  w, h)
 
