@@ -158,7 +158,8 @@ def recommended_sigmas(n, sigma_min, sigma_max, model_kind="eps"):
             are uniform in lambda and the schedule stays second order (the hosts' last positive sigma, shift(1/n),
             makes every solver first order).  The shift-3 lambdas are capped by the uniform ones (changes nothing
             below 86 steps at sigma_min = 1e-3; keeps the lambdas increasing for any sigma_min).
-            With sigma_max < 1 (img2img): uniform in lambda from lambda(sigma_max).
+            With sigma_max < 1 (img2img): uniform in lambda from lambda(sigma_max).  With sigma_min >= 0.5 (the
+            first part of a split schedule): uniform in sigma.
     """
     _check_steps(n)
     check_model_kind(model_kind)
@@ -172,6 +173,10 @@ def recommended_sigmas(n, sigma_min, sigma_max, model_kind="eps"):
         return with_zero(flow_logsnr_uniform(n, flow_lambda(sigma_max), lam_end))
     if n == 2:
         return with_zero(torch.tensor([1.0, sigma_min], dtype=torch.float64))
+    if sigma_min >= 0.5:
+        # lambda(sigma_min) <= 0: a short segment next to sigma = 1 (a split schedule's first part), where the
+        # uniform-lambda tail and its first-step rule have no room; uniform in sigma keeps the steps increasing
+        return with_zero(torch.linspace(1.0, float(sigma_min), n, dtype=torch.float64))
     return flow_shift_mix(n, sigma_min)
 
 

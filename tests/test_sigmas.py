@@ -27,7 +27,8 @@ FLOW_SIGMA_MIN = 1e-3
 # ----------------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kind,lo,hi", [("eps", 0.0292, 14.6), ("flow", 1e-3, 1.0), ("flow", 1e-3, 0.6),
-                                        ("eps", 0.002, 80.0)])
+                                        ("eps", 0.002, 80.0), ("flow", 0.3, 1.0), ("flow", 0.5, 1.0),
+                                        ("flow", 0.9, 1.0), ("flow", 0.5, 0.7), ("flow", 1e-6, 1.0)])
 def test_recommended_sigmas_shape(kind, lo, hi):
     for n in (1, 2, 3, 5, 20, 100):
         s = recommended_sigmas(n, lo, hi, kind)
