@@ -142,13 +142,14 @@ AUTO_BATCH_LIMIT = 64
 MEMORY_MARGIN = 1.5  # ComfyUI's own margin on memory_required when it batches cond and uncond
 
 
-def auto_batch_size(model, latent_shape, sample_count, cfg, backend):
-    """Samples per model call for batch_size 0: the largest power of two up to min(K, 64) whose rows (two per sample
-    under CFG) fit in the free memory of the model's device by ComfyUI's own estimate (``memory_required``), three
-    times over for forward AD's primal + tangent activations; 1 where the estimate is unavailable."""
+def auto_batch_size(model, latent_shape, cfg, backend):
+    """Samples per model call for batch_size 0: the largest power of two up to 64 whose rows (two per sample under
+    CFG) fit in the free memory of the model's device by ComfyUI's own estimate (``memory_required``), three times
+    over for forward AD's primal + tangent activations; 1 where the estimate is unavailable.  Not capped at K: the
+    tuning's runs share calls beyond it (``stats.tuning.Lockstep``)."""
     import comfy.model_management
 
-    limit = max(1, min(int(sample_count), AUTO_BATCH_LIMIT))
+    limit = AUTO_BATCH_LIMIT
     try:
         comfy.model_management.load_models_gpu([model])
         free = comfy.model_management.get_free_memory(model.load_device)
@@ -191,7 +192,7 @@ def compute_or_load(model, positive, negative, cfg, width, height, grid_size, sa
     batch = int(batch_size)
     if batch == 0:
         cached = ems_store.store().get(EMSKey(target, settings))[0] is not None and not recompute
-        batch = 1 if cached else auto_batch_size(model, shape, settings.K, float(cfg),
+        batch = 1 if cached else auto_batch_size(model, shape, float(cfg),
                                                  resolve_jvp(settings.jvp, access.network_dtype))
         if not cached:
             logger.info("DPM-Solver-v3 EMS: batch size 0 (auto): %d samples per model call", batch)

@@ -207,6 +207,20 @@ def _derivatives_one_sided(denoise, x, lam, probes, x_step, step):
     return denoised, jvs, ddot
 
 
+def _segments(node, done, K, N, batch_size, across_nodes):
+    """The next chunk as (node, lo, hi) sample ranges: up to ``batch_size`` samples from ``done`` on at ``node``,
+    continued at the following nodes when ``across_nodes`` (the model's rows are independent)."""
+    segments, room = [], batch_size
+    while room > 0 and node <= N:
+        hi = min(K, done + room)
+        segments.append((node, done, hi))
+        room -= hi - done
+        if hi < K or not across_nodes:
+            break
+        node, done = node + 1, 0
+    return segments
+
+
 def _advance(denoise, x, lam_from, lam_to, substeps):
     """Carry x along the model's probability-flow ODE from lambda_from to lambda_to (VE coordinates) with
     DPM-Solver++(2M) (multistep, the first substep first order; DPM-Solver++ Eq. 9 with one history point)."""
@@ -423,7 +437,7 @@ def estimate_ems(model, x0, sigma_min, sigma_max, *, model_kind="eps", N=DEFAULT
                  batch_size=DEFAULT_BATCH_SIZE, seed=0, extra_args=None, progress=None, should_stop=None,
                  resume_state=None, metadata=None, error_groups=DEFAULT_ERROR_GROUPS, samples="diffused",
                  substeps=4, sb_window=0.0, s_ridge=0.0, tune=True,
-                 tune_nfes=tuning.TUNE_NFES, return_state=False) -> EMS:
+                 tune_nfes=tuning.TUNE_NFES, return_state=False, rows_independent=False) -> EMS:
     """Estimate the EMS l, s, b of ``model`` on N + 1 nodes uniform in lambda (see the module docstring).
 
     Args:
@@ -456,6 +470,9 @@ def estimate_ems(model, x0, sigma_min, sigma_max, *, model_kind="eps", N=DEFAULT
       batch_size: samples per model call (forward AD carries a tangent of the same size).  Memory only; results
         do not depend on it beyond rounding.  The model must accept any batch size up to it (hosts broadcast
         their conditioning to the batch, as ComfyUI's model wrappers do).
+      rows_independent: the model treats every row on its own (per-row sigma; no conditioning on the row's
+        position): a call may then hold samples of several grid nodes, so it carries ``batch_size`` samples also
+        where K is smaller (fewer, larger calls).  Only with ``samples="diffused"``.
       seed: seeds z and v (results are reproducible and independent of batch_size and interruptions).
       extra_args: passed to every model call.
       progress: ``progress(done, total)`` after each chunk, counted in samples: total = (N + 1) * K.  An exception
@@ -537,62 +554,79 @@ def estimate_ems(model, x0, sigma_min, sigma_max, *, model_kind="eps", N=DEFAULT
             if samples == "trajectory" and state.trajectory is None:
                 start = _noise(settings, 0, x0.shape, dtype, device)[0] * math.exp(-float(lambdas[0]))
                 state.trajectory = (x0 + start).to("cpu")
+        noises = {}
+
+        def noise_at(node):
+            index = -1 if crn else node
+            if index not in noises:
+                noises.clear()  # one node's (or, with crn, every node's) z and probes at a time
+                noises[index] = _noise(settings, node, x0.shape, dtype, device)
+            return noises[index]
+
+        across_nodes = rows_independent and samples == "diffused"
         while not state.finished:
-            node = state.node
-            if not crn or node == 0:
-                z, probes = _noise(settings, node, x0.shape, dtype, device)
-            lam_value = float(lambdas[node])
-            sigma_ve = math.exp(-lam_value)
-            x_step = fd_step * math.sqrt(sigma_ve ** 2 + data_variance)
-            while state.node == node:
-                if should_stop is not None and should_stop():
-                    raise EstimationInterrupted(state)
-                lo = state.samples_done
-                hi = min(K, lo + batch_size)
+            if should_stop is not None and should_stop():
+                raise EstimationInterrupted(state)
+            segments = _segments(state.node, state.samples_done, K, N, batch_size, across_nodes)
+            xs, lams, steps, parts = [], [], [], [[] for _ in range(n_probes)]
+            for node, lo, hi in segments:
+                z, probes = noise_at(node)
+                lam_value = float(lambdas[node])
+                sigma_ve = math.exp(-lam_value)
                 if samples == "trajectory":
-                    x = state.trajectory[lo:hi].to(device, dtype)
+                    xs.append(state.trajectory[lo:hi].to(device, dtype))
                 else:
-                    x = x0[lo:hi] + sigma_ve * z[lo:hi]
-                lam = torch.full((hi - lo,), lam_value, dtype=dtype, device=device)
-                chunk_probes = [v[lo:hi] for v in probes]
-                denoised, jvs, ddot = None, None, None
-                if state.backend == "forward":
-                    try:
-                        denoised, jvs, ddot = _derivatives_forward(denoise, x, lam, chunk_probes)
-                        state.jvp_rows += (n_probes + 1) * (hi - lo)
-                    except Exception as error:  # noqa: BLE001 - any failure of forward AD means: use FD
-                        if jvp == "forward":
-                            raise
-                        logger.warning("DPM-Solver-v3 EMS: forward-mode AD failed (%s: %s); using central finite "
-                                       "differences (fd_step=%g) instead", type(error).__name__, error, fd_step)
-                        state.backend = "finite_difference"
-                if denoised is None and state.backend == "one_sided_difference":
-                    denoised, jvs, ddot = _derivatives_one_sided(denoise, x, lam, chunk_probes, x_step, fd_step)
-                    state.forward_rows += (2 + n_probes) * (hi - lo)
-                elif denoised is None:
-                    denoised, jvs, ddot = _derivatives_finite_difference(denoise, x, lam, chunk_probes, x_step,
-                                                                         fd_step)
-                    state.forward_rows += (3 + 2 * n_probes) * (hi - lo)
-                for name, value in (("D", denoised), ("dD/dlambda", ddot)) + tuple(
-                        ("J v", jv) for jv in jvs):
-                    if not torch.isfinite(value).all():
-                        raise NonFiniteError(
-                            f"the model returned NaN or inf ({name}) at EMS node {node} (sigma~ = {sigma_ve:.6g}), "
-                            f"samples {lo}..{hi - 1}; run the model in float32 and check the sigma range")
-                u = sum(v * jv for v, jv in zip(chunk_probes, jvs)) / n_probes
-                observations = {name: value.detach().to("cpu", torch.float64).reshape(hi - lo, elements, pooled)
-                                for name, value in zip(MEAN_NAMES, (u, x, denoised, ddot))}
+                    xs.append(x0[lo:hi] + sigma_ve * z[lo:hi])
+                lams.append(torch.full((hi - lo,), lam_value, dtype=dtype, device=device))
+                steps.append(torch.full((hi - lo,), fd_step * math.sqrt(sigma_ve ** 2 + data_variance), dtype=dtype,
+                                        device=device))
+                for part, v in zip(parts, probes):
+                    part.append(v[lo:hi])
+            x, lam = torch.cat(xs), torch.cat(lams)
+            rows = x.shape[0]
+            x_step = torch.cat(steps).reshape((-1,) + (1,) * (x.ndim - 1))
+            chunk_probes = [torch.cat(part) for part in parts]
+            denoised, jvs, ddot = None, None, None
+            if state.backend == "forward":
+                try:
+                    denoised, jvs, ddot = _derivatives_forward(denoise, x, lam, chunk_probes)
+                    state.jvp_rows += (n_probes + 1) * rows
+                except Exception as error:  # noqa: BLE001 - any failure of forward AD means: use FD
+                    if jvp == "forward":
+                        raise
+                    logger.warning("DPM-Solver-v3 EMS: forward-mode AD failed (%s: %s); using central finite "
+                                   "differences (fd_step=%g) instead", type(error).__name__, error, fd_step)
+                    state.backend = "finite_difference"
+            if denoised is None and state.backend == "one_sided_difference":
+                denoised, jvs, ddot = _derivatives_one_sided(denoise, x, lam, chunk_probes, x_step, fd_step)
+                state.forward_rows += (2 + n_probes) * rows
+            elif denoised is None:
+                denoised, jvs, ddot = _derivatives_finite_difference(denoise, x, lam, chunk_probes, x_step, fd_step)
+                state.forward_rows += (3 + 2 * n_probes) * rows
+            for name, value in (("D", denoised), ("dD/dlambda", ddot)) + tuple(("J v", jv) for jv in jvs):
+                if not torch.isfinite(value).all():
+                    where = ", ".join(f"node {node} (sigma~ = {math.exp(-float(lambdas[node])):.6g}) samples "
+                                      f"{lo}..{hi - 1}" for node, lo, hi in segments)
+                    raise NonFiniteError(f"the model returned NaN or inf ({name}) at EMS {where}; run the model in "
+                                         "float32 and check the sigma range")
+            u = sum(v * jv for v, jv in zip(chunk_probes, jvs)) / n_probes
+            observations = {name: value.detach().to("cpu", torch.float64).reshape(rows, elements, pooled)
+                            for name, value in zip(MEAN_NAMES, (u, x, denoised, ddot))}
+            offset = 0
+            for node, lo, hi in segments:
+                part = slice(offset, offset + hi - lo)
+                offset += hi - lo
                 if samples == "trajectory" and node < N:
-                    following = _advance(denoise, x, lam_value, float(lambdas[node + 1]), substeps)
+                    following = _advance(denoise, x[part], float(lambdas[node]), float(lambdas[node + 1]), substeps)
                     state.forward_rows += substeps * (hi - lo)
-                _accumulate(state, node, sample_groups[lo:hi], observations)
+                _accumulate(state, node, sample_groups[lo:hi], {k: v[part] for k, v in observations.items()})
                 if samples == "trajectory" and node < N:
                     state.trajectory[lo:hi] = following.detach().to("cpu", state.trajectory.dtype)
                 state.samples_done = hi
                 if hi == K:
                     state.node, state.samples_done = node + 1, 0
-                if progress is not None:
-                    progress(state.node * K + state.samples_done, total)
+            if progress is not None:
+                progress(state.node * K + state.samples_done, total)
     except BaseException as error:
         state.seconds += time.perf_counter() - started
         try:

@@ -285,7 +285,11 @@ class EMSJob:
         samples, fits = s.tuning_plan()
         check_samples, steps, nfes = s.check_plan() if not samples else (0, 0, ())
         lockstep = batch if getattr(access, "rows_independent", False) else None
-        calls = {"x0": chunks * s.x0_steps, "estimate": (s.N + 1) * chunks * per_node + 10,
+        if getattr(access, "rows_independent", False) and s.samples == "diffused":  # chunks span grid nodes
+            estimate = -(-(s.N + 1) * s.K // batch) * per_node + 10
+        else:
+            estimate = (s.N + 1) * chunks * per_node + 10
+        calls = {"x0": chunks * s.x0_steps, "estimate": estimate,
                  "tune": tuning_calls(samples, s.check_nfes, len(fits), batch_rows=lockstep) if samples else 0,
                  "check": steps * -(-check_samples // batch) + 2 * sum(nfes) if check_samples else 0}
         calls["total"] = sum(calls.values())
@@ -345,7 +349,8 @@ class EMSJob:
                             counter.wrap(model, report=False), x0, t.sigma_min, t.sigma_max, model_kind=t.model_kind,
                             batch_size=self.batch_size, extra_args=extra_args,
                             resume_state=state.estimation, should_stop=counter.check, progress=counter.report,
-                            metadata={"cfg": repr(float(t.cfg))}, return_state=True, **options)
+                            metadata={"cfg": repr(float(t.cfg))}, return_state=True,
+                            rows_independent=bool(getattr(access, "rows_independent", False)), **options)
                     except BaseException as error:
                         state.estimation = getattr(error, "estimation_state", state.estimation)
                         raise

@@ -724,8 +724,8 @@ def test_ems_node_outcome_text_names_the_file_the_cost_and_the_decisions():
 
 
 def test_auto_batch_size_fits_comfyuis_memory_estimate(monkeypatch):
-    """batch_size 0: the largest power of two up to min(K, 64) whose rows fit ComfyUI's own estimate (x1.5, and x3
-    for forward AD's tangents); 1 where ComfyUI cannot say."""
+    """batch_size 0: the largest power of two up to 64 whose rows fit ComfyUI's own estimate (x1.5, and x3 for
+    forward AD's tangents); 1 where ComfyUI cannot say."""
     from dpm_solver_nodes.nodes import comfy_ems
 
     free = {"bytes": 10 ** 12}
@@ -737,16 +737,15 @@ def test_auto_batch_size_fits_comfyuis_memory_estimate(monkeypatch):
     monkeypatch.setitem(sys.modules, "comfy.model_management", management)
     model = types.SimpleNamespace(load_device="cpu", model=types.SimpleNamespace(
         memory_required=lambda shape: shape[0] * 100 * 2 ** 20))  # 100 MiB per row
-    assert comfy_ems.auto_batch_size(model, (4, 64, 64), 32, 7.5, "one_sided_difference") == 32
-    assert comfy_ems.auto_batch_size(model, (4, 64, 64), 200, 7.5, "one_sided_difference") == 64
+    assert comfy_ems.auto_batch_size(model, (4, 64, 64), 7.5, "one_sided_difference") == 64
     free["bytes"] = 6 * 2 ** 30  # 6 GiB: 2 rows x 100 MiB x 1.5 per sample -> 16 samples; forward AD: x3 -> 4
-    assert comfy_ems.auto_batch_size(model, (4, 64, 64), 32, 7.5, "one_sided_difference") == 16
-    assert comfy_ems.auto_batch_size(model, (4, 64, 64), 32, 7.5, "auto") == 4
-    assert comfy_ems.auto_batch_size(model, (4, 64, 64), 32, 1.0, "auto") == 8  # no CFG: one row per sample
+    assert comfy_ems.auto_batch_size(model, (4, 64, 64), 7.5, "one_sided_difference") == 16
+    assert comfy_ems.auto_batch_size(model, (4, 64, 64), 7.5, "auto") == 4
+    assert comfy_ems.auto_batch_size(model, (4, 64, 64), 1.0, "auto") == 8  # no CFG: one row per sample
     free["bytes"] = 2 ** 20
-    assert comfy_ems.auto_batch_size(model, (4, 64, 64), 32, 7.5, "auto") == 1
+    assert comfy_ems.auto_batch_size(model, (4, 64, 64), 7.5, "auto") == 1
     broken = types.SimpleNamespace(load_device="cpu", model=types.SimpleNamespace())
-    assert comfy_ems.auto_batch_size(broken, (4, 64, 64), 32, 7.5, "auto") == 1
+    assert comfy_ems.auto_batch_size(broken, (4, 64, 64), 7.5, "auto") == 1
 
 
 def test_network_dtype_is_the_compute_dtype():
