@@ -253,26 +253,53 @@ class EMSJob:
         self.state = None
         self.metadata = {str(k): str(v) for k, v in (metadata or {}).items()}
 
+    @property
+    def guided(self) -> bool:
+        """cfg != 1: the network runs twice per sample, and the tuning's fallback is DPM-Solver++(2M) alone."""
+        return self.target.cfg != 1.0
+
+    def _pack(self):
+        return 1 if self.guided else len(tuning.PACK_SOLVERS)
+
     def cost(self, access=None) -> dict:
         """Model rows per phase and in total (``EMSSettings.cost``, doubled when cfg != 1), for the JVP back-end
         the job runs through ``access`` (``resolve_jvp``; without ``access``, the settings' ``jvp``)."""
-        return self.settings.cost(guided=self.target.cfg != 1.0, backend=self._backend(access))
+        return self.settings.cost(guided=self.guided, backend=self._backend(access))
 
     def _backend(self, access):
         return resolve_jvp(self.settings.jvp, getattr(access, "network_dtype", None))
 
+    def overlap(self, access=None) -> int:
+        """Samples per set of the tuning whose reference solutions run alongside the estimation, in the same model
+        calls (``stats.tuning.Lockstep``; the references need only the model, and alone they are a hundred small
+        calls); 0 where they run in the tuning: rows not independent, no tuning, trajectory samples, forward AD (its
+        dual tensors belong to the thread that made them), or a batch size below 4 x the tuning's samples per set
+        (the estimation keeps the larger share of each call)."""
+        s = self.settings
+        samples = s.tuning_plan(self.guided)[0]
+        if (samples and getattr(access, "rows_independent", False) and s.samples == "diffused"
+                and self._backend(access).endswith("difference") and self.batch_size >= 4 * samples):
+            return samples
+        return 0
+
     def plan(self, access=None) -> dict:
-        """Rows the progress count expects per phase (samples through the host's denoiser, a JVP counted as one;
-        not doubled by CFG); phases that will not run are 0."""
+        """Rows the progress count expects per phase, in the phase they run in (samples through the host's
+        denoiser, a JVP counted as one; not doubled by CFG); phases that will not run are 0."""
         s = self.settings
         backend = self._backend(access)
         per_node = {"finite_difference": 3 + 2 * s.n_probes, "one_sided_difference": 2 + s.n_probes}.get(
             backend, s.n_probes + 1) + (s.substeps if s.samples == "trajectory" else 0)
-        samples, fits = s.tuning_plan()
+        samples, fits = s.tuning_plan(self.guided)
         check_samples, steps, nfes = s.check_plan() if not samples else (0, 0, ())
-        return {"x0": s.K * s.x0_steps, "estimate": (s.N + 1) * s.K * per_node + 10,
-                "tune": tuning_rows(samples, s.check_nfes, len(fits)) if samples else 0,
+        plan = {"x0": s.K * s.x0_steps, "estimate": (s.N + 1) * s.K * per_node + 10,
+                "tune": tuning_rows(samples, s.check_nfes, len(fits), pack=self._pack()) if samples else 0,
                 "check": check_samples * (steps + 2 * sum(nfes))}
+        overlap = self.overlap(access)
+        if overlap:
+            references = 2 * overlap * tuning.REFERENCE_FACTOR * max(s.check_nfes)
+            plan["estimate"] += references
+            plan["tune"] -= references
+        return plan
 
     def calls(self, access=None) -> dict:
         """Model calls per phase (about: the tuning's runs in lockstep finish at different times) and in total."""
@@ -282,15 +309,21 @@ class EMSJob:
         backend = self._backend(access)
         per_node = {"finite_difference": 3 + 2 * s.n_probes, "one_sided_difference": 2 + s.n_probes}.get(
             backend, s.n_probes + 1) + (s.substeps if s.samples == "trajectory" else 0)
-        samples, fits = s.tuning_plan()
+        samples, fits = s.tuning_plan(self.guided)
         check_samples, steps, nfes = s.check_plan() if not samples else (0, 0, ())
         lockstep = batch if getattr(access, "rows_independent", False) else None
+        overlap = self.overlap(access)
+        estimator_batch = batch - 2 * overlap
         if getattr(access, "rows_independent", False) and s.samples == "diffused":  # chunks span grid nodes
-            estimate = -(-(s.N + 1) * s.K // batch) * per_node + 10
+            estimate = -(-(s.N + 1) * s.K // estimator_batch) * per_node + 10
         else:
             estimate = (s.N + 1) * chunks * per_node + 10
-        calls = {"x0": chunks * s.x0_steps, "estimate": estimate,
-                 "tune": tuning_calls(samples, s.check_nfes, len(fits), batch_rows=lockstep) if samples else 0,
+        tune = tuning_calls(samples, s.check_nfes, len(fits), batch_rows=lockstep, pack=self._pack()) if samples else 0
+        if overlap:  # the references' steps share the estimation's calls
+            reference_steps = tuning.REFERENCE_FACTOR * max(s.check_nfes)
+            estimate = max(estimate, reference_steps)
+            tune -= reference_steps * -(-2 * overlap // batch)
+        calls = {"x0": chunks * s.x0_steps, "estimate": estimate, "tune": tune,
                  "check": steps * -(-check_samples // batch) + 2 * sum(nfes) if check_samples else 0}
         calls["total"] = sum(calls.values())
         return calls
@@ -338,16 +371,19 @@ class EMSJob:
 
                 state.x0 = access.run("x0", generate)
             x0_seconds = counter.elapsed("x0")
+            samples, fits = s.tuning_plan(self.guided)
+            references = None
             if state.ems is None:
                 counter.enter("estimate")
+                overlap = self.overlap(access)
 
-                def estimate(model, extra_args, device):
+                def estimator(model, extra_args, device, batch_size):
                     try:
                         x0 = state.x0.to(device, self.dtype).clone()  # a normal tensor, also from inference mode
                         options = dict(s.estimate_options(), jvp=backend)
                         return estimate_ems(
                             counter.wrap(model, report=False), x0, t.sigma_min, t.sigma_max, model_kind=t.model_kind,
-                            batch_size=self.batch_size, extra_args=extra_args,
+                            batch_size=batch_size, extra_args=extra_args,
                             resume_state=state.estimation, should_stop=counter.check, progress=counter.report,
                             metadata={"cfg": repr(float(t.cfg))}, return_state=True,
                             rows_independent=bool(getattr(access, "rows_independent", False)), **options)
@@ -355,9 +391,19 @@ class EMSJob:
                         state.estimation = getattr(error, "estimation_state", state.estimation)
                         raise
 
-                ems, state.estimation = access.run("estimate", estimate)
+                def estimate(model, extra_args, device):
+                    if not overlap:
+                        return estimator(model, extra_args, device, self.batch_size), None
+                    noise = tuning.tuning_noise(shape, overlap, s.seed, self.dtype, device)
+                    jobs = [lambda proxy: estimator(proxy, extra_args, device, self.batch_size - 2 * overlap)]
+                    jobs += [lambda proxy, job=job: job(counter.wrap(proxy, report=False))
+                             for job in tuning.reference_jobs(noise, overlap, t.sigma_min, t.sigma_max, t.model_kind,
+                                                              extra_args, tuple(s.check_nfes))]
+                    results = tuning.Lockstep(model, self.batch_size).run(jobs)
+                    return results[0], torch.cat(results[1:])
+
+                (ems, state.estimation), references = access.run("estimate", estimate)
                 state.ems = ems.replace(metadata=self._metadata(ems, x0_seconds))
-            samples, fits = s.tuning_plan()
             if samples:
                 counter.enter("tune")
                 batch_rows = self.batch_size if getattr(access, "rows_independent", False) else None
@@ -367,7 +413,8 @@ class EMSJob:
                                            state.ems.stat_shape, t.sigma_min, t.sigma_max, model_kind=t.model_kind,
                                            samples=samples, seed=s.seed, nfes=tuple(s.check_nfes), fits=fits,
                                            extra_args=extra_args, dtype=self.dtype, device=device,
-                                           metadata=dict(state.ems.metadata), batch_rows=batch_rows)
+                                           metadata=dict(state.ems.metadata), batch_rows=batch_rows,
+                                           references=references)
                     return tuned
 
                 result = access.run("tune", tune)
@@ -382,7 +429,8 @@ class EMSJob:
             if s.tune:
                 logger.warning("DPM-Solver-v3 EMS: N = %d, K = %d give the tuning too few model rows (%d; it needs "
                                "%d); running the v3-vs-DPM-Solver++(2M) check instead", s.N, s.K, s.tuning_budget(),
-                               tuning.tuning_rows(tuning.MIN_SAMPLES, s.check_nfes, len(tuning.FAMILY_ENDS)))
+                               tuning.tuning_rows(tuning.MIN_SAMPLES, s.check_nfes, len(tuning.FAMILY_ENDS),
+                                                  pack=self._pack()))
 
             counter.enter("check")
 

@@ -2,8 +2,10 @@
 guidance scale, latent and sigma range) and ``EMSKey`` (both, with the estimator version: the cache key, stored in
 every file as metadata ``cache_key`` and hashed into its name).
 
-Defaults: N = 100, K = 32, per-channel, and ``tune``: the fit of s, b and the per-NFE decisions are chosen by
-measurement (``stats.tuning``; bench/results_ems_tuning.md), within the estimation's own model rows.  ``sb_window``,
+Defaults: N = 200, K = 8, per-channel, and ``tune``: the fit of s, b and the per-NFE decisions are chosen by
+measurement (``stats.tuning``; bench/results_ems_tuning.md), within the estimation's own model rows.  N and K as
+measured in bench/results_ems_cost.md: the grid's resolution matters, the samples per node barely (beyond what they
+give the tuning), so 200 x 8 matched 100 x 32 on the study's models at half the model rows.  ``sb_window``,
 ``s_ridge`` and ``smooth`` (+-0.5 in lambda, 0.01, 5: the fit measured on the embedded trained models,
 bench/results_v3_study.md) apply where the tuning is off or its budget too small; then the v3-vs-DPM-Solver++(2M)
 check runs, with at most 16 reference samples and never more model rows than the estimation's model calls
@@ -71,8 +73,8 @@ class EMSSettings:
     references (None: 4 x max(check_nfes), the coarsest reference that still judges every NFE).
     """
 
-    N: int = 100
-    K: int = 32
+    N: int = 200
+    K: int = 8
     reduction: str = "per_channel"
     sb_window: float = 0.5
     s_ridge: float = 0.01
@@ -148,18 +150,18 @@ class EMSSettings:
         per_sample = (self.n_probes + 1) + (self.substeps if self.samples == "trajectory" else 0)
         return (self.N + 1) * self.K * per_sample + 10
 
-    def tuning_plan(self):
-        """(samples per set, fits) of the tuning (``stats.tuning.tuning_plan`` within ``tuning_budget``); (0, ()):
-        no tuning, the check runs instead."""
+    def tuning_plan(self, guided=True):
+        """(samples per set, fits) of the tuning (``stats.tuning.tuning_plan`` within ``tuning_budget``; a guided
+        model's selection runs one pack solver fewer); (0, ()): no tuning, the check runs instead."""
         if not self.tune:
             return 0, ()
         from .tuning import tuning_plan
 
-        return tuning_plan(self.tuning_budget(), self.check_nfes)
+        return tuning_plan(self.tuning_budget(), self.check_nfes, guided=guided)
 
-    def tuning_samples(self) -> int:
+    def tuning_samples(self, guided=True) -> int:
         """Samples per set of the tuning (0: no tuning, the check runs instead)."""
-        return self.tuning_plan()[0]
+        return self.tuning_plan(guided)[0]
 
     def cost(self, guided=True, backend=None) -> dict:
         """Model rows per phase (x0, estimate, tune, check; one row = one sample through the network, doubled by
@@ -168,10 +170,11 @@ class EMSSettings:
         from .tuning import tuning_rows
 
         factor = 2 if guided else 1
-        tune_samples, fits = self.tuning_plan()
+        tune_samples, fits = self.tuning_plan(guided)
         samples, steps, nfes = self.check_plan() if not tune_samples else (0, 0, ())
         rows = {"x0": self.K * self.x0_steps, "estimate": self.estimation_rows(backend) + 10,
-                "tune": tuning_rows(tune_samples, self.check_nfes, len(fits)) if tune_samples else 0,
+                "tune": tuning_rows(tune_samples, self.check_nfes, len(fits), pack=1 if guided else 2)
+                if tune_samples else 0,
                 "check": samples * (steps + 2 * sum(nfes))}
         rows = {k: v * factor for k, v in rows.items()}
         rows["total"] = sum(rows.values())

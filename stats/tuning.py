@@ -11,8 +11,9 @@ network's roughness in s, b but blurs the real structure of a smooth model, wher
    third-order Taylor form at ``5 x max(nfes)`` steps on the spacing the check has always used (uniform in lambda for
    eps from sigma_max, in sigma from 1 for flow), ending in a final denoise;
 2. on the first S ("selection") samples: every candidate fit (``FITS``) x policy (``POLICIES``: corrector on/off)
-   at every NFE, and the pack's own DPM-Solver++(2M) and (3M) (their defaults, as v3's fallback runs them);
-3. the fit: the one with the smallest mean over NFEs of log(best policy's error / best pack solver's error);
+   at every NFE, and the pack's own solvers v3 may fall back to (``pack_solvers``: DPM-Solver++(2M) and (3M), only
+   2M for a guided model; their defaults, as v3's fallback runs them);
+3. the fit: the one with the smallest mean over NFEs of log(best policy's error / best of those solvers' error);
    per NFE the decision: the pack's solver is 2M unless the model is unguided (``pack_solvers``) and 3M is clearly
    better (``clearly_better``: by more than one standard error of the paired mean log error ratio), and v3 with the
    better policy runs where it is clearly better than that solver;
@@ -21,8 +22,8 @@ network's roughness in s, b but blurs the real structure of a smooth model, wher
    decision the report set contradicts (v3's mean error not below the solver's) goes to that solver: the set can
    only veto v3, never choose it.
 
-Cost in model rows (one sample through the model): S x (steps + (|FITS| x |POLICIES| + 2) x sum(nfes)) for the
-selection and S x (steps + 3 x sum(nfes)) for the report; ``tuning_plan`` picks the largest S (at most
+Cost in model rows (one sample through the model): S x (steps + (|FITS| x |POLICIES| + 2, or + 1 guided) x
+sum(nfes)) for the selection and S x (steps + 3 x sum(nfes)) for the report; ``tuning_plan`` picks the largest S (at most
 ``MAX_SAMPLES``) whose cost does not exceed the estimation's own rows (a JVP row counted as one), and where even
 S = 2 does not fit, the two ends of the fit family (``FAMILY_ENDS``: per node, and the +-0.5 window) before giving
 up.  With ``batch_rows`` (a model whose rows are independent of each other, e.g. ComfyUI's), the runs of each stage
@@ -72,23 +73,27 @@ POLICIES = (True, False)  # use_corrector
 FAMILY_ENDS = ("node", "window_0.5")
 
 
-def selection_rows(samples, nfes=TUNE_NFES, fits=len(FITS), policies=len(POLICIES)) -> int:
+def selection_rows(samples, nfes=TUNE_NFES, fits=len(FITS), policies=len(POLICIES), pack=len(PACK_SOLVERS)) -> int:
+    """Rows of the references and the selection set; ``pack``: the pack's solvers run there (those v3 may fall back
+    to, ``pack_solvers``: one for a guided model)."""
     steps = REFERENCE_FACTOR * max(nfes)
-    return samples * (steps + (fits * policies + len(PACK_SOLVERS)) * sum(nfes))
+    return samples * (steps + (fits * policies + pack) * sum(nfes))
 
 
-def tuning_rows(samples, nfes=TUNE_NFES, fits=len(FITS), policies=len(POLICIES)) -> int:
-    """Model rows of ``tune`` with ``samples`` per set."""
+def tuning_rows(samples, nfes=TUNE_NFES, fits=len(FITS), policies=len(POLICIES), pack=len(PACK_SOLVERS)) -> int:
+    """Model rows of ``tune`` with ``samples`` per set (at most: the report set's v3 runs only where v3 won)."""
     steps = REFERENCE_FACTOR * max(nfes)
-    return selection_rows(samples, nfes, fits, policies) + samples * (steps + (1 + len(PACK_SOLVERS)) * sum(nfes))
+    return (selection_rows(samples, nfes, fits, policies, pack)
+            + samples * (steps + (1 + len(PACK_SOLVERS)) * sum(nfes)))
 
 
-def tuning_calls(samples, nfes=TUNE_NFES, fits=len(FITS), policies=len(POLICIES), batch_rows=None) -> int:
+def tuning_calls(samples, nfes=TUNE_NFES, fits=len(FITS), policies=len(POLICIES), batch_rows=None,
+                 pack=len(PACK_SOLVERS)) -> int:
     """Model calls of ``tune`` with ``samples`` per set: one per step of each run, or with ``batch_rows`` (runs in
     ``Lockstep``) one per ``batch_rows`` rows of the runs still going at each step.  An upper bound by a little:
     the report set's v3 run is counted at every NFE."""
     steps = REFERENCE_FACTOR * max(nfes)
-    stages = ({nfe: len(PACK_SOLVERS) + fits * policies for nfe in nfes}, {nfe: len(PACK_SOLVERS) + 1 for nfe in nfes})
+    stages = ({nfe: pack + fits * policies for nfe in nfes}, {nfe: len(PACK_SOLVERS) + 1 for nfe in nfes})
     if batch_rows is None:
         return 2 * steps + sum(nfe * runs for stage in stages for nfe, runs in stage.items())
     calls = steps * -(-2 * samples // batch_rows)
@@ -99,18 +104,20 @@ def tuning_calls(samples, nfes=TUNE_NFES, fits=len(FITS), policies=len(POLICIES)
     return calls
 
 
-def tune_samples(budget_rows, nfes=TUNE_NFES, fits=len(FITS)) -> int:
+def tune_samples(budget_rows, nfes=TUNE_NFES, fits=len(FITS), pack=len(PACK_SOLVERS)) -> int:
     """The largest S <= MAX_SAMPLES with tuning_rows(S) <= budget_rows (0 if below MIN_SAMPLES)."""
-    per_sample = tuning_rows(1, nfes, fits)
+    per_sample = tuning_rows(1, nfes, fits, pack=pack)
     samples = min(MAX_SAMPLES, int(budget_rows) // per_sample)
     return samples if samples >= MIN_SAMPLES else 0
 
 
-def tuning_plan(budget_rows, nfes=TUNE_NFES):
+def tuning_plan(budget_rows, nfes=TUNE_NFES, guided=False):
     """(S, fits) of the tuning within ``budget_rows``: every fit in ``FITS`` with the largest S that fits, else
-    ``FAMILY_ENDS`` at the largest S that fits; (0, ()) where not even that fits (no tuning)."""
+    ``FAMILY_ENDS`` at the largest S that fits; (0, ()) where not even that fits (no tuning).  ``guided``: the
+    selection runs only DPM-Solver++(2M) of the pack (``pack_solvers``), so a sample costs less."""
+    pack = 1 if guided else len(PACK_SOLVERS)
     for fits in (FITS, tuple(f for f in FITS if f.name in FAMILY_ENDS)):
-        samples = tune_samples(budget_rows, nfes, len(fits))
+        samples = tune_samples(budget_rows, nfes, len(fits), pack)
         if samples:
             return samples, fits
     return 0, ()
@@ -126,8 +133,8 @@ class Lockstep:
     (inference mode, Interrupt checks, progress) stays in the thread that holds it.  The model must treat rows
     independently (per-row sigma, conditioning broadcast to any batch), as ComfyUI's guided model does.
 
-    ``run(jobs)`` calls every ``job(model)`` and returns their results in order; a job's own exception is returned
-    in its place; an exception of the model call ends every job and is raised.
+    ``run(jobs)`` calls every ``job(model)`` and returns their results in order.  An exception, of a job or of a model
+    call, ends every job (the others get ``LockstepAborted`` from their next model call) and is raised.
     """
 
     def __init__(self, model, batch_rows):
@@ -146,12 +153,14 @@ class Lockstep:
         def proxy(x, sigma, **kwargs):
             index = local.index
             with condition:
+                if state["error"] is not None:
+                    raise LockstepAborted("another run failed")
                 pending[index] = (x, sigma, kwargs)
                 condition.notify_all()
                 while index not in answers and state["error"] is None:
                     condition.wait()
                 if index not in answers:
-                    raise LockstepAborted("the model call of another run failed")
+                    raise LockstepAborted("another run failed")
                 return answers.pop(index)
 
         def worker(index, job):
@@ -159,8 +168,10 @@ class Lockstep:
             try:
                 with torch.inference_mode(inference), torch.set_grad_enabled(grad):
                     results[index] = job(proxy)
-            except BaseException as error:  # noqa: BLE001 - a failed run is that run's result
-                results[index] = error
+            except BaseException as error:  # noqa: BLE001 - handed to the calling thread
+                with condition:
+                    if state["error"] is None and not isinstance(error, LockstepAborted):
+                        state["error"] = error
             finally:
                 with condition:
                     state["live"] -= 1
@@ -172,9 +183,9 @@ class Lockstep:
         try:
             while True:
                 with condition:
-                    while state["live"] and len(pending) < state["live"]:
+                    while state["live"] and state["error"] is None and len(pending) < state["live"]:
                         condition.wait()
-                    if not state["live"]:
+                    if not state["live"] or state["error"] is not None:
                         break
                     batch = sorted(pending.items())
                     pending.clear()
@@ -184,13 +195,13 @@ class Lockstep:
                     condition.notify_all()
         except BaseException as error:
             with condition:
-                state["error"] = error
+                if state["error"] is None:
+                    state["error"] = error
                 condition.notify_all()
-            for thread in threads:
-                thread.join()
-            raise
         for thread in threads:
             thread.join()
+        if state["error"] is not None:
+            raise state["error"]
         return results
 
     def _answer(self, batch):
@@ -283,22 +294,12 @@ class _Runner:
         """``[job(model) for job in jobs]``, the model calls answered together in lockstep mode."""
         if self.lockstep is None:
             return [job(self.model) for job in jobs]
-        results = self.lockstep.run(jobs)
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
-        return results
+        return self.lockstep.run(jobs)
 
-    def references(self, sets, steps):
-        """Our DPM-Solver++(3M) in its third-order Taylor form at ``steps`` steps from each set's noise."""
-        from ..samplers.dpmpp import sample_dpmpp_3m
-
-        sigmas = sampling_sigmas(steps, self.sigma_min, self.sigma_max, self.model_kind).to(self.noise.device,
-                                                                                             self.noise.dtype)
-        # each set is its own batch (a host may condition on the row: the embedded wrapper's labels)
-        jobs = [lambda model, rows=rows: sample_dpmpp_3m(model, self.noise[rows] * sigmas[0], sigmas, self.extra_args,
-                                                         disable=True, model_kind=self.model_kind,
-                                                         solver_type="taylor", guard=False) for rows in sets]
+    def references(self, samples, nfes):
+        """Our DPM-Solver++(3M) in its third-order Taylor form from each set's noise (``reference_jobs``)."""
+        jobs = reference_jobs(self.noise, samples, self.sigma_min, self.sigma_max, self.model_kind, self.extra_args,
+                              nfes)
         self.reference = torch.cat(self.stage(jobs))
         return self.reference
 
@@ -354,9 +355,31 @@ def pack_solvers(metadata):
     return ("dpmpp_2m",) if guided else PACK_SOLVERS
 
 
+def tuning_noise(latent_shape, samples, seed, dtype=torch.float32, device="cpu"):
+    """The tuning's fresh noise: 2 x ``samples`` latents (selection set, then report set), independent of the
+    estimation's noise."""
+    generator = torch.Generator().manual_seed((int(seed) + 1) * 7919 % (2 ** 63))
+    noise = torch.randn((2 * samples,) + tuple(latent_shape), generator=generator, dtype=torch.float32)
+    return noise.to(device, dtype)
+
+
+def reference_jobs(noise, samples, sigma_min, sigma_max, model_kind, extra_args, nfes=TUNE_NFES):
+    """One ``job(model) -> references`` per set (selection, report) of ``noise``: our DPM-Solver++(3M) in its
+    third-order Taylor form at ``REFERENCE_FACTOR x max(nfes)`` steps on ``sampling_sigmas``.  Each set is its own
+    batch (a host may condition on the row: the embedded wrapper's labels); ``Lockstep`` may run them alongside
+    other work (``stats.job`` runs them with the estimation)."""
+    from ..samplers.dpmpp import sample_dpmpp_3m
+
+    steps = REFERENCE_FACTOR * max(nfes)
+    sigmas = sampling_sigmas(steps, sigma_min, sigma_max, model_kind).to(noise.device, noise.dtype)
+    return [lambda model, rows=rows: sample_dpmpp_3m(model, noise[rows] * sigmas[0], sigmas, extra_args, disable=True,
+                                                     model_kind=model_kind, solver_type="taylor", guard=False)
+            for rows in (slice(0, samples), slice(samples, 2 * samples))]
+
+
 def tune(model, state, lambdas, stat_shape, sigma_min, sigma_max, *, model_kind="eps", samples, seed=0,
          nfes=TUNE_NFES, fits=FITS, policies=POLICIES, extra_args=None, dtype=torch.float32, device="cpu",
-         metadata=None, batch_rows=None):
+         metadata=None, batch_rows=None, references=None):
     """Measure every candidate (module docstring) and return (EMS of the chosen fit with its decisions, report).
 
     ``batch_rows``: None runs each sampler run on its own (each set of samples is one batch: the model may
@@ -365,11 +388,12 @@ def tune(model, state, lambdas, stat_shape, sigma_min, sigma_max, *, model_kind=
 
     ``report`` (JSON-able): the chosen fit, per NFE the selection-set errors of every candidate and pack solver,
     the decision, and the report-set errors; ``rows``: model rows spent; ``calls``: model calls.
+
+    ``references``: the output of ``reference_jobs`` on ``tuning_noise(latent shape, samples, seed)`` where it has
+    been run already (alongside the estimation); their rows count in ``rows``, their calls do not.
     """
     fits = [f for f in fits if (lambdas.shape[0] - 1) % f.stride == 0]
-    shape = (2 * samples,) + tuple(stat_shape_latent(state))
-    generator = torch.Generator().manual_seed((int(seed) + 1) * 7919 % (2 ** 63))
-    noise = torch.randn(shape, generator=generator, dtype=torch.float32).to(device, dtype)
+    noise = tuning_noise(stat_shape_latent(state), samples, seed, dtype, device)
     counter = [0, 0]
 
     def counted(x, sigma, **kwargs):
@@ -380,15 +404,24 @@ def tune(model, state, lambdas, stat_shape, sigma_min, sigma_max, *, model_kind=
     steps = REFERENCE_FACTOR * max(nfes)
     select, held_out = slice(0, samples), slice(samples, 2 * samples)
     runner = _Runner(counted, noise, sigma_min, sigma_max, model_kind, extra_args, batch_rows)
-    runner.references((select, held_out), steps)
+    if references is None:
+        runner.references(samples, nfes)
+    else:
+        if tuple(references.shape) != tuple(noise.shape):
+            raise ValueError(f"references of shape {tuple(references.shape)} do not match the tuning's noise "
+                             f"{tuple(noise.shape)}")
+        runner.reference = references.to(noise.device, noise.dtype)
+        counter[0] += 2 * samples * steps
     base = dict(metadata or {})
     allowed = pack_solvers(base)
     candidates = {f.name: fit_ems(state, lambdas, stat_shape, f, base) for f in fits}
-    runs = [(select, nfe, name, None, True) for nfe in nfes for name in PACK_SOLVERS]
+    # the selection runs only the solvers v3 may fall back to: the best fit against them is the best fit against any
+    # (the score's denominators are the same for every candidate) and the decisions compare with them alone
+    runs = [(select, nfe, name, None, True) for nfe in nfes for name in allowed]
     runs += [(select, nfe, "v3", ems, corrector) for ems in candidates.values() for corrector in policies
              for nfe in nfes]
     measured = iter(runner.errors(runs))
-    pack = {nfe: {name: next(measured) for name in PACK_SOLVERS} for nfe in nfes}
+    pack = {nfe: {name: next(measured) for name in allowed} for nfe in nfes}
     table = {}  # (fit, corrector, nfe) -> per-sample selection errors
     for name in candidates:
         for corrector in policies:
@@ -448,4 +481,5 @@ def stat_shape_latent(state):
 
 
 __all__ = ["tune", "Fit", "FITS", "POLICIES", "TUNE_NFES", "tuning_rows", "tune_samples", "tuning_plan", "tuning_calls", "fit_ems",
-           "fit_statistics", "sampling_sigmas", "PACK_SOLVERS", "FAMILY_ENDS", "Lockstep", "LockstepAborted"]
+           "fit_statistics", "sampling_sigmas", "PACK_SOLVERS", "FAMILY_ENDS", "Lockstep", "LockstepAborted",
+           "tuning_noise", "reference_jobs"]

@@ -4,6 +4,7 @@ settings, lockstep tuning measures what the run-by-run tuning measures in far fe
 first-chunk log line, an Interrupt during the tuning, the one-sided differences, and the outcome text."""
 from __future__ import annotations
 
+import json
 import logging
 import threading
 
@@ -85,17 +86,21 @@ def test_the_tuning_stays_within_the_estimation_and_scales_with_the_settings():
     """The tuning's rows never exceed the estimation's model evaluations; a larger N x K buys more tuning samples
     (up to 16 per set) or, below the full candidate set's minimum, the two ends of the fit family; only budgets
     below even that fall back to the check, itself within the budget."""
-    previous = 0
-    for N, K in ((20, 8), (48, 16), (64, 16), (100, 16), (100, 32), (200, 32), (400, 64)):
-        settings = EMSSettings(N=N, K=K)
-        samples, fits = settings.tuning_plan()
-        rows = tuning.tuning_rows(samples, settings.check_nfes, len(fits)) if samples else 0
-        assert rows <= settings.tuning_budget(), (N, K)
-        assert rows >= previous, (N, K)
-        previous = rows
-        if not samples:
-            check_samples, steps, nfes = settings.check_plan()
-            assert check_samples * (steps + 2 * sum(nfes)) <= settings.tuning_budget()
+    for guided, pack in ((True, 1), (False, 2)):
+        previous = 0
+        for N, K in ((20, 8), (48, 16), (64, 16), (100, 16), (100, 32), (200, 32), (400, 64)):
+            settings = EMSSettings(N=N, K=K)
+            samples, fits = settings.tuning_plan(guided)
+            rows = tuning.tuning_rows(samples, settings.check_nfes, len(fits), pack=pack) if samples else 0
+            assert rows <= settings.tuning_budget(), (N, K)
+            assert rows >= previous, (N, K)
+            previous = rows
+            if not samples:
+                check_samples, steps, nfes = settings.check_plan()
+                assert check_samples * (steps + 2 * sum(nfes)) <= settings.tuning_budget()
+    # 1,458 rows: the two ends of the family need 1,552 with both pack solvers, 1,424 with the guided model's one
+    assert EMSSettings(N=180, K=4).tuning_plan(guided=False) == (0, ())
+    assert EMSSettings(N=180, K=4).tuning_plan(guided=True)[0] == 2
     assert EMSSettings(N=20, K=8).tuning_plan() == (0, ())
     assert [f.name for f in EMSSettings(N=48, K=16).tuning_plan()[1]] == list(tuning.FAMILY_ENDS)
     assert EMSSettings(N=64, K=16).tuning_plan() == (2, tuning.FITS)
@@ -126,27 +131,28 @@ def test_lockstep_tuning_measures_what_the_run_by_run_tuning_measures():
     assert together_report["calls"] <= tuning.tuning_calls(3, batch_rows=48)
 
 
-def test_lockstep_answers_every_run_and_stops_them_all_when_the_model_raises():
+def test_lockstep_answers_every_run_and_stops_them_all_on_an_exception():
     def model(x, sigma, **_):
         return x * sigma.reshape(-1, 1)
 
-    def job(steps):
+    def job(steps, fail_at=None):
         def run(m):
             x = torch.ones(steps, 2)
             for step in range(steps):
+                if step == fail_at:
+                    raise ArithmeticError("a run's own failure")
                 x = m(x, torch.full((steps,), 0.5))
-            if steps == 3:
-                raise ArithmeticError("a run's own failure")
             return x
 
         return run
 
     lockstep = tuning.Lockstep(model, batch_rows=4)
     results = lockstep.run([job(1), job(2), job(3), job(5)])
-    assert torch.equal(results[0], torch.full((1, 2), 0.5)) and torch.equal(results[3], torch.full((5, 2), 0.5 ** 5))
-    assert isinstance(results[2], ArithmeticError)
+    assert [torch.equal(r, torch.full((n, 2), 0.5 ** n)) for r, n in zip(results, (1, 2, 3, 5))] == [True] * 4
     assert lockstep.calls == 3 + 3 + 2 + 2 + 2  # rows 11, 10, 8, 5, 5 at steps 1-5 in calls of at most 4 rows
     threads = threading.active_count()
+    with pytest.raises(ArithmeticError):  # a run's own exception ends the others
+        tuning.Lockstep(model, batch_rows=64).run([job(5), job(5, fail_at=2), job(40)])
     calls = []
 
     def failing(x, sigma, **_):
@@ -155,8 +161,9 @@ def test_lockstep_answers_every_run_and_stops_them_all_when_the_model_raises():
             raise KeyboardInterrupt("Interrupt")
         return x
 
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt):  # so does the model's (ComfyUI's Interrupt)
         tuning.Lockstep(failing, batch_rows=64).run([job(5), job(5), job(4)])
+    assert len(calls) == 2
     assert threading.active_count() == threads  # every run was ended, no thread left waiting
 
 
@@ -264,3 +271,29 @@ def test_chunks_across_grid_nodes_give_the_same_statistics_in_fewer_calls():
     resumed = estimate_ems(counted, x0, SIGMA_MIN, SIGMA_MAX, rows_independent=True, resume_state=state, **kwargs)
     for name in ("l", "s", "b"):
         assert torch.equal(getattr(resumed, name), getattr(across, name)), name
+
+
+def test_references_alongside_the_estimation_change_nothing_but_the_calls():
+    """With one-sided differences and independent rows, the tuning's reference solutions share the estimation's
+    model calls: the EMS and decisions are those of the job run call by call, the tuning phase has a hundred fewer
+    calls."""
+    settings = EMSSettings(N=48, K=16, x0_steps=10, jvp="one_sided_difference")
+    results = {}
+    for independent in (False, True):
+        access = CountingAccess(_model(), rows_independent=independent)
+        job = EMSJob(_target(), settings, batch_size=16)
+        assert job.overlap(access) == (2 if independent else 0)
+        results[independent] = (job.compute(access), access)
+    (alone, alone_access), (shared, shared_access) = results[False], results[True]
+    assert [(d.nfe, d.solver, d.corrector) for d in shared.decisions] == \
+        [(d.nfe, d.solver, d.corrector) for d in alone.decisions]
+    for a, b in zip(alone.decisions, shared.decisions):
+        assert b.ratio == pytest.approx(a.ratio, rel=1e-5)
+    for name in ("l", "s", "b"):
+        assert torch.allclose(getattr(shared, name), getattr(alone, name), rtol=1e-5, atol=1e-6), name
+    steps = tuning.REFERENCE_FACTOR * max(settings.check_nfes)
+    assert shared_access.rows["estimate"] == alone_access.rows["estimate"] + 4 * steps
+    assert shared_access.rows["tune"] == alone_access.rows["tune"] - 4 * steps
+    assert shared_access.calls["tune"] + 2 * steps <= alone_access.calls["tune"]
+    assert sum(shared_access.calls.values()) < sum(alone_access.calls.values()) / 2
+    assert json.loads(shared.metadata["tuning"])["rows"] == json.loads(alone.metadata["tuning"])["rows"]
