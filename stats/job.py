@@ -282,6 +282,23 @@ class EMSJob:
             return samples
         return 0
 
+    def estimator_batch(self, access=None) -> int:
+        """Samples per estimation call: the batch size, less the references' rows where they run alongside
+        (``overlap``), and no more than keeps the estimation's calls as many as the references' steps (the
+        references then never run alone in calls of a few rows)."""
+        overlap = self.overlap(access)
+        if not overlap:
+            return self.batch_size
+        s = self.settings
+        per_node = self._per_node(access)
+        chunks = -(-(tuning.REFERENCE_FACTOR * max(s.check_nfes) - 10) // per_node)
+        return max(1, min(self.batch_size - 2 * overlap, (s.N + 1) * s.K // chunks))
+
+    def _per_node(self, access):
+        s = self.settings
+        return {"finite_difference": 3 + 2 * s.n_probes, "one_sided_difference": 2 + s.n_probes}.get(
+            self._backend(access), s.n_probes + 1) + (s.substeps if s.samples == "trajectory" else 0)
+
     def plan(self, access=None) -> dict:
         """Rows the progress count expects per phase, in the phase they run in (samples through the host's
         denoiser, a JVP counted as one; not doubled by CFG); phases that will not run are 0."""
@@ -313,7 +330,7 @@ class EMSJob:
         check_samples, steps, nfes = s.check_plan() if not samples else (0, 0, ())
         lockstep = batch if getattr(access, "rows_independent", False) else None
         overlap = self.overlap(access)
-        estimator_batch = batch - 2 * overlap
+        estimator_batch = self.estimator_batch(access)
         if getattr(access, "rows_independent", False) and s.samples == "diffused":  # chunks span grid nodes
             estimate = -(-(s.N + 1) * s.K // estimator_batch) * per_node + 10
         else:
@@ -395,7 +412,7 @@ class EMSJob:
                     if not overlap:
                         return estimator(model, extra_args, device, self.batch_size), None
                     noise = tuning.tuning_noise(shape, overlap, s.seed, self.dtype, device)
-                    jobs = [lambda proxy: estimator(proxy, extra_args, device, self.batch_size - 2 * overlap)]
+                    jobs = [lambda proxy: estimator(proxy, extra_args, device, self.estimator_batch(access))]
                     jobs += [lambda proxy, job=job: job(counter.wrap(proxy, report=False))
                              for job in tuning.reference_jobs(noise, overlap, t.sigma_min, t.sigma_max, t.model_kind,
                                                               extra_args, tuple(s.check_nfes))]
