@@ -187,13 +187,17 @@ class _Counter:
         return self.seconds.get(phase, 0.0) + extra
 
     def seconds_per_row(self, phase):
-        """Measured in ``phase``, else from the forward phases (the estimation's rows ``jvp_factor`` times)."""
+        """Measured in ``phase``, else from the phase measured on the largest calls: the estimation (its rows cost
+        ``jvp_factor`` forward rows), else the other phases (the x0 phase's calls hold only K samples)."""
         if self.rows.get(phase):
             return self.elapsed(phase) / self.rows[phase]
-        forward = [p for p in ("x0", "tune", "check") if self.rows.get(p)]
-        if not forward:
-            return None
-        rate = self.elapsed(forward[0]) / self.rows[forward[0]]
+        if self.rows.get("estimate"):
+            rate = self.elapsed("estimate") / self.rows["estimate"] / self.jvp_factor
+        else:
+            forward = [p for p in ("tune", "check", "x0") if self.rows.get(p)]
+            if not forward:
+                return None
+            rate = self.elapsed(forward[0]) / self.rows[forward[0]]
         return rate * self.jvp_factor if phase == "estimate" else rate
 
     def seconds_left(self):
