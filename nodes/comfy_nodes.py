@@ -67,11 +67,12 @@ class ComputeEMS:
                               "tooltip": "image width of the generated samples (per_element EMS fit only it)"}),
             "height": ("INT", {"default": 512, "min": 16, "max": 4096, "step": 8}),
             "grid_size": ("INT", {"default": EMSSettings.N, "min": 2, "max": 2000,
-                                  "tooltip": "N: log-SNR grid cells (the library default; the tuning picks the "
-                                             "fit, bench/results_ems_tuning.md)"}),
+                                  "tooltip": "N: log-SNR grid cells; the grid's resolution matters more than K "
+                                             "(bench/results_ems_cost.md)"}),
             "sample_count": ("INT", {"default": EMSSettings.K, "min": 2, "max": 8192,
-                                     "tooltip": "K: samples per grid node (16 lost at 15-20 NFE, 64 gained nothing "
-                                                "over 32 in bench/results_ems_tuning.md; the paper uses 1024)"}),
+                                     "tooltip": "K: samples per grid node; N x K also sets how many fresh samples "
+                                                "the tuning may use (at most the estimation's model calls): 2 + 2 "
+                                                "at N 200 K 4, 3 + 3 at K 8 (bench/results_ems_cost.md)"}),
             "reduction": (list(REDUCTIONS), {"default": "per_channel",
                                              "tooltip": "per_channel works at every resolution"}),
             "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "control_after_generate": True,
@@ -105,7 +106,7 @@ class ComputeEMS:
             model, positive, negative, cfg, width, height, grid_size, sample_count, reduction, seed, x0_steps,
             batch_size, guidance, jvp, filename_prefix, recompute)
         summary = comfy_ems.outcome_text(result)
-        comfy_ems.show_text(summary)
+        comfy_ems.show_text(summary.split("\n")[0])  # the progress text's last word; the whole text is the output
         logger.info("%s", summary)
         info = {"file": os.path.basename(result.path) if result.path else "", "source": result.source,
                 "seconds": round(result.seconds, 3), "fingerprint": result.ems.metadata.get("fingerprint", ""),
