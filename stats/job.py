@@ -149,20 +149,28 @@ class _Counter:
             self.seconds[self.phase] += now - self.phase_started
             self.phase_started = now
 
-    def wrap(self, model, report=True):
+    def wrap(self, model, report=True, calls=True):
         """``model`` counted; with ``report``, asking ``should_stop`` and reporting progress around each call.  The
         estimator gets ``report=False`` and does both between its chunks: an exception raised inside a model call
-        there would read as a failure of forward AD."""
+        there would read as a failure of forward AD.  ``calls=False``: rows only, for the runs that share model
+        calls in a ``Lockstep`` (whose own model is wrapped by ``count_calls``)."""
         def call(x, sigma, **kwargs):
             if report:
                 self.check()
             out = model(x, sigma, **kwargs)
-            self.calls += 1
+            self.calls += int(calls)
             self.done += int(x.shape[0])
             self.rows[self.phase] = self.rows.get(self.phase, 0) + int(x.shape[0])
             if report:
                 self.report()
             return out
+
+        return call
+
+    def count_calls(self, model):
+        def call(x, sigma, **kwargs):
+            self.calls += 1
+            return model(x, sigma, **kwargs)
 
         return call
 
@@ -403,7 +411,7 @@ class EMSJob:
                         x0 = state.x0.to(device, self.dtype).clone()  # a normal tensor, also from inference mode
                         options = dict(s.estimate_options(), jvp=backend)
                         return estimate_ems(
-                            counter.wrap(model, report=False), x0, t.sigma_min, t.sigma_max, model_kind=t.model_kind,
+                            counter.wrap(model, report=False, calls=not overlap), x0, t.sigma_min, t.sigma_max, model_kind=t.model_kind,
                             batch_size=batch_size, extra_args=extra_args,
                             resume_state=state.estimation, should_stop=counter.check, progress=counter.report,
                             metadata={"cfg": repr(float(t.cfg))}, return_state=True,
@@ -417,10 +425,10 @@ class EMSJob:
                         return estimator(model, extra_args, device, self.batch_size), None
                     noise = tuning.tuning_noise(shape, overlap, s.seed, self.dtype, device)
                     jobs = [lambda proxy: estimator(proxy, extra_args, device, self.estimator_batch(access))]
-                    jobs += [lambda proxy, job=job: job(counter.wrap(proxy, report=False))
+                    jobs += [lambda proxy, job=job: job(counter.wrap(proxy, report=False, calls=False))
                              for job in tuning.reference_jobs(noise, overlap, t.sigma_min, t.sigma_max, t.model_kind,
                                                               extra_args, tuple(s.check_nfes))]
-                    results = tuning.Lockstep(model, self.batch_size).run(jobs)
+                    results = tuning.Lockstep(counter.count_calls(model), self.batch_size).run(jobs)
                     return results[0], torch.cat(results[1:])
 
                 (ems, state.estimation), references = access.run("estimate", estimate)

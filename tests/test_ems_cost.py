@@ -297,3 +297,15 @@ def test_references_alongside_the_estimation_change_nothing_but_the_calls():
     assert shared_access.calls["tune"] + 2 * steps <= alone_access.calls["tune"]
     assert sum(shared_access.calls.values()) < sum(alone_access.calls.values()) / 2
     assert json.loads(shared.metadata["tuning"])["rows"] == json.loads(alone.metadata["tuning"])["rows"]
+
+
+def test_the_status_counts_model_calls_also_where_runs_share_them():
+    texts = []
+    access = CountingAccess(_model(), network_dtype=torch.float32, rows_independent=True)
+    job = EMSJob(_target(), EMSSettings(N=48, K=16, x0_steps=10), batch_size=16)
+    assert job.overlap(access)
+    job.compute(access, status=texts.append)
+    planned = job.calls(access)["total"]
+    counted = [int(text.split("model call ")[1].split(" ")[0].replace(",", "")) for text in texts
+               if "model call " in text]
+    assert counted == sorted(counted) and counted[-1] <= sum(access.calls.values()) <= planned
