@@ -456,10 +456,11 @@ class EMSJob:
                 self.phases = counter.measured()
                 return state.ems.replace(metadata={"v3_check": "skipped"})
             if s.tune:
+                needed = tuning.tuning_rows(tuning.MIN_SAMPLES, s.check_nfes, len(tuning.FAMILY_ENDS),
+                                            pack=self._pack())
                 logger.warning("DPM-Solver-v3 EMS: N = %d, K = %d give the tuning too few model rows (%d; it needs "
-                               "%d); running the v3-vs-DPM-Solver++(2M) check instead", s.N, s.K, s.tuning_budget(),
-                               tuning.tuning_rows(tuning.MIN_SAMPLES, s.check_nfes, len(tuning.FAMILY_ENDS),
-                                                  pack=self._pack()))
+                               "%d: raise N x K by %.0f%%); running the v3-vs-DPM-Solver++(2M) check instead", s.N,
+                               s.K, s.tuning_budget(), needed, 100 * (needed / s.tuning_budget() - 1))
 
             counter.enter("check")
 
