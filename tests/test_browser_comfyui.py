@@ -88,6 +88,12 @@ for (const old of app.graph._nodes.filter(n => n.type === 'EmptySD3LatentImage')
 }
 app.graph.setDirtyCanvas(true, true);
 """
+ZOOM_ON = """
+const node = app.graph.getNodeById(arguments[0]);
+app.canvas.ds.scale = arguments[1];
+app.canvas.centerOnNode(node);
+app.graph.setDirtyCanvas(true, true);
+"""
 QUEUE = """
 const done = arguments[arguments.length - 1];
 app.queuePrompt(0, 1).then(() => done(null), error => done(String(error)));
@@ -314,10 +320,12 @@ def test_shipped_ems_workflow_finishes_in_a_minute(server, browser, artifacts):
                                          "EmptyLatentImage": {"width": 32, "height": 32}, EMS_NODE: changes})
     browser.execute_script("window.__events.length = 0")
     (ems_node,) = [node["id"] for node in workflow["nodes"] if node["type"] == EMS_NODE]
+    browser.execute_script(ZOOM_ON, ems_node, 1.4)  # the screenshots show the node's progress text and outcome
     load_before = os.getloadavg()
     assert browser.execute_async_script(QUEUE) is None
     events, _, texts, cpu = _wait_for_run(browser, 3600, watch=ems_node, cpu=lambda: _cpu_seconds(server.pid),
                                           screenshot=artifacts / "shipped_ems_running.png")
+    time.sleep(0.5)  # one frame to draw the outcome
     browser.save_screenshot(str(artifacts / "shipped_ems_done.png"))
     errors = [detail for kind, detail, *_ in events if kind == "execution_error"]
     assert not errors, errors[0].get("exception_message")
