@@ -31,6 +31,11 @@ def sampler_node_class(spec):
         name, options = spec.build(**widgets)
         if ems is not None:
             options["ems"] = ems
+        if name == "dpm_solver_v3":
+            comfy_ems.show_text("DPM-Solver-v3: " + (
+                f"with the EMS wired in: {ems.decision_summary()}" if ems is not None else
+                "no EMS wired in: the EMS stored for the sampled model are used, else it runs as DPM-Solver++ with "
+                "the v3 corrector (the sampling node says which)"))
         return (comfy.samplers.KSAMPLER(comfy_sampler_function(name), options),)
 
     return type(spec.node_id, (), {
@@ -62,11 +67,12 @@ class ComputeEMS:
                               "tooltip": "image width of the generated samples (per_element EMS fit only it)"}),
             "height": ("INT", {"default": 512, "min": 16, "max": 4096, "step": 8}),
             "grid_size": ("INT", {"default": EMSSettings.N, "min": 2, "max": 2000,
-                                  "tooltip": "N: log-SNR grid cells (the library default; the tuning picks the "
-                                             "fit, bench/results_ems_tuning.md)"}),
+                                  "tooltip": "N: log-SNR grid cells; the grid's resolution matters more than K "
+                                             "(bench/results_ems_cost.md)"}),
             "sample_count": ("INT", {"default": EMSSettings.K, "min": 2, "max": 8192,
-                                     "tooltip": "K: samples per grid node (16 lost at 15-20 NFE, 64 gained nothing "
-                                                "over 32 in bench/results_ems_tuning.md; the paper uses 1024)"}),
+                                     "tooltip": "K: samples per grid node; N x K also sets how many fresh samples "
+                                                "the tuning may use (at most the estimation's model calls): 2 + 2 "
+                                                "at N 200 K 4, 3 + 3 at K 8 (bench/results_ems_cost.md)"}),
             "reduction": (list(REDUCTIONS), {"default": "per_channel",
                                              "tooltip": "per_channel works at every resolution"}),
             "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "control_after_generate": True,
@@ -74,7 +80,9 @@ class ComputeEMS:
         }, "optional": {
             "x0_steps": ("INT", {"default": 20, "min": 2, "max": 500,
                                  "tooltip": "DPM-Solver++(2M) steps used to generate the samples"}),
-            "batch_size": ("INT", {"default": 4, "min": 1, "max": 256, "tooltip": "samples per model call (memory)"}),
+            "batch_size": ("INT", {"default": 0, "min": 0, "max": 256,
+                                   "tooltip": "samples per model call (memory only); 0: as many as fit in the free "
+                                              "memory by ComfyUI's estimate, up to 64"}),
             "guidance": (list(comfy_ems.GUIDANCE_MODES), {
                 "default": "guided", "tooltip": "guided: EMS of the CFG denoiser (the ODE that is solved); "
                                                 "uncond: of the negative-prompt network (the paper's reading)"}),
@@ -84,22 +92,30 @@ class ComputeEMS:
             "recompute": ("BOOLEAN", {"default": False, "tooltip": "ignore a stored file with the same settings"}),
         }}
 
-    RETURN_TYPES = ("EMS",)
-    RETURN_NAMES = ("ems",)
+    RETURN_TYPES = ("EMS", "STRING")
+    RETURN_NAMES = ("ems", "summary")
+    OUTPUT_TOOLTIPS = ("the statistics, for the DPM-Solver-v3 node's ems input",
+                       "what the node did and which solver DPM-Solver-v3 runs with these EMS at which step count")
     FUNCTION = "compute"
     CATEGORY = EMS_CATEGORY
     DESCRIPTION = __doc__
 
     def compute(self, model, positive, negative, cfg, width, height, grid_size, sample_count, reduction, seed,
-                x0_steps=20, batch_size=4, guidance="guided", jvp="auto", filename_prefix="ems", recompute=False):
+                x0_steps=20, batch_size=0, guidance="guided", jvp="auto", filename_prefix="ems", recompute=False):
         result = comfy_ems.compute_or_load(
             model, positive, negative, cfg, width, height, grid_size, sample_count, reduction, seed, x0_steps,
             batch_size, guidance, jvp, filename_prefix, recompute)
+        summary = comfy_ems.outcome_text(result)
+        comfy_ems.show_text(summary.split("\n")[0])  # the progress text's last word; the whole text is the output
+        logger.info("%s", summary)
         info = {"file": os.path.basename(result.path) if result.path else "", "source": result.source,
-                "seconds": round(result.seconds, 3), "fingerprint": result.ems.metadata.get("fingerprint", "")}
+                "seconds": round(result.seconds, 3), "fingerprint": result.ems.metadata.get("fingerprint", ""),
+                "decisions": [[d.nfe, d.solver, round(d.ratio, 4), d.corrector] for d in result.ems.decisions]}
+        if result.phases:
+            info["phases"] = result.phases
         if result.save_error:
             info["save_error"] = result.save_error
-        return {"ui": {"ems": [info]}, "result": (result.ems,)}
+        return {"ui": {"ems": [info], "text": [summary]}, "result": (result.ems, summary)}
 
 
 class LoadEMS:

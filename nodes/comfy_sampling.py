@@ -93,14 +93,41 @@ def _check_ems_model(model, ems):
                  expected[:16], actual[:16])
 
 
+def what_v3_runs(ems, steps, fallback=True):
+    """(text, warn): which solver ``samplers.sample_dpm_solver_v3`` runs at ``steps`` steps with ``ems`` (its
+    fallback rule: the stored decision for the nearest NFE), and whether that deserves a warning (no EMS, or a
+    decision that sends this step count to DPM-Solver++)."""
+    from ..samplers.ems_data import SOLVER_NAMES
+
+    if ems is None:
+        return ("DPM-Solver-v3 without EMS: l = 1, s = b = 0 (DPM-Solver++ with the v3 corrector); compute EMS for this "
+                "model with the 'DPM-Solver-v3 EMS compute' node", True)
+    decision = ems.decision_for(steps) if fallback else None
+    if decision is not None and decision.solver != "v3":
+        return (f"DPM-Solver-v3 ran {SOLVER_NAMES[decision.solver]} at {steps} steps: the EMS tuning measured it "
+                f"better than v3 at {decision.nfe} steps (EMS: {ems.decision_summary()})", True)
+    measured = f" (measured at {decision.nfe} steps: {decision.ratio:.2f}x the error of DPM-Solver++)" \
+        if decision is not None else ""
+    return f"DPM-Solver-v3 with EMS at {steps} steps{measured}", False
+
+
 def sample_dpm_solver_v3(model, x, sigmas, extra_args=None, callback=None, disable=None, ems=None, **options):
     """DPM-Solver-v3 for ComfyUI: ``ems`` given (node input) or the EMS cached for the sampled model, else the
-    degenerate EMS (logged once per model)."""
+    degenerate EMS.  Which solver actually runs (v3, or DPM-Solver++ where the EMS's decision says so, or v3 without
+    EMS) is shown on the sampling node and, where it is not v3 with EMS, logged as a warning once per EMS and step
+    count."""
+    from .comfy_ems import show_text
+
     kind = model_kind_of_sampler_model(model)
     if ems is None:
         ems = find_cached_ems(model, kind, x)
     else:
         _check_ems_model(model, ems)
+    steps = len(sigmas) - 1
+    text, warn = what_v3_runs(ems, steps, options.get("fallback", True))
+    if warn:
+        log_once(("v3-runs", id(ems), steps), logging.WARNING, "%s", text)
+    show_text(text)
     return library.sample_dpm_solver_v3(model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable,
                                         ems=ems, model_kind=kind, **options)
 
@@ -134,4 +161,5 @@ def register_dropdown_samplers(comfy_samplers=None, k_diffusion_sampling=None):
     return list(DROPDOWN_SAMPLERS)
 
 
-__all__ = ["comfy_sampler_function", "sample_dpm_solver_v3", "register_dropdown_samplers", "find_cached_ems"]
+__all__ = ["comfy_sampler_function", "sample_dpm_solver_v3", "register_dropdown_samplers", "find_cached_ems",
+           "what_v3_runs"]

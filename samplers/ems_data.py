@@ -82,6 +82,32 @@ def validate_decisions(decisions) -> tuple:
     return tuple(sorted(out, key=lambda d: d.nfe))
 
 
+SOLVER_NAMES = {"v3": "v3", "dpmpp_2m": "DPM-Solver++(2M)", "dpmpp_3m": "DPM-Solver++(3M)"}
+
+
+def summarize_decisions(decisions) -> str:
+    """``EMSData.decision_summary`` for a sequence of ``NFEDecision`` (validated here)."""
+    decisions = validate_decisions(decisions)
+    if not decisions:
+        return "v3 at every step count (these EMS carry no per-step decisions)"
+    parts = []
+    for solver in DECISION_SOLVERS:
+        chosen = [d for d in decisions if d.solver == solver]
+        if not chosen:
+            continue
+        text = f"{SOLVER_NAMES[solver]} at {', '.join(str(d.nfe) for d in chosen)} steps"
+        if solver == "v3":
+            low, high = min(d.ratio for d in chosen), max(d.ratio for d in chosen)
+            span = f"{low:.2f}x" if f"{low:.2f}" == f"{high:.2f}" else f"{low:.2f}-{high:.2f}x"
+            text += f" ({span} the error of DPM-Solver++)"
+            if not all(d.corrector for d in chosen):
+                text += f", corrector off at {', '.join(str(d.nfe) for d in chosen if not d.corrector)}"
+        parts.append(text)
+    if all(d.solver != "v3" for d in decisions):
+        parts.insert(0, "v3 at no step count")
+    return "; ".join(parts) + "; other step counts follow the nearest"
+
+
 def validate_arrays(lambdas, stats, where="EMS"):
     """Shapes, strictly increasing finite lambdas, finite l, s, b within ``STAT_BOUNDS``; ValueError naming
     ``where`` and the problem."""
@@ -162,6 +188,12 @@ class EMSData:
             return None
         return min(self.decisions, key=lambda d: (abs(math.log(d.nfe / steps)), d.nfe))
 
+    def decision_summary(self) -> str:
+        """One line for people: which solver DPM-Solver-v3 runs at which step count, from ``decisions``, e.g.
+        "v3 at 6, 8, 10 steps (0.61-0.77x the error of DPM-Solver++); DPM-Solver++(2M) at 5 steps; other step counts
+        follow the nearest".  Without decisions: v3 runs at every step count."""
+        return summarize_decisions(self.decisions)
+
     def for_latent(self, shape):
         """l, s, b of shape (N + 1, *per_sample) broadcasting against a latent of full shape (batch, C, ...).
 
@@ -193,4 +225,4 @@ class EMSData:
 
 
 __all__ = ["EMSData", "NFEDecision", "validate_decisions", "validate_arrays", "reduction_of", "STAT_BOUNDS",
-           "DECISION_SOLVERS"]
+           "DECISION_SOLVERS", "SOLVER_NAMES", "summarize_decisions"]

@@ -42,7 +42,8 @@ apart; l, s, b are recomputed with each group left out and the jackknife varianc
 
 Cost in model evaluations (one "row" is one sample through the model):
     forward AD:          (N + 1) * K * (n_probes + 1) JVP rows  (a JVP row costs about 2-3 forward rows)
-    finite differences:  (N + 1) * K * (3 + 2 * n_probes) forward rows
+    finite differences:  (N + 1) * K * (3 + 2 * n_probes) forward rows (central)
+                         (N + 1) * K * (2 + n_probes) forward rows (one-sided)
 plus 10 forward rows for the quantised-timestep check, plus N * K * substeps forward rows with
 ``samples="trajectory"``, plus the tuning (``tune=True``, ``stats.tuning``): at most as many rows as all of these.
 N = 100, K = 32 and forward AD is 6,464 JVP rows.
@@ -193,6 +194,31 @@ def _derivatives_finite_difference(denoise, x, lam, probes, x_step, step):
     direction = denoised - x
     ddot = (denoise(x + step * direction, lam + step) - denoise(x - step * direction, lam - step)) / (2 * step)
     return denoised, jvs, ddot
+
+
+def _derivatives_one_sided(denoise, x, lam, probes, x_step, step):
+    """The same by one-sided differences from D itself: J v ~ [D(x + hv) - D(x)] / h and
+    D' ~ [D(x + h(D - x), lambda + h) - D(x)] / h: n_probes + 2 forward rows per sample instead of the central
+    differences' 2 n_probes + 3, with an O(h) truncation error (relative ~1e-3 at the default fd_step; float32
+    rounding adds ~1e-4).  Only for models that compute in float32 or float64: in float16 the difference is noise."""
+    denoised = denoise(x, lam)
+    jvs = [(denoise(x + x_step * v, lam) - denoised) / x_step for v in probes]
+    ddot = (denoise(x + step * (denoised - x), lam + step) - denoised) / step
+    return denoised, jvs, ddot
+
+
+def _segments(node, done, K, N, batch_size, across_nodes):
+    """The next chunk as (node, lo, hi) sample ranges: up to ``batch_size`` samples from ``done`` on at ``node``,
+    continued at the following nodes when ``across_nodes`` (the model's rows are independent)."""
+    segments, room = [], batch_size
+    while room > 0 and node <= N:
+        hi = min(K, done + room)
+        segments.append((node, done, hi))
+        room -= hi - done
+        if hi < K or not across_nodes:
+            break
+        node, done = node + 1, 0
+    return segments
 
 
 def _advance(denoise, x, lam_from, lam_to, substeps):
@@ -411,7 +437,7 @@ def estimate_ems(model, x0, sigma_min, sigma_max, *, model_kind="eps", N=DEFAULT
                  batch_size=DEFAULT_BATCH_SIZE, seed=0, extra_args=None, progress=None, should_stop=None,
                  resume_state=None, metadata=None, error_groups=DEFAULT_ERROR_GROUPS, samples="diffused",
                  substeps=4, sb_window=0.0, s_ridge=0.0, tune=True,
-                 tune_nfes=tuning.TUNE_NFES) -> EMS:
+                 tune_nfes=tuning.TUNE_NFES, return_state=False, rows_independent=False) -> EMS:
     """Estimate the EMS l, s, b of ``model`` on N + 1 nodes uniform in lambda (see the module docstring).
 
     Args:
@@ -428,10 +454,14 @@ def estimate_ems(model, x0, sigma_min, sigma_max, *, model_kind="eps", N=DEFAULT
         most the estimation's model rows and is skipped (logged) where those are too few.  False: the fit given
         by ``smooth``, ``sb_window``, ``s_ridge`` (the paper's per-node fit with the defaults).
       tune_nfes: the NFEs the tuning judges (5, 6, 8, 10, 15, 20).
+      return_state: return (EMS, EstimationState) without tuning: the fit given by ``smooth``, ``sb_window``,
+        ``s_ridge`` and the finished moments, for a caller that runs ``stats.tuning.tune`` itself (``stats.job``:
+        its own progress and interrupt during the tuning).
       reduction: "per_channel" (default; resolution-free, lowest variance), "per_element" (C, H, W) or "scalar".
-      jvp: "forward" (torch.func.jvp), "finite_difference" (central differences) or "auto" (forward AD, falling back
-        to finite differences - logged once - when the model raises under forward AD, e.g. a flash-attention kernel
-        or an autograd.Function without jvp).
+      jvp: "forward" (torch.func.jvp), "finite_difference" (central differences), "one_sided_difference"
+        (differences from D itself: fewer model rows, O(fd_step) truncation error; float32/float64 models only) or
+        "auto" (forward AD, falling back to central differences - logged once - when the model raises under forward
+        AD, e.g. a flash-attention kernel or an autograd.Function without jvp).
       fd_step: finite-difference step: lambda moves by fd_step and x by fd_step * sqrt(sigma~^2 + Var x0) * v.
       n_probes: Rademacher probes per sample for the Jacobian diagonal.
       smooth: half-width in nodes of the moving average applied to dl/dlambda (0: none).
@@ -440,6 +470,9 @@ def estimate_ems(model, x0, sigma_min, sigma_max, *, model_kind="eps", N=DEFAULT
       batch_size: samples per model call (forward AD carries a tangent of the same size).  Memory only; results
         do not depend on it beyond rounding.  The model must accept any batch size up to it (hosts broadcast
         their conditioning to the batch, as ComfyUI's model wrappers do).
+      rows_independent: the model treats every row on its own (per-row sigma; no conditioning on the row's
+        position): a call may then hold samples of several grid nodes, so it carries ``batch_size`` samples also
+        where K is smaller (fewer, larger calls).  Only with ``samples="diffused"``.
       seed: seeds z and v (results are reproducible and independent of batch_size and interruptions).
       extra_args: passed to every model call.
       progress: ``progress(done, total)`` after each chunk, counted in samples: total = (N + 1) * K.  An exception
@@ -495,16 +528,14 @@ def estimate_ems(model, x0, sigma_min, sigma_max, *, model_kind="eps", N=DEFAULT
             count=torch.zeros(groups, N + 1, dtype=torch.float64),
             means=torch.zeros(len(MEAN_NAMES), groups, N + 1, elements, dtype=torch.float64),
             comoments=torch.zeros(len(COMOMENT_PAIRS), groups, N + 1, elements, dtype=torch.float64),
-            backend="forward" if jvp in ("auto", "forward") else "finite_difference")
+            backend="forward" if jvp in ("auto", "forward") else jvp)
     else:
         differing = sorted(k for k in settings if state.settings.get(k) != settings[k])
         if differing:
             raise ValueError("resume_state belongs to another estimation run; differing settings: " + ", ".join(
                 f"{k} ({state.settings.get(k)!r} != {settings[k]!r})" for k in differing))
-        if jvp == "finite_difference":
-            state.backend = "finite_difference"
-        elif jvp == "forward":
-            state.backend = "forward"
+        if jvp != "auto":
+            state.backend = jvp
 
     ve_max = sigma_max / (1 - sigma_max) if model_kind == "flow" else sigma_max
     ve_min = sigma_min / (1 - sigma_min) if model_kind == "flow" else sigma_min
@@ -523,59 +554,79 @@ def estimate_ems(model, x0, sigma_min, sigma_max, *, model_kind="eps", N=DEFAULT
             if samples == "trajectory" and state.trajectory is None:
                 start = _noise(settings, 0, x0.shape, dtype, device)[0] * math.exp(-float(lambdas[0]))
                 state.trajectory = (x0 + start).to("cpu")
+        noises = {}
+
+        def noise_at(node):
+            index = -1 if crn else node
+            if index not in noises:
+                noises.clear()  # one node's (or, with crn, every node's) z and probes at a time
+                noises[index] = _noise(settings, node, x0.shape, dtype, device)
+            return noises[index]
+
+        across_nodes = rows_independent and samples == "diffused"
         while not state.finished:
-            node = state.node
-            if not crn or node == 0:
-                z, probes = _noise(settings, node, x0.shape, dtype, device)
-            lam_value = float(lambdas[node])
-            sigma_ve = math.exp(-lam_value)
-            x_step = fd_step * math.sqrt(sigma_ve ** 2 + data_variance)
-            while state.node == node:
-                if should_stop is not None and should_stop():
-                    raise EstimationInterrupted(state)
-                lo = state.samples_done
-                hi = min(K, lo + batch_size)
+            if should_stop is not None and should_stop():
+                raise EstimationInterrupted(state)
+            segments = _segments(state.node, state.samples_done, K, N, batch_size, across_nodes)
+            xs, lams, steps, parts = [], [], [], [[] for _ in range(n_probes)]
+            for node, lo, hi in segments:
+                z, probes = noise_at(node)
+                lam_value = float(lambdas[node])
+                sigma_ve = math.exp(-lam_value)
                 if samples == "trajectory":
-                    x = state.trajectory[lo:hi].to(device, dtype)
+                    xs.append(state.trajectory[lo:hi].to(device, dtype))
                 else:
-                    x = x0[lo:hi] + sigma_ve * z[lo:hi]
-                lam = torch.full((hi - lo,), lam_value, dtype=dtype, device=device)
-                chunk_probes = [v[lo:hi] for v in probes]
-                denoised, jvs, ddot = None, None, None
-                if state.backend == "forward":
-                    try:
-                        denoised, jvs, ddot = _derivatives_forward(denoise, x, lam, chunk_probes)
-                        state.jvp_rows += (n_probes + 1) * (hi - lo)
-                    except Exception as error:  # noqa: BLE001 - any failure of forward AD means: use FD
-                        if jvp == "forward":
-                            raise
-                        logger.warning("DPM-Solver-v3 EMS: forward-mode AD failed (%s: %s); using central finite "
-                                       "differences (fd_step=%g) instead", type(error).__name__, error, fd_step)
-                        state.backend = "finite_difference"
-                if denoised is None:
-                    denoised, jvs, ddot = _derivatives_finite_difference(denoise, x, lam, chunk_probes, x_step,
-                                                                         fd_step)
-                    state.forward_rows += (3 + 2 * n_probes) * (hi - lo)
-                for name, value in (("D", denoised), ("dD/dlambda", ddot)) + tuple(
-                        ("J v", jv) for jv in jvs):
-                    if not torch.isfinite(value).all():
-                        raise NonFiniteError(
-                            f"the model returned NaN or inf ({name}) at EMS node {node} (sigma~ = {sigma_ve:.6g}), "
-                            f"samples {lo}..{hi - 1}; run the model in float32 and check the sigma range")
-                u = sum(v * jv for v, jv in zip(chunk_probes, jvs)) / n_probes
-                observations = {name: value.detach().to("cpu", torch.float64).reshape(hi - lo, elements, pooled)
-                                for name, value in zip(MEAN_NAMES, (u, x, denoised, ddot))}
+                    xs.append(x0[lo:hi] + sigma_ve * z[lo:hi])
+                lams.append(torch.full((hi - lo,), lam_value, dtype=dtype, device=device))
+                steps.append(torch.full((hi - lo,), fd_step * math.sqrt(sigma_ve ** 2 + data_variance), dtype=dtype,
+                                        device=device))
+                for part, v in zip(parts, probes):
+                    part.append(v[lo:hi])
+            x, lam = torch.cat(xs), torch.cat(lams)
+            rows = x.shape[0]
+            x_step = torch.cat(steps).reshape((-1,) + (1,) * (x.ndim - 1))
+            chunk_probes = [torch.cat(part) for part in parts]
+            denoised, jvs, ddot = None, None, None
+            if state.backend == "forward":
+                try:
+                    denoised, jvs, ddot = _derivatives_forward(denoise, x, lam, chunk_probes)
+                    state.jvp_rows += (n_probes + 1) * rows
+                except Exception as error:  # noqa: BLE001 - any failure of forward AD means: use FD
+                    if jvp == "forward":
+                        raise
+                    logger.warning("DPM-Solver-v3 EMS: forward-mode AD failed (%s: %s); using central finite "
+                                   "differences (fd_step=%g) instead", type(error).__name__, error, fd_step)
+                    state.backend = "finite_difference"
+            if denoised is None and state.backend == "one_sided_difference":
+                denoised, jvs, ddot = _derivatives_one_sided(denoise, x, lam, chunk_probes, x_step, fd_step)
+                state.forward_rows += (2 + n_probes) * rows
+            elif denoised is None:
+                denoised, jvs, ddot = _derivatives_finite_difference(denoise, x, lam, chunk_probes, x_step, fd_step)
+                state.forward_rows += (3 + 2 * n_probes) * rows
+            for name, value in (("D", denoised), ("dD/dlambda", ddot)) + tuple(("J v", jv) for jv in jvs):
+                if not torch.isfinite(value).all():
+                    where = ", ".join(f"node {node} (sigma~ = {math.exp(-float(lambdas[node])):.6g}) samples "
+                                      f"{lo}..{hi - 1}" for node, lo, hi in segments)
+                    raise NonFiniteError(f"the model returned NaN or inf ({name}) at EMS {where}; run the model in "
+                                         "float32 and check the sigma range")
+            u = sum(v * jv for v, jv in zip(chunk_probes, jvs)) / n_probes
+            observations = {name: value.detach().to("cpu", torch.float64).reshape(rows, elements, pooled)
+                            for name, value in zip(MEAN_NAMES, (u, x, denoised, ddot))}
+            offset = 0
+            for node, lo, hi in segments:
+                part = slice(offset, offset + hi - lo)
+                offset += hi - lo
                 if samples == "trajectory" and node < N:
-                    following = _advance(denoise, x, lam_value, float(lambdas[node + 1]), substeps)
+                    following = _advance(denoise, x[part], float(lambdas[node]), float(lambdas[node + 1]), substeps)
                     state.forward_rows += substeps * (hi - lo)
-                _accumulate(state, node, sample_groups[lo:hi], observations)
+                _accumulate(state, node, sample_groups[lo:hi], {k: v[part] for k, v in observations.items()})
                 if samples == "trajectory" and node < N:
                     state.trajectory[lo:hi] = following.detach().to("cpu", state.trajectory.dtype)
                 state.samples_done = hi
                 if hi == K:
                     state.node, state.samples_done = node + 1, 0
-                if progress is not None:
-                    progress(state.node * K + state.samples_done, total)
+            if progress is not None:
+                progress(state.node * K + state.samples_done, total)
     except BaseException as error:
         state.seconds += time.perf_counter() - started
         try:
@@ -586,13 +637,13 @@ def estimate_ems(model, x0, sigma_min, sigma_max, *, model_kind="eps", N=DEFAULT
     state.seconds += time.perf_counter() - started
 
     rows = state.forward_rows + state.jvp_rows
-    samples_per_set = tuning.tune_samples(rows, tune_nfes) if tune else 0
-    if tune and not samples_per_set:
+    samples_per_set = tuning.tune_samples(rows, tune_nfes) if tune and not return_state else 0
+    if tune and not return_state and not samples_per_set:
         logger.warning("DPM-Solver-v3 EMS: the estimation's %d model rows are too few to tune the fit (%d needed); "
                        "returning the fit given by smooth, sb_window and s_ridge", rows,
                        tuning.tuning_rows(tuning.MIN_SAMPLES, tune_nfes))
     (l, s, b), errors = _finish(state, lambdas, stat_shape, smooth, sb_window, s_ridge)
-    estimator = "forward_ad" if state.backend == "forward" else f"finite_difference(h={fd_step:g})"
+    estimator = "forward_ad" if state.backend == "forward" else f"{state.backend}(h={fd_step:g})"
     info = {"model_kind": model_kind, "reduction": reduction, "latent_shape": "x".join(map(str, latent_shape)),
             "N": str(N), "K": str(K), "n_probes": str(n_probes), "smooth": str(smooth), "crn": str(bool(crn)),
             "seed": str(seed), "sigma_min": repr(float(sigma_min)), "sigma_max": repr(float(sigma_max)),
@@ -608,7 +659,8 @@ def estimate_ems(model, x0, sigma_min, sigma_max, *, model_kind="eps", N=DEFAULT
                              samples=samples_per_set, seed=seed, nfes=tuple(tune_nfes), extra_args=extra_args,
                              dtype=dtype, device=device, metadata=info)
         return ems
-    return EMS(lambdas, l, s, b, metadata=info, standard_errors=errors)
+    ems = EMS(lambdas, l, s, b, metadata=info, standard_errors=errors)
+    return (ems, state) if return_state else ems
 
 
 def generate_x0(model, shape, K, sigma_max, sigma_min, model_kind="eps", *, steps=200, seed=0, extra_args=None,

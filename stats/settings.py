@@ -2,11 +2,14 @@
 guidance scale, latent and sigma range) and ``EMSKey`` (both, with the estimator version: the cache key, stored in
 every file as metadata ``cache_key`` and hashed into its name).
 
-Defaults: N = 100, K = 32, per-channel, and ``tune``: the fit of s, b and the per-NFE decisions are chosen by
-measurement (``stats.tuning``; bench/results_ems_tuning.md), within the estimation's own model rows.  ``sb_window``,
+Defaults: N = 200, K = 8, per-channel, and ``tune``: the fit of s, b and the per-NFE decisions are chosen by
+measurement (``stats.tuning``; bench/results_ems_tuning.md), within the estimation's own model rows.  N and K as
+measured in bench/results_ems_cost.md: the grid's resolution matters, the samples per node barely (beyond what they
+give the tuning), so 200 x 8 matched 100 x 32 on the study's models at half the model rows.  ``sb_window``,
 ``s_ridge`` and ``smooth`` (+-0.5 in lambda, 0.01, 5: the fit measured on the embedded trained models,
 bench/results_v3_study.md) apply where the tuning is off or its budget too small; then the v3-vs-DPM-Solver++(2M)
-check runs, with at most 16 reference samples and never more model rows than the estimation (``check_plan``).
+check runs, with at most 16 reference samples and never more model rows than the estimation's model calls
+(``check_plan``, ``tuning_budget``).
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ from ..samplers.schedule import MODEL_KINDS
 
 ESTIMATOR_VERSION = "3"  # 3: one EMS job for every host (settings object, checked decisions, checksummed files)
 REDUCTIONS = ("per_element", "per_channel", "scalar")
-JVP_BACKENDS = ("auto", "forward", "finite_difference")
+JVP_BACKENDS = ("auto", "forward", "finite_difference", "one_sided_difference")
 SAMPLE_SOURCES = ("diffused", "trajectory")
 GUIDANCE_MODES = ("guided", "uncond")
 CHECK_NFES = (5, 6, 8, 10, 15, 20)
@@ -70,8 +73,8 @@ class EMSSettings:
     references (None: 4 x max(check_nfes), the coarsest reference that still judges every NFE).
     """
 
-    N: int = 100
-    K: int = 32
+    N: int = 200
+    K: int = 8
     reduction: str = "per_channel"
     sb_window: float = 0.5
     s_ridge: float = 0.01
@@ -117,9 +120,14 @@ class EMSSettings:
             raise ValueError(f"tune must be true or false, got {self.tune!r}")
 
     # ---- cost -------------------------------------------------------------------------------------------------
-    def estimation_rows(self) -> int:
-        """Model rows of the estimation in forward-row equivalents (a JVP row counted as ``JVP_ROW_COST``)."""
-        per_sample = (self.n_probes + 1) * JVP_ROW_COST + (self.substeps if self.samples == "trajectory" else 0)
+    def estimation_rows(self, backend=None) -> int:
+        """Model rows of the estimation in forward-row equivalents for the JVP ``backend`` (None: ``jvp``; "auto"
+        and "forward" count a JVP row as ``JVP_ROW_COST`` rows; the differences count their forward rows)."""
+        backend = self.jvp if backend is None else backend
+        _choice("backend", backend, JVP_BACKENDS)
+        per_node = {"finite_difference": 3 + 2 * self.n_probes, "one_sided_difference": 2 + self.n_probes}.get(
+            backend, (self.n_probes + 1) * JVP_ROW_COST)
+        per_sample = per_node + (self.substeps if self.samples == "trajectory" else 0)
         return (self.N + 1) * self.K * per_sample
 
     def check_plan(self):
@@ -132,29 +140,41 @@ class EMSSettings:
         per_sample = steps + 2 * sum(nfes)
         if self.check_samples is not None:
             return min(self.check_samples, self.K) if self.check_samples >= 2 else 0, steps, nfes
-        samples = min(MAX_CHECK_SAMPLES, self.K, self.estimation_rows() // per_sample)
+        samples = min(MAX_CHECK_SAMPLES, self.K, self.tuning_budget() // per_sample)
         return (samples if samples >= 2 else 0), steps, nfes
 
-    def tuning_samples(self) -> int:
-        """Samples per set of the tuning (``stats.tuning``; 0: no tuning, the check runs instead): as many as keep its
-        model rows within the estimation's (a JVP row counted as one)."""
+    def tuning_budget(self) -> int:
+        """The estimation's model evaluations in rows (a JVP counted as one, whatever the JVP back-end): the most
+        rows the tuning or the check may spend (issue 12: the tuning adds at most as many model calls as the
+        estimation)."""
+        per_sample = (self.n_probes + 1) + (self.substeps if self.samples == "trajectory" else 0)
+        return (self.N + 1) * self.K * per_sample + 10
+
+    def tuning_plan(self, guided=True):
+        """(samples per set, fits) of the tuning (``stats.tuning.tuning_plan`` within ``tuning_budget``; a guided
+        model's selection runs one pack solver fewer); (0, ()): no tuning, the check runs instead."""
         if not self.tune:
-            return 0
-        from .tuning import tune_samples
+            return 0, ()
+        from .tuning import tuning_plan
 
-        rows = (self.N + 1) * self.K * ((self.n_probes + 1) + (self.substeps if self.samples == "trajectory" else 0))
-        return tune_samples(rows + 10, self.check_nfes)
+        return tuning_plan(self.tuning_budget(), self.check_nfes, guided=guided)
 
-    def cost(self, guided=True) -> dict:
+    def tuning_samples(self, guided=True) -> int:
+        """Samples per set of the tuning (0: no tuning, the check runs instead)."""
+        return self.tuning_plan(guided)[0]
+
+    def cost(self, guided=True, backend=None) -> dict:
         """Model rows per phase (x0, estimate, tune, check; one row = one sample through the network, doubled by
-        CFG).  The check runs only where the tuning does not."""
+        CFG; the estimate's for the JVP ``backend``, see ``estimation_rows``).  The check runs only where the tuning
+        does not."""
         from .tuning import tuning_rows
 
         factor = 2 if guided else 1
-        tune_samples = self.tuning_samples()
+        tune_samples, fits = self.tuning_plan(guided)
         samples, steps, nfes = self.check_plan() if not tune_samples else (0, 0, ())
-        rows = {"x0": self.K * (self.x0_steps + 1), "estimate": self.estimation_rows() + 10,
-                "tune": tuning_rows(tune_samples, self.check_nfes) if tune_samples else 0,
+        rows = {"x0": self.K * self.x0_steps, "estimate": self.estimation_rows(backend) + 10,
+                "tune": tuning_rows(tune_samples, self.check_nfes, len(fits), pack=1 if guided else 2)
+                if tune_samples else 0,
                 "check": samples * (steps + 2 * sum(nfes))}
         rows = {k: v * factor for k, v in rows.items()}
         rows["total"] = sum(rows.values())

@@ -3,7 +3,7 @@ with this checkout linked as a custom node pack and a tiny SD1.5-layout checkpoi
 
 COMFYUI_DIR names the ComfyUI checkout (tested: v0.3.64, a125cd84), COMFYUI_PYTHON a Python with its requirements
 (default: this interpreter), COMFYUI_TEST_CACHE where the checkpoint is kept between runs (default: a temporary
-folder).  Without COMFYUI_DIR the tests that use this module skip (docs/hosts.md section 2).
+folder), COMFYUI_TEST_THREADS the server's torch threads (default: torch's).  Without COMFYUI_DIR the tests that use this module skip (docs/hosts.md section 2).
 """
 from __future__ import annotations
 
@@ -29,6 +29,9 @@ COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
 COMFYUI_PYTHON = os.environ.get("COMFYUI_PYTHON", sys.executable)
 SKIP_REASON = "COMFYUI_DIR is not set: no ComfyUI checkout to run against (docs/hosts.md section 2)"
 CHECKPOINT = "tiny_sd15.safetensors"
+# COMFYUI_TEST_THREADS: torch threads of the server.  On a machine shared with other jobs, two threads on two busy
+# cores were 5-10x slower than one (bench/results_ems_cost.md); unset, torch picks one per core as ComfyUI does.
+THREADS = os.environ.get("COMFYUI_TEST_THREADS", "")
 
 BUILD_CHECKPOINT = r'''
 import sys
@@ -158,14 +161,18 @@ def comfyui_server(tmp_path_factory):
     for folder in ("output", "temp", "user"):
         (work / folder).mkdir()
     port = _free_port()
+    environment = dict(os.environ)
+    if THREADS:  # torch's CPU threads in the server (default: torch's own choice, one per core)
+        environment.update(OMP_NUM_THREADS=THREADS, MKL_NUM_THREADS=THREADS)
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
             [COMFYUI_PYTHON, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
              "--extra-model-paths-config", str(paths), "--output-directory", str(output),
              "--temp-directory", str(work / "temp"), "--user-directory", str(work / "user"),
              "--database-url", "sqlite:///:memory:", "--disable-api-nodes"],
-            cwd=str(comfy_dir), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            cwd=str(comfy_dir), stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=environment)
     instance = Server(f"http://127.0.0.1:{port}", base, output, log_path)
+    instance.pid = process.pid
     try:
         started = time.perf_counter()
         while True:

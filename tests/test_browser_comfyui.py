@@ -7,9 +7,8 @@ test settings in the widgets as a user would, queue it from the page (``app.queu
 arrive and that the EMS node reports progress while it runs.  Screenshots go to $DPM_TEST_ARTIFACTS (else the
 test's temporary folder).
 
-DPM_TIME_SHIPPED_EMS=1 also times the shipped EMS workflow as shipped (only the checkpoint and a 32x32 size changed),
-by phase; it takes minutes on a CPU, so it is opt-in (DPM_TIME_EMS_SAMPLE_COUNT=16 sets a smaller K for a cheaper
-run whose check is the shipped one).
+DPM_TIME_SHIPPED_EMS=1 also times the shipped EMS workflow as shipped (only the checkpoint and a 32x32 size changed):
+about a minute on a CPU, so it is opt-in; see its docstring for what it asserts.
 
 Needs COMFYUI_DIR (see comfyui_host.py), Debian's chromium + chromium-driver and the selenium package; skips without.
 """
@@ -87,6 +86,12 @@ for (const old of app.graph._nodes.filter(n => n.type === 'EmptySD3LatentImage')
   }
   app.graph.remove(old);
 }
+app.graph.setDirtyCanvas(true, true);
+"""
+ZOOM_ON = """
+const node = app.graph.getNodeById(arguments[0]);
+app.canvas.ds.scale = arguments[1];
+app.canvas.centerOnNode(node);
 app.graph.setDirtyCanvas(true, true);
 """
 QUEUE = """
@@ -197,23 +202,46 @@ def test_new_ems_node_starts_with_a_fixed_seed(server, browser):
     assert controls == {EMS_NODE: "fixed", "KSampler": "randomize"}
 
 
-def _wait_for_run(browser, timeout, watch=None, screenshot=None):
+PROGRESS_TEXT = "$$node-text-preview"  # the frontend's widget for a node's progress text (server.send_progress_text)
+OUTCOME = "ems_outcome"  # web/dpm_solver_nodes.js: the EMS node's outcome box
+NODE_TEXTS = """
+const node = app.graph.getNodeById(arguments[0]);
+const value = name => node?.widgets?.find(w => w.name === name)?.value ?? null;
+return [node?.progress ?? null, value(arguments[1]), value(arguments[2])];
+"""
+
+
+def _wait_for_run(browser, timeout, watch=None, screenshot=None, cpu=None):
     """Events of the prompt the page queued, until it succeeds or fails; ``watch`` (a node id) also samples that
-    node's progress bar value in the graph (``node.progress``) while it runs, and saves ``screenshot`` mid-way."""
+    node's progress bar value in the graph (``node.progress``) and its progress text while it runs, and saves
+    ``screenshot`` mid-way; ``cpu()`` (the server's CPU seconds) is read when the watched node starts and ends."""
     deadline = time.time() + timeout
-    bars = []
+    bars, texts, cpu_marks = [], [], {}
     while time.time() < deadline:
         events = browser.execute_script("return window.__events")
         if watch is not None:
-            bar = browser.execute_script("return app.graph.getNodeById(arguments[0])?.progress ?? null", watch)
+            bar, text, _ = browser.execute_script(NODE_TEXTS, watch, PROGRESS_TEXT, OUTCOME)
             if bar is not None and (not bars or bars[-1] != bar):
                 bars.append(bar)
                 if screenshot is not None and 0 < bar < 1:
                     browser.save_screenshot(str(screenshot))
+            if text and (not texts or texts[-1] != text):
+                texts.append(text)
+            if cpu is not None:
+                if "start" not in cpu_marks and any(k == "executing" and d == str(watch) for k, d, *_ in events):
+                    cpu_marks["start"] = cpu()
+                if "end" not in cpu_marks and any(k == "executed" and d["node"] == str(watch) for k, d, *_ in events):
+                    cpu_marks["end"] = cpu()
         if any(kind in ("execution_success", "execution_error", "execution_interrupted") for kind, *_ in events):
-            return events, bars
+            return events, bars, texts, cpu_marks
         time.sleep(0.2)
     pytest.fail(f"the queued workflow did not finish in {timeout} s")
+
+
+def _cpu_seconds(pid):
+    """User + system CPU seconds of a process so far (Linux /proc)."""
+    fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _ems_phases(events, node_id):
@@ -234,8 +262,8 @@ def test_workflow_queued_from_the_page_delivers_images_and_shows_progress(server
     ems_nodes = [node["id"] for node in workflow["nodes"] if node["type"] == EMS_NODE]
     started = time.perf_counter()
     assert browser.execute_async_script(QUEUE) is None
-    events, bars = _wait_for_run(browser, 900, watch=ems_nodes[0] if ems_nodes else None,
-                                 screenshot=artifacts / name.replace(".json", "_running.png"))
+    events, bars, texts, _ = _wait_for_run(browser, 900, watch=ems_nodes[0] if ems_nodes else None,
+                                           screenshot=artifacts / name.replace(".json", "_running.png"))
     seconds = time.perf_counter() - started
     browser.save_screenshot(str(artifacts / name.replace(".json", "_done.png")))
     errors = [detail for kind, detail, *_ in events if kind == "execution_error"]
@@ -259,31 +287,57 @@ def test_workflow_queued_from_the_page_delivers_images_and_shows_progress(server
         assert [v for v, _ in values] == sorted(v for v, _ in values) and values[-1][0] == values[-1][1]
         assert len(bars) >= 2 and all(0 <= b <= 1 for b in bars), f"progress bar on the node: {bars}"
         (info,) = entry["outputs"][node_id]["ems"]
+        (summary,) = entry["outputs"][node_id]["text"]  # the node's "summary" output, also its UI text
+        assert summary.startswith("EMS computed in ") and "\nDPM-Solver-v3 with these EMS: " in summary, summary
+        # the progress text says the phase and the time left while the node runs, the outcome box what came of it
+        assert any(text.startswith("DPM-Solver-v3 EMS, ") and ("left" in text or "timing" in text)
+                   for text in texts), texts
+        shown = browser.execute_script(NODE_TEXTS, int(node_id), PROGRESS_TEXT, OUTCOME)
+        assert shown[2] == summary, shown
+        assert shown[1].startswith("EMS computed in "), shown
         phases = _ems_phases(events, node_id)
         print(f"\n[browser] EMS node: {len(values)} progress events, bar values {bars[:6]}..., "
-              f"EMS {info['source']}; " + ", ".join(f"{k} {v:.1f} s" for k, v in phases.items()))
+              f"EMS {info['source']}; " + ", ".join(f"{k} {v:.1f} s" for k, v in phases.items())
+              + f"; progress texts: {texts[:2]}...; outcome: {summary!r}")
     print(f"\n[browser] {name}: queued to done in {seconds:.1f} s")
 
 
 @pytest.mark.skipif(not os.environ.get("DPM_TIME_SHIPPED_EMS"),
-                    reason="opt-in (DPM_TIME_SHIPPED_EMS=1): the shipped EMS settings take minutes on a CPU")
+                    reason="opt-in (DPM_TIME_SHIPPED_EMS=1): the shipped EMS settings take about a minute on a CPU")
 def test_shipped_ems_workflow_finishes_in_a_minute(server, browser, artifacts):
-    """The shipped EMS workflow (its N, K, x0_steps, batch size, cfg) on the tiny checkpoint at 32x32, queued from the
-    page: the issue's target is under 60 s on 2 cores.  Phases from the node's progress events (0-250 generation of
-    the model's samples, 250-1000 estimation, then the v3-vs-2M check until the node finishes)."""
+    """The shipped EMS workflow (its N, K, x0 steps, batch size, cfg) on the tiny checkpoint at 32x32, queued from the
+    page: the issue's target is under 60 s on 2 cores.
+
+    Measured: the EMS node's wall time (its executing -> executed events) and the server's CPU seconds over the same
+    span.  With COMFYUI_TEST_THREADS=1 the CPU seconds are the node's time on one free core, whatever else the
+    machine runs, and they are asserted (a 2-core machine running only this finishes sooner); otherwise the wall
+    time is.  On a shared machine two torch threads on two busy cores ran 5-10x slower than one
+    (bench/results_ems_cost.md), so the wall time there says more about the other jobs than about the node."""
     name = "ems_compute_save_use.json"
     workflow = _load(browser, name)
     changes = {"width": 32, "height": 32, "filename_prefix": "shipped"}
-    if os.environ.get("DPM_TIME_EMS_SAMPLE_COUNT"):  # fewer samples: generation and estimation scale with K, the
-        changes["sample_count"] = int(os.environ["DPM_TIME_EMS_SAMPLE_COUNT"])  # check stays (min(K, 16) samples)
     browser.execute_script(SET_WIDGETS, {"CheckpointLoaderSimple": {"ckpt_name": CHECKPOINT},
                                          "EmptyLatentImage": {"width": 32, "height": 32}, EMS_NODE: changes})
     browser.execute_script("window.__events.length = 0")
-    (ems_node,) = [str(node["id"]) for node in workflow["nodes"] if node["type"] == EMS_NODE]
+    (ems_node,) = [node["id"] for node in workflow["nodes"] if node["type"] == EMS_NODE]
+    browser.execute_script(ZOOM_ON, ems_node, 1.4)  # the screenshots show the node's progress text and outcome
+    load_before = os.getloadavg()
     assert browser.execute_async_script(QUEUE) is None
-    events, _ = _wait_for_run(browser, 3600)
-    assert not [detail for kind, detail, *_ in events if kind == "execution_error"]
-    phases = _ems_phases(events, ems_node)
+    events, _, texts, cpu = _wait_for_run(browser, 3600, watch=ems_node, cpu=lambda: _cpu_seconds(server.pid),
+                                          screenshot=artifacts / "shipped_ems_running.png")
+    time.sleep(0.5)  # one frame to draw the outcome
+    browser.save_screenshot(str(artifacts / "shipped_ems_done.png"))
+    errors = [detail for kind, detail, *_ in events if kind == "execution_error"]
+    assert not errors, errors[0].get("exception_message")
+    phases = _ems_phases(events, str(ems_node))
+    cpu_seconds = cpu["end"] - cpu["start"]
+    measured = [line for line in server.log().splitlines() if "DPM-Solver-v3 EMS: measured" in line]
+    threads = os.environ.get("COMFYUI_TEST_THREADS") or "torch's default"
     print(f"\n[browser] shipped EMS workflow ({changes}), EMS node: "
-          + ", ".join(f"{k} {v:.1f} s" for k, v in phases.items()) + " (torch threads: ComfyUI's default)")
-    assert phases["total"] < 60, phases
+          + ", ".join(f"{k} {v:.1f} s" for k, v in phases.items())
+          + f", server CPU {cpu_seconds:.1f} s (torch threads: {threads}; load average {load_before[0]:.2f} before, "
+          f"{os.getloadavg()[0]:.2f} after); {measured[-1] if measured else ''}; first texts {texts[:3]}")
+    if os.environ.get("COMFYUI_TEST_THREADS") == "1":
+        assert cpu_seconds < 60, (cpu_seconds, phases)
+    else:
+        assert phases["total"] < 60, (phases, cpu_seconds)

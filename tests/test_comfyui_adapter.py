@@ -649,3 +649,111 @@ def test_sigmas_node_options(fake_comfy_model_sampling):
     assert custom[0].item() == pytest.approx(5.0) and custom[-2].item() == pytest.approx(0.1)
     with pytest.raises(ValueError, match="denoise"):
         comfy_schedulers.sigmas_for_node(ms, 10, denoise=1.5)
+
+
+# ---- what the user sees (issue 14): which solver v3 runs, the EMS node's text, its batch size -------------------------
+
+def test_v3_says_when_it_runs_without_ems_or_falls_back(fake_comfy_model_sampling, tmp_path, monkeypatch, caplog):
+    """The sampling node shows which solver v3 ran, and a run without EMS or one sent to DPM-Solver++ by the EMS's
+    decision is a WARNING (ComfyUI's console shows it at its default level), once per EMS and step count."""
+    import logging
+
+    from dpm_solver_nodes.nodes import comfy_ems
+    from dpm_solver_nodes.nodes import ems_store as comfy_store
+    from dpm_solver_nodes.stats import EMSStore
+
+    shown = []
+    monkeypatch.setattr(comfy_ems, "show_text", lambda text, node_id=None: shown.append(text))
+    monkeypatch.setattr(comfy_store, "_STORE", EMSStore([str(tmp_path)]))
+    monkeypatch.setattr(comfy_sampling, "_logged_once", set())
+    mixture = GaussianMixture.random(dim=4, components=3, seed=2)
+    denoiser = mixture.denoiser("eps")
+    patcher = _Patcher(_Base(seed=0))
+
+    class Wrapper:
+        inner_model = types.SimpleNamespace(cfg=5.0, model_patcher=patcher, inner_model=types.SimpleNamespace(
+            model_sampling=_sampling(P.ModelSamplingDiscrete, P.EPS)))
+
+        def __call__(self, x, sigma, **extra):
+            return denoiser(x.reshape(x.shape[0], -1), sigma).reshape(x.shape)
+
+    sigmas = torch.tensor([14.0, 3.0, 0.8, 0.1, 0.0], dtype=torch.float64)
+    x = sample_noise(2, (4, 1, 1), seed=5) * 14.0
+    with caplog.at_level(logging.WARNING, logger="dpm_solver_nodes"):
+        comfy_sampling.sample_dpm_solver_v3(Wrapper(), x, sigmas, disable=True)
+    assert shown[-1].startswith("DPM-Solver-v3 without EMS")
+    assert any("DPM-Solver-v3 without EMS" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
+    ems = EMS.degenerate(torch.linspace(-2.6, 3.5, 11), channels=4).replace(
+        decisions=[(4, "dpmpp_2m", 1.0), (8, "v3", 0.7)])
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="dpm_solver_nodes"):
+        out = [comfy_sampling.sample_dpm_solver_v3(Wrapper(), x, sigmas, disable=True, ems=ems) for _ in range(2)]
+    assert torch.equal(out[0], samplers.sample_dpmpp_2m(Wrapper(), x, sigmas, disable=True))
+    warnings = [r.getMessage() for r in caplog.records if "ran DPM-Solver++(2M) at 4 steps" in r.getMessage()]
+    assert len(warnings) == 1 and "v3 at 8 steps" in warnings[0]  # once, with the EMS's whole summary
+    assert shown[-1].startswith("DPM-Solver-v3 ran DPM-Solver++(2M) at 4 steps")
+    eight = torch.tensor([14.0, 8.0, 5.0, 3.0, 1.5, 0.8, 0.3, 0.1, 0.0], dtype=torch.float64)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="dpm_solver_nodes"):
+        comfy_sampling.sample_dpm_solver_v3(Wrapper(), sample_noise(2, (4, 1, 1), seed=5) * 14.0, eight,
+                                            disable=True, ems=ems)
+    assert not caplog.records
+    assert shown[-1] == "DPM-Solver-v3 with EMS at 8 steps (measured at 8 steps: 0.70x the error of DPM-Solver++)"
+
+
+def test_ems_node_outcome_text_names_the_file_the_cost_and_the_decisions():
+    from dpm_solver_nodes.nodes import comfy_ems
+    from dpm_solver_nodes.stats.job import JobResult
+
+    ems = EMS.degenerate(torch.linspace(-2.6, 3.5, 11), channels=4).replace(
+        metadata={"tuning": '{"fit":"window_0.5","samples_per_set":3}'},
+        decisions=[(5, "dpmpp_2m", 1.0), (6, "v3", 0.69), (8, "v3", 0.61)])
+    computed = JobResult(ems, "/models/dpm_solver_v3_ems/sd15_cfg7.5_ab12.safetensors", "computed", 75.2,
+                         phases={"x0": {"rows": 160, "seconds": 5.0}, "estimate": {"rows": 2434, "seconds": 40.1},
+                                 "tune": {"rows": 1482, "seconds": 30.0}})
+    assert comfy_ems.outcome_text(computed) == (
+        "EMS computed in 1 min 15 s (4,076 model rows: samples 5 s, statistics 40 s, tuning 30 s); saved as "
+        "sd15_cfg7.5_ab12.safetensors. Tuned on 3 + 3 fresh samples: fit window_0.5.\n"
+        "DPM-Solver-v3 with these EMS: v3 at 6, 8 steps (0.61-0.69x the error of DPM-Solver++); DPM-Solver++(2M) "
+        "at 5 steps; other step counts follow the nearest.")
+    plain = EMS.degenerate(torch.linspace(-2.6, 3.5, 11), channels=4)
+    cached = JobResult(plain, "/x/a.safetensors", "cached", 0.01, save_error="disk full")
+    text = comfy_ems.outcome_text(cached)
+    assert text.startswith("EMS loaded from a.safetensors (computed earlier with these settings).\n")
+    assert "v3 at every step count" in text and text.endswith("Saving failed: disk full")
+
+
+def test_auto_batch_size_fits_comfyuis_memory_estimate(monkeypatch):
+    """batch_size 0: the largest power of two up to 64 whose rows fit ComfyUI's own estimate (x1.5, and x3 for
+    forward AD's tangents); 1 where ComfyUI cannot say."""
+    from dpm_solver_nodes.nodes import comfy_ems
+
+    free = {"bytes": 10 ** 12}
+    management = types.SimpleNamespace(load_models_gpu=lambda models: None,
+                                       get_free_memory=lambda device: free["bytes"])
+    comfy = types.ModuleType("comfy")
+    comfy.model_management = management
+    monkeypatch.setitem(sys.modules, "comfy", comfy)
+    monkeypatch.setitem(sys.modules, "comfy.model_management", management)
+    model = types.SimpleNamespace(load_device="cpu", model=types.SimpleNamespace(
+        memory_required=lambda shape: shape[0] * 100 * 2 ** 20))  # 100 MiB per row
+    assert comfy_ems.auto_batch_size(model, (4, 64, 64), 7.5, "one_sided_difference") == 64
+    free["bytes"] = 6 * 2 ** 30  # 6 GiB: 2 rows x 100 MiB x 1.5 per sample -> 16 samples; forward AD: x3 -> 4
+    assert comfy_ems.auto_batch_size(model, (4, 64, 64), 7.5, "one_sided_difference") == 16
+    assert comfy_ems.auto_batch_size(model, (4, 64, 64), 7.5, "auto") == 4
+    assert comfy_ems.auto_batch_size(model, (4, 64, 64), 1.0, "auto") == 8  # no CFG: one row per sample
+    free["bytes"] = 2 ** 20
+    assert comfy_ems.auto_batch_size(model, (4, 64, 64), 7.5, "auto") == 1
+    broken = types.SimpleNamespace(load_device="cpu", model=types.SimpleNamespace())
+    assert comfy_ems.auto_batch_size(broken, (4, 64, 64), 7.5, "auto") == 1
+
+
+def test_network_dtype_is_the_compute_dtype():
+    from dpm_solver_nodes.nodes import comfy_ems
+
+    def patcher(weights, cast):
+        return types.SimpleNamespace(model=types.SimpleNamespace(manual_cast_dtype=cast, get_dtype=lambda: weights))
+
+    assert comfy_ems.network_dtype(patcher(torch.float32, None)) == torch.float32
+    assert comfy_ems.network_dtype(patcher(torch.float8_e4m3fn, torch.float16)) == torch.float16
+    assert comfy_ems.network_dtype(types.SimpleNamespace()) is None

@@ -179,6 +179,8 @@ def test_dropdown_entries_run_on_eps_and_flow_without_ems(server, kind):
     for name in ("dpmsolver_pp_2m_sde", "dpmsolver_pp_3m_sde"):  # noise was injected
         assert errors[name] > 10 * errors["dpmsolver_pp_2m"]
     assert "no EMS stored for this model" in server.log()  # the v3 fallback was logged
+    # ... saying what ran (a WARNING: tests/test_comfyui_adapter.py; ComfyUI's console prints messages only)
+    assert "DPM-Solver-v3 without EMS: l = 1, s = b = 0" in server.log()
 
 
 def test_sampler_nodes_in_sampler_custom_match_the_dropdown(server):
@@ -223,6 +225,11 @@ def test_ems_computed_in_graph_is_cached_reused_and_recomputed_for_another_model
     first_seconds = time.perf_counter() - started
     (info,) = _ems_outputs(first)
     assert info["source"] == "computed"
+    # the cost up front in the log, the outcome as the node's text and "summary" output
+    assert "model calls of up to 2 samples" in next(line for line in server.log().splitlines()
+                                                     if "computing EMS (N=2, K=2" in line)
+    (summary,) = first["outputs"][compute]["text"]
+    assert summary.startswith("EMS computed in ") and "DPM-Solver-v3 with these EMS: v3 at every step" in summary
     stored = sorted(p.name for p in server.ems_dir.glob("*.safetensors"))
     assert info["file"] in stored and "sd15_cfg7.5.safetensors" in stored  # compute node cache + SaveEMS
     from dpm_solver_nodes.stats import load_ems
@@ -243,6 +250,7 @@ def test_ems_computed_in_graph_is_cached_reused_and_recomputed_for_another_model
     second_seconds = time.perf_counter() - started
     (info2,) = _ems_outputs(second)
     assert info2["source"] == "cached" and info2["file"] == info["file"]
+    assert second["outputs"][compute]["text"][0].startswith(f"EMS loaded from {info['file']}")
     latents = server.latents(second)
     scale = float(with_ems.abs().max())
     # the file stores l, s, b in float32, run 1 sampled with the float64 estimate: equal to ~1e-6

@@ -320,13 +320,14 @@ def test_a_finished_job_reports_a_full_progress_bar():
 
 def test_check_cost_follows_the_settings():
     """main ran min(K, 16) x (100 + 2 sum NFE) model rows of check whatever N was; now the check never costs more
-    than the estimation and shrinks with it (none for toy settings)."""
-    for N, K in ((2, 2), (10, 8), (50, 32), (200, 64)):
-        cost = EMSSettings(N=N, K=K).cost()
-        assert cost["check"] <= cost["estimate"], (N, K, cost)
+    than the estimation's model evaluations (a JVP counted as one) and shrinks with them (none for toy settings)."""
+    for N, K in ((2, 2), (10, 8), (50, 8), (50, 32), (200, 64)):
+        settings = EMSSettings(N=N, K=K, tune=False)
+        cost = settings.cost(guided=False)
+        assert cost["check"] <= settings.tuning_budget() <= cost["estimate"], (N, K, cost)
     assert EMSSettings(N=2, K=2).check_plan()[0] == 0
     assert EMSSettings(N=200, K=64).check_plan() == (16, 80, (5, 6, 8, 10, 15, 20))
-    assert EMSSettings(N=10, K=16).check_plan()[0] == 3  # 11 x 16 x 4 rows of estimation // 208 rows per sample
+    assert EMSSettings(N=20, K=16).check_plan()[0] == 3  # (21 x 16 x 2 + 10) evaluations // 208 rows per sample
 
 
 def test_settings_and_target_validate_with_clear_messages():

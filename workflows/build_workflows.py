@@ -73,8 +73,8 @@ def api_workflows():
     graph = _common()
     graph["5"] = {"class_type": "DPMSolverNodes_ComputeEMS", "inputs": {
         "model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0], "cfg": 7.5, "width": 512, "height": 512,
-        "grid_size": 100, "sample_count": 32, "reduction": "per_channel", "seed": 0, "x0_steps": 20,
-        "batch_size": 4, "guidance": "guided", "jvp": "auto", "filename_prefix": "sd15_cfg7.5", "recompute": False}}
+        "grid_size": 180, "sample_count": 4, "reduction": "per_channel", "seed": 0, "x0_steps": 20,
+        "batch_size": 0, "guidance": "guided", "jvp": "auto", "filename_prefix": "sd15_cfg7.5", "recompute": False}}
     graph["6"] = {"class_type": "DPMSolverNodes_SaveEMS", "inputs": {"ems": ["5", 0], "filename": "sd15_cfg7.5"}}
     v3 = next(spec for spec in options.SAMPLER_NODES if spec.node_id == "DPMSolverNodes_DPMSolverV3")
     graph["7"] = {"class_type": v3.node_id, "inputs": {**options.widget_defaults(v3), "ems": ["5", 0]}}
