@@ -27,9 +27,9 @@ Brownian path and the solvers converge strongly (order 1: the noise enters addit
 
 A step into sigma = 0 returns D (first order, no noise, as k-diffusion).  A flow model's step out of sigma = 1
 (lambda = -inf) is the data-prediction first-order step, x_t = alpha_t D + sigma_t z for eta > 0: the
-noise-prediction coefficients are infinite there.  The data-prediction multistep solvers (++2M, ++3M) keep the
-output at sigma = 1 in their history and interpolate it in rho = -log sigma (``exponential._step_in_rho``), so the
-next step keeps its order; the noise-prediction 2M restarts its history there.
+noise-prediction coefficients are infinite there.  The multistep solvers keep the output at sigma = 1 in their
+history and interpolate D in rho = -log sigma (``exponential.rho_weights``), so the next step keeps its order; for
+the noise-prediction 2M that step is the data-prediction one (``exponential.noise_prediction_step`` says why).
 """
 from __future__ import annotations
 
@@ -228,18 +228,20 @@ def sample_dpm_solver_sde_2m(model, x, sigmas, extra_args=None, callback=None, d
                                          eta, s_noise, noise_type, noise_sampler, seed, noise_device)
     lower_order_final = run.default_lower_order_final(lower_order_final)
     t = run.table
-    previous = None  # (lambda, eps) of the last finite-lambda point
+    previous = None  # (lambda, eps, D) of the last point; lambda = -inf at a flow model's sigma = 1
     for i in run.range():
         denoised = run.denoise(x, i)
         run.report(x, i, denoised)
         if not t.finite_step(i):
             x = _data_sde_step(x, run, i, [denoised], eta, s_noise, noise)
-            previous = None
+            previous = (t.lam[i], None, denoised)
             continue
         eps = _noise_prediction(x, run, i, denoised)
-        history = 1 if previous is None else 2
-        if run.order(i, 2, lower_order_final, history) == 1:
+        if run.order(i, 2, lower_order_final, 1 if previous is None else 2) == 1:
             x = _noise_sde_step(x, run, i, [eps], eta, s_noise, noise)
+        elif not math.isfinite(previous[0]):  # history at sigma = 1: the data form, D interpolated in rho
+            history = ([t.lam[i], previous[0]], [denoised, previous[2]])
+            x = _data_sde_step(x, run, i, None, eta, s_noise, noise, history=history)
         else:
             h_prev = t.lam[i] - previous[0]
             if solver_type == "midpoint":
@@ -247,7 +249,7 @@ def sample_dpm_solver_sde_2m(model, x, sigmas, extra_args=None, callback=None, d
                 x = _noise_sde_step(x, run, i, [eps], eta, s_noise, noise, midpoint=midpoint)
             else:
                 x = _noise_sde_step(x, run, i, [eps, (eps - previous[1]) / h_prev], eta, s_noise, noise)
-        previous = (t.lam[i], eps)
+        previous = (t.lam[i], eps, denoised)
     return run.finish(x)
 
 
