@@ -250,10 +250,14 @@ def test_flow_start_at_sigma_one(mixture_case, mixture_ems):
         reference = reference_solution(flow_model, x, 1.0, 0.0, model_kind="flow")
         errors.append((out - reference).reshape(16, -1).norm(dim=1).median().item())
     assert errors[2] < errors[1] < errors[0], errors
-    for sigmas in ([1.0, 0.0], [1.0, 0.5], [1.0, 0.5, 0.0]):  # no v3 step at all, or one after the exact step
+    for sigmas in ([1.0, 0.0], [1.0, 0.5], [1.0, 0.5, 0.0]):  # no v3 step at all, or one after the first step
         out = sample_dpm_solver_v3(flow_model, x, torch.tensor(sigmas, dtype=torch.float64), ems=mixture_ems,
                                    model_kind="flow", disable=True)
         assert torch.isfinite(out).all()
+    # without the corrector the step out of sigma = 1 is DDIM (with it, the corrector at sigma = 0.5 redoes that step
+    # in rho: tests/test_flow_guidance.py)
+    out = sample_dpm_solver_v3(flow_model, x, torch.tensor([1.0, 0.5, 0.0], dtype=torch.float64), ems=mixture_ems,
+                               model_kind="flow", use_corrector=False, disable=True)
     assert torch.allclose(out, flow_model(x * 0.5 + 0.5 * flow_model(x, torch.ones(16)), torch.full((16,), 0.5)))
 
 
