@@ -16,7 +16,8 @@ from typing import NamedTuple
 import torch
 
 from .common import SamplerRun, check_choice, check_nonnegative, check_positive_int
-from .exponential import data_prediction_step, first_order_data_step, noise_prediction_step, step_out_of_sigma_one
+from .exponential import (data_prediction_step, first_order_data_step, guarded_step, noise_prediction_step,
+                          step_out_of_sigma_one)
 from .schedule import StepTable, noise_schedule
 
 METHODS = ("singlestep", "multistep")
@@ -200,7 +201,10 @@ def _run_multistep(run, x, order, lower_order_final):
             continue
         noises = [_noise_prediction(x, denoised, _table_point(t, i))] + noises[:order - 1]
         step_order = run.order(i, order, lower_order_final, len(lams))
-        if not math.isfinite(lams[step_order - 1]):  # history at sigma = 1: the data form, D interpolated in rho
+        if step_order == 3 and not math.isfinite(lams[2]):  # the data form in rho, guarded as the 3M's steps
+            x = guarded_step(x, t, i, (lams[:3], outputs[:3]),
+                             lambda: data_prediction_step(x, t, i, history=(lams[:2], outputs[:2])))
+        elif not math.isfinite(lams[step_order - 1]):  # history at sigma = 1: the data form, D interpolated in rho
             x = data_prediction_step(x, t, i, history=(lams[:step_order], outputs[:step_order]))
         else:
             x = noise_prediction_step(x, t, i, history=(lams[:step_order], noises[:step_order]))

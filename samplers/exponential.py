@@ -143,6 +143,7 @@ def data_prediction_step(x, table, i, derivatives=None, eta=0.0, midpoint=None, 
     alpha_t = table.alpha[i + 1]
     if table.sigma[i + 1] == 0:
         return (derivatives[0] if history is None else history[1][0]) * alpha_t
+    history = _near_sigma_one(table, i, history)
     if _reaches_sigma_one(table, i, history):
         return _data_step_in_rho(x, table, i, history, eta)
     h, kappa = table.h[i], 1.0 + eta
@@ -215,6 +216,25 @@ def rho_weights(lams, lam_s, lam_t, kernel):
                 basis = basis * (v - node) / (node_j - node)
         weights.append(float((weight * basis).sum()))
     return weights
+
+
+# A multistep step whose history reaches sigma = 1 extrapolates the outputs on [0, rho_s] to rho_t; it keeps the
+# sigma = 1 output only while rho_t - rho_s <= RHO_MAX_EXTRAPOLATION * rho_s (measured: bench/results_flow_guidance.md).
+RHO_MAX_EXTRAPOLATION = 2.0
+
+
+def _near_sigma_one(table, i, history):
+    """``history`` without its sigma = 1 output where the step would extrapolate it too far (RHO_MAX_EXTRAPOLATION;
+    a step-size ratio: variable-step multistep formulas lose accuracy and stability as the step outgrows the
+    history), else unchanged.  Steps out of sigma = 1 (singlestep stages) and correctors (whose newest output
+    sits at the step's end) extrapolate nothing and keep it."""
+    if history is None or not math.isfinite(table.lam[i]) or all(map(math.isfinite, history[0])):
+        return history
+    rho_newest = max(_rho(lam) for lam in history[0])
+    if _rho(table.lam[i + 1]) - rho_newest <= RHO_MAX_EXTRAPOLATION * rho_newest:
+        return history
+    kept = [k for k, lam in enumerate(history[0]) if math.isfinite(lam)]
+    return [history[0][k] for k in kept], [history[1][k] for k in kept]
 
 
 def _reaches_sigma_one(table, i, history):

@@ -32,7 +32,7 @@ import torch
 
 from .common import SamplerRun, check_choice, check_positive_int
 from .ems_data import EMSData
-from .exponential import data_prediction_step
+from .exponential import data_prediction_step, guarded_step
 
 logger = logging.getLogger("dpm_solver_nodes")
 
@@ -345,6 +345,9 @@ def _build_plan(ems, table, latent_shape, dtype, device, order, p_pseudo, use_co
         # A flow start: the steps and correctors whose points reach sigma = 1 cannot use the EMS form there
         # (x / alpha is infinite); they are DPM-Solver++ steps (l = 1, s = b = 0) with D interpolated in
         # rho = -log sigma (``exponential.data_prediction_step``), so the second step keeps the predictor's order.
+        # No corrector redoes the step out of sigma = 1: holding D_1 while x_1 moves measured far worse with
+        # guidance at few steps (bench/results_flow_guidance.md).
+        corrector_orders.pop(1, None)
         plan.rho_predictor = {i: p for i, p in orders.items() if i - p + 1 <= 0}
         plan.rho_corrector = {i: c for i, c in corrector_orders.items() if i - c + 1 <= 0}
         orders = {i: p for i, p in orders.items() if i not in plan.rho_predictor}
@@ -574,6 +577,10 @@ def sample_dpm_solver_v3(model, x, sigmas, extra_args=None, callback=None, disab
         if i in plan.predictor:
             A, K, W = plan.predictor[i]
             x = _combine(A, K, W, x, history)
+        elif plan.rho_predictor[i] >= 3:  # a flow start: guarded as the 3M's third-order steps
+            count = plan.rho_predictor[i]
+            x = guarded_step(x, t, i, ([t.lam[j] for j in range(i, i - count, -1)], [outputs[j] for j in range(
+                i, i - count, -1)]), lambda: _step_in_rho(x, t, i, i, count - 1, outputs))
         else:  # a flow start: the steps whose points reach sigma = 1 (the first one: DDIM)
             x = _step_in_rho(x, t, i, i, plan.rho_predictor[i], outputs)
     return run.finish(x)

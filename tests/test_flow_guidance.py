@@ -12,7 +12,8 @@ import torch
 
 from dpm_solver_nodes.analytic.gaussian_mixture import (GaussianMixture, GuidedGaussianMixture, reference_solution,
                                                          sample_noise)
-from dpm_solver_nodes.samplers import sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_dpmpp_3m, sample_dpmpp_3m_sde
+from dpm_solver_nodes.samplers import (sample_dpm_solver, sample_dpm_solver_sde_2m, sample_dpm_solver_v3, sample_dpmpp_2m,
+                                      sample_dpmpp_2m_sde, sample_dpmpp_2s, sample_dpmpp_3m, sample_dpmpp_3m_sde)
 from dpm_solver_nodes.samplers.exponential import extrapolated_denoised
 from dpm_solver_nodes.samplers.sigmas import exponential, flow_logsnr_uniform, karras, shifted, with_zero
 from dpm_solver_nodes.samplers.schedule import noise_schedule
@@ -68,30 +69,121 @@ def problem(seed, guidance, model_kind, start):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Out of sigma = 1: the history point at sigma = 1 is used (in rho = -log sigma), so the second step keeps order 2
+# Out of sigma = 1: the history point at sigma = 1 is used (in rho = -log sigma), so the second step keeps its order;
+# singlestep methods put their stages in rho
 # ---------------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("sampler", [
-    sample_dpmpp_2m, sample_dpmpp_3m,
-    lambda *a, **k: sample_dpmpp_2m_sde(*a, eta=0.0, **k), lambda *a, **k: sample_dpmpp_3m_sde(*a, eta=0.0, **k)],
-    ids=["2m", "3m", "2m-sde-eta0", "3m-sde-eta0"])
-def test_the_step_after_sigma_one_has_third_order_local_error(sampler):
-    """sigmas [1, e^-0.001, e^-(0.001 + H)], H = 0.1, 0.05, 0.025: the first step (DDIM over rho = 0.001) is nearly
-    exact, so the error is the second step's local error.  With the sigma = 1 output in its history it is O(H^3):
-    measured slopes 2.86-2.97 (guidance 1 and 7.5); the step before this change (first order: no usable history in
-    lambda) measured 2.00-2.03 after the first pair."""
+def _flow_problem(guidance, seed=0):
+    model = GuidedGaussianMixture(GaussianMixture.random(dim=8, components=5, seed=seed), [0, 1],
+                                  scale=guidance).denoiser("flow")
+    return model, sample_noise(32, (8,), seed=1 + seed)
+
+
+def _slopes(errors):
+    return [math.log2(errors[k] / errors[k + 1]) for k in range(len(errors) - 1)]
+
+
+MULTISTEP = {
+    "2m": lambda m, x, s: sample_dpmpp_2m(m, x, s, model_kind="flow", lower_order_final=False, disable=True),
+    "3m": lambda m, x, s: sample_dpmpp_3m(m, x, s, model_kind="flow", lower_order_final=False, disable=True),
+    "2m-sde-eta0": lambda m, x, s: sample_dpmpp_2m_sde(m, x, s, model_kind="flow", eta=0.0, lower_order_final=False,
+                                                       disable=True),
+    "3m-sde-eta0": lambda m, x, s: sample_dpmpp_3m_sde(m, x, s, model_kind="flow", eta=0.0, lower_order_final=False,
+                                                       disable=True),
+    "dpm-solver-multistep-2": lambda m, x, s: sample_dpm_solver(m, x, s, model_kind="flow", order=2,
+                                                                method="multistep", lower_order_final=False,
+                                                                disable=True),
+    "dpm-solver-multistep-3": lambda m, x, s: sample_dpm_solver(m, x, s, model_kind="flow", order=3,
+                                                                method="multistep", lower_order_final=False,
+                                                                disable=True),
+    "dpm-solver-sde-2m-eta0": lambda m, x, s: sample_dpm_solver_sde_2m(m, x, s, model_kind="flow", eta=0.0,
+                                                                       lower_order_final=False, disable=True),
+    "v3-no-corrector": lambda m, x, s: sample_dpm_solver_v3(m, x, s, model_kind="flow", use_corrector=False,
+                                                            fallback=False, lower_order_final=False, disable=True),
+}
+
+
+@pytest.mark.parametrize("name", list(MULTISTEP))
+def test_the_step_after_sigma_one_has_third_order_local_error(name):
+    """Step 1 of sigmas 1, e^-H, e^-2.5H (a step ratio of 1.5 in rho) against the exact solution from the sampler's
+    own x_1, H = 0.02, 0.01, 0.005: with the sigma = 1 output in its history the step's local error is O(H^3),
+    measured slopes 2.67-3.3 (guidance 1 and 7.5, bench/results_flow_guidance.md); a first-order step (the noise-
+    prediction solvers and v3 before this change) measures 2.0."""
+    run = MULTISTEP[name]
     for guidance in (1.0, 7.5):
-        model = GuidedGaussianMixture(GaussianMixture.random(dim=8, components=5, seed=0), [0, 1],
-                                      scale=guidance).denoiser("flow")
-        x = sample_noise(32, (8,), seed=1)
+        model, x = _flow_problem(guidance)
         errors = []
-        for step in (0.1, 0.05, 0.025):
-            sigmas = torch.tensor([1.0, math.exp(-0.001), math.exp(-0.001 - step)], dtype=torch.float64)
-            ref = reference_solution(model, x, 1.0, float(sigmas[-1]), "flow")
-            out = sampler(model, x, sigmas, model_kind="flow", lower_order_final=False, disable=True)
-            errors.append((out - ref).norm(dim=1).median().item())
-        slopes = [math.log2(errors[k] / errors[k + 1]) for k in range(2)]
-        assert min(slopes) > 2.6, (guidance, errors, slopes)  # 2.0 for a first-order step
+        for step in (0.02, 0.01, 0.005):
+            sigmas = torch.tensor([1.0, math.exp(-step), math.exp(-2.5 * step)], dtype=torch.float64)
+            x1 = run(model, x, sigmas[:2])
+            exact = reference_solution(model, x1, float(sigmas[1]), float(sigmas[2]), "flow")
+            errors.append((run(model, x, sigmas) - exact).norm(dim=1).median().item())
+        assert min(_slopes(errors)) > 2.5, (guidance, errors, _slopes(errors))
+
+
+def test_v3_corrector_redoes_the_step_after_sigma_one_in_rho():
+    """v3 (no EMS) with its corrector: the corrector at sigma_2 redoes step 1 with the quadratic in rho through the
+    outputs at sigma = 1, sigma_1 and sigma_2 (a tiny last step makes the corrected x_2 the output).  Local error
+    O(H^4): measured slopes 3.1-4.3; before, the corrector used sigma_1 and sigma_2 only (slopes 2.0-2.2)."""
+    run = MULTISTEP["v3-no-corrector"]
+    for guidance in (1.0, 7.5):
+        model, x = _flow_problem(guidance)
+        errors = []
+        for step in (0.02, 0.01, 0.005):
+            sigmas = torch.tensor([1.0, math.exp(-step), math.exp(-2.5 * step), math.exp(-2.5 * step - 1e-5)],
+                                  dtype=torch.float64)
+            x1 = run(model, x, sigmas[:2])
+            exact = reference_solution(model, x1, float(sigmas[1]), float(sigmas[3]), "flow")
+            out = sample_dpm_solver_v3(model, x, sigmas, model_kind="flow", fallback=False, lower_order_final=False,
+                                       disable=True)
+            errors.append((out - exact).norm(dim=1).median().item())
+        assert min(_slopes(errors)) > 3.0, (guidance, errors, _slopes(errors))
+
+
+@pytest.mark.parametrize("name, order", [("dpm-solver-2", 2), ("dpm-solver-3", 3), ("dpmpp-2s", 2)])
+def test_singlestep_step_out_of_sigma_one_keeps_its_order(name, order):
+    """The step 1 -> e^-H with the stages in rho (DPM-Solver-2/3, DPM-Solver++(2S)), H = 0.02, 0.01, 0.005: local
+    error O(H^(order + 1)), measured slopes 2.7-3.6 (order 2) and 3.8-6.2 (order 3); before, the step was DDIM with
+    one call (slope 2.0)."""
+    def run(model, x, sigmas):
+        if name == "dpmpp-2s":
+            return sample_dpmpp_2s(model, x, sigmas, model_kind="flow", disable=True)
+        return sample_dpm_solver(model, x, sigmas, model_kind="flow", order=order, lower_order_final=False,
+                                 disable=True)
+
+    for guidance in (1.0, 7.5):
+        model, x = _flow_problem(guidance)
+        calls = []
+
+        def counted(xx, sigma, **kwargs):
+            calls.append(1)
+            return model(xx, sigma)
+
+        errors = []
+        for step in (0.02, 0.01, 0.005):
+            sigmas = torch.tensor([1.0, math.exp(-step)], dtype=torch.float64)
+            exact = reference_solution(model, x, 1.0, float(sigmas[1]), "flow")
+            errors.append((run(counted, x, sigmas) - exact).norm(dim=1).median().item())
+        assert len(calls) == 3 * order  # order model calls per step, as every other step
+        assert min(_slopes(errors)) > order + 0.6, (guidance, errors, _slopes(errors))
+
+
+def test_a_step_far_beyond_its_history_in_rho_drops_sigma_one():
+    """The sigma = 1 output stays in the history only while the step extrapolates at most twice the history's span in
+    rho (rho_t - rho_s <= 2 rho_s); beyond, the step is the one with the finite history (here: first order, DDIM).
+    At 5-6 steps of the recommended flow schedule (ratio 3.7, 2.7) with guidance 7.5 this measured 70 -> 1.5 and
+    1.2 -> 0.80 for the 2M (bench/results_flow_guidance.md)."""
+    model, x = _flow_problem(7.5)
+    lam = lambda sigma: math.log((1 - sigma) / sigma)
+    far = torch.tensor([1.0, math.exp(-0.05), math.exp(-0.05 - 0.11)], dtype=torch.float64)  # ratio 2.2
+    near = torch.tensor([1.0, math.exp(-0.05), math.exp(-0.05 - 0.09)], dtype=torch.float64)  # ratio 1.8
+    for sigmas, keeps in ((far, False), (near, True)):
+        out = sample_dpmpp_2m(model, x, sigmas, model_kind="flow", lower_order_final=False, disable=True)
+        s1, s2 = float(sigmas[1]), float(sigmas[2])
+        x1 = sample_dpmpp_2m(model, x, sigmas[:2], model_kind="flow", disable=True)
+        ddim = x1 * (s2 / s1) + model(x1, torch.full((32,), s1, dtype=torch.float64)) * ((1 - s2) * -math.expm1(
+            -(lam(s2) - lam(s1))))
+        assert torch.allclose(out, ddim, rtol=0, atol=1e-12) != keeps
 
 
 # ---------------------------------------------------------------------------------------------------------------
