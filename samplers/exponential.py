@@ -284,38 +284,54 @@ def step_out_of_sigma_one(x, table, i, denoised, fractions, denoise_at):
     return data_prediction_step(x, table, i, history=([previous[0], lam_s], [previous[1], denoised]))
 
 
-# A third-order step is kept for a sample only where its D'' term moves x by at most this fraction of what the D'
-# term moves it (measured: bench/results_flow_guidance.md); otherwise that sample takes the second-order step.
-GUARD_RATIO = 0.25
+# A third-order step is kept for a sample only where its D'' term moves x by at most GUARD_RATIO of what the D' term
+# moves it, or by at most GUARD_NEGLIGIBLE of |x|, or (official ODE form, a fourth output in the history) where that
+# term is at most GUARD_NEXT_SMALL of |x| and the cubic's next term at most GUARD_NEXT_TERM times it; otherwise the
+# sample takes the second-order step (chosen by measurement: bench/results_flow_guidance.md).
+GUARD_RATIO = 0.125
 GUARD_MIN_STEP = 0.2
 GUARD_NEGLIGIBLE = 0.003
+GUARD_NEXT_TERM = 1.5
+GUARD_NEXT_SMALL = 0.02
 
 
 def guarded_step(x, table, i, history, second, eta=0.0, scales=None, guard=True):
-    """The multistep step of order len(history) >= 3, falling back per sample to ``second()`` (a callable giving that
-    step's second-order result, computed only when the guard acts) where the extrapolation is unreliable.
+    """The multistep step of order 3 through the first three outputs of ``history`` (newest first), falling back per
+    sample to ``second()`` (a callable giving that step's second-order result, computed only when the guard acts)
+    where the extrapolation is unreliable.  A fourth output in ``history`` only feeds the guard.
 
-    The Taylor series of the step (DPM-Solver++ Eq. 9) converges when each term is smaller than the one before:
-    with x1, x2, x3 the first-, second- and third-order results, a sample keeps x3 if
-    |x3 - x2| <= GUARD_RATIO |x2 - x1| per unit of D'' weight (norms per sample), or if |x3 - x2| <=
-    GUARD_NEGLIGIBLE |x2| (too small to do harm; keeps the 3M's lead at 20+ steps); steps with h < GUARD_MIN_STEP are
-    never guarded.  Guided, fast-changing outputs on coarse steps break the series, and the quadratic extrapolation
-    of D'' then amplifies the error instead of cancelling it.  A hard switch: bounding the correction continuously
-    measured far worse (158x the 2M's error at 8 guided flow logSNR steps), so a sample near the threshold can flip
-    with rounding (fp16).
+    The Taylor series of the step (DPM-Solver++ Eq. 9) converges when each term is smaller than the one before: with
+    x1, x2, x3 the first-, second- and third-order results, a sample keeps x3 if |x3 - x2| <= GUARD_RATIO |x2 - x1|
+    per unit of D'' weight (norms per sample; the official form's D'' weight is half the Taylor one), or if |x3 -
+    x2| <= GUARD_NEGLIGIBLE |x2| (too small to do harm). The official ODE form (eta = 0: with noise in the history
+    it kept third-order steps that measured worse) also keeps x3 where |x3 - x2| <= GUARD_NEXT_SMALL |x2| and the
+    step through four outputs (the cubic's D''' term, Taylor weights) moves x by at most GUARD_NEXT_TERM times what
+    the Taylor D'' term moves it: late, smooth steps whose D'' and D' terms are of one size (h near 1) but whose
+    series goes on converging. Steps with h < GUARD_MIN_STEP are never guarded. Guided, fast-changing outputs on
+    coarse steps break the series, and the quadratic extrapolation of D'' then amplifies the error instead of
+    cancelling it. A hard switch: bounding the correction continuously measured far worse, so a sample near a
+    threshold can flip with rounding (fp16).
     """
-    third = data_prediction_step(x, table, i, history=history, eta=eta, scales=scales)
+    lams, outputs = history
+    third = data_prediction_step(x, table, i, history=(lams[:3], outputs[:3]), eta=eta, scales=scales)
     if not guard or table.sigma[i + 1] == 0 or GUARD_RATIO is None or table.h[i] < GUARD_MIN_STEP:
         return third
     second = second()
-    first = data_prediction_step(x, table, i, [history[1][0]], eta=eta)
+    first = data_prediction_step(x, table, i, [outputs[0]], eta=eta)
     dims = tuple(range(1, x.ndim))
-    correction = (third - second).square().sum(dims)
-    previous = (second - first).square().sum(dims)
+
+    def squared(value):
+        return value.square().sum(dims)
+
+    correction, size = squared(third - second), squared(second)
     limit = GUARD_RATIO * (scales[2] if scales is not None else 1.0) / 0.5  # per unit of D'' (official: half)
-    small = correction <= GUARD_NEGLIGIBLE ** 2 * second.square().sum(dims)  # too small to do harm: keep order 3
-    keep = ((correction <= limit ** 2 * previous) | small).reshape(-1, *[1] * (x.ndim - 1))
-    return torch.where(keep, third, second)
+    keep = (correction <= limit ** 2 * squared(second - first)) | (correction <= GUARD_NEGLIGIBLE ** 2 * size)
+    if scales is not None and eta == 0 and len(lams) > 3 and all(map(math.isfinite, lams)):
+        taylor = data_prediction_step(x, table, i, history=(lams[:3], outputs[:3]), eta=eta)
+        cubic = data_prediction_step(x, table, i, history=(lams[:4], outputs[:4]), eta=eta)
+        keep |= (correction <= GUARD_NEXT_SMALL ** 2 * size) & (
+            squared(cubic - taylor) <= GUARD_NEXT_TERM ** 2 * squared(taylor - second))
+    return torch.where(keep.reshape(-1, *[1] * (x.ndim - 1)), third, second)
 
 
 def data_prediction_noise_scale(table, i, eta):
@@ -331,8 +347,8 @@ def noise_prediction_step(x, table, i, derivatives=None, eta=0.0, midpoint=None,
     ``midpoint`` = (difference, factor), factor * difference ~ h eps', takes the weight sigma_t kappa phi_1(h) / 2.
     ``history`` as in ``data_prediction_step``.  Finite h and finite history only: callers send a flow model's steps
     out of sigma = 1 (alpha_s = 0) and those whose history reaches it to the data form (``data_prediction_step``).
-    The noise form's weight alpha_t e^{-lambda} dlambda = alpha_t du / u^2 (u = e^lambda) would turn an interpolant's O(u^2)
-    error near sigma = 1 into an O(u) one (measured: order 2.1 instead of 3 for eps interpolated in rho).
+    The noise form's weight alpha_t e^{-lambda} dlambda = alpha_t du / u^2 (u = e^lambda) would turn an
+    interpolant's O(u^2) error near sigma = 1 into an O(u) one (eps interpolated in rho measured second order).
     """
     h, kappa, sigma_t = table.h[i], 1.0 + eta, table.sigma[i + 1]
     out = x * (table.alpha[i + 1] / table.alpha[i])

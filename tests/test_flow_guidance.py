@@ -12,8 +12,9 @@ import torch
 
 from dpm_solver_nodes.analytic.gaussian_mixture import (GaussianMixture, GuidedGaussianMixture, reference_solution,
                                                          sample_noise)
-from dpm_solver_nodes.samplers import (sample_dpm_solver, sample_dpm_solver_sde_2m, sample_dpm_solver_v3, sample_dpmpp_2m,
-                                      sample_dpmpp_2m_sde, sample_dpmpp_2s, sample_dpmpp_3m, sample_dpmpp_3m_sde)
+from dpm_solver_nodes.samplers import (sample_ddim, sample_dpm_solver, sample_dpm_solver_sde_2m, sample_dpm_solver_v3,
+                                      sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_dpmpp_2s, sample_dpmpp_3m,
+                                      sample_dpmpp_3m_sde)
 from dpm_solver_nodes.samplers.exponential import extrapolated_denoised
 from dpm_solver_nodes.samplers.sigmas import exponential, flow_logsnr_uniform, karras, shifted, with_zero
 from dpm_solver_nodes.samplers.schedule import noise_schedule
@@ -241,13 +242,14 @@ def test_shift3_flow_2m_at_most_1_1x_kdiffusion_2m(guidance):
 # Third-order steps with guidance: bounded outputs, never far behind the 2M
 # ---------------------------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("solver_type", ["official", "taylor"])
 @pytest.mark.parametrize("model_kind", ["flow", "eps"])
 @pytest.mark.parametrize("guidance", GUIDANCE)
-def test_3m_at_most_2x_the_2m_error_at_8_to_12_steps(guidance, model_kind):
-    """The default (official) 3M, 3 random mixtures, the hosts' schedule (shift 3 / Karras) and logSNR-uniform steps:
-    measured at most 1.45x.  Without the guard it measured up to 1.9e3x (flow, logSNR) and 47x (eps, Karras,
-    guidance 7.5) on the bench mixtures.  The Taylor form stays bounded (test below) but is not asserted here: its
-    second-order fallback is the Taylor 2M, and it measured 2.7-70x the (midpoint) 2M's error at 8-12 steps."""
+def test_3m_at_most_2x_the_2m_error_at_8_to_12_steps(guidance, model_kind, solver_type):
+    """The 3M (both forms), 3 random mixtures, the hosts' schedule (shift 3 / Karras) and logSNR-uniform steps, 8-12
+    steps: measured at most 1.47x the (midpoint) 2M's error here, 1.68x (official) and 1.39x (Taylor) over 756 cases
+    of the guard study, 1.93x and 1.35x on its held-out mixtures.  Without the guard: up to 3.8e3x; the Taylor form
+    with its former Taylor-weighted second-order steps: up to 76x (bench/results_flow_guidance.md)."""
     worst = {}
     for seed in SEEDS:
         start = 1.0 if model_kind == "flow" else None
@@ -256,7 +258,8 @@ def test_3m_at_most_2x_the_2m_error_at_8_to_12_steps(guidance, model_kind):
             for steps in (8, 10, 12):
                 sigmas = make(steps)
                 two = per_sample_error(sample_dpmpp_2m(model, x, sigmas, model_kind=model_kind, disable=True), ref)
-                three = sample_dpmpp_3m(model, x, sigmas, model_kind=model_kind, disable=True)
+                three = sample_dpmpp_3m(model, x, sigmas, model_kind=model_kind, solver_type=solver_type,
+                                        disable=True)
                 worst[make.__name__, steps] = per_sample_error(three, ref) / two
     assert max(worst.values()) <= 2.0, worst
 
@@ -269,19 +272,33 @@ BOUNDED = {
     "3m-taylor": lambda m, x, s, k: sample_dpmpp_3m(m, x, s, model_kind=k, solver_type="taylor", disable=True),
     "3m-sde": lambda m, x, s, k: sample_dpmpp_3m_sde(m, x, s, model_kind=k, seed=0, noise_type="gaussian",
                                                      disable=True),
-    "3m-sde-official": lambda m, x, s, k: sample_dpmpp_3m_sde(m, x, s, model_kind=k, seed=0, noise_type="gaussian",
-                                                              solver_type="official", disable=True),
+    "3m-sde-taylor": lambda m, x, s, k: sample_dpmpp_3m_sde(m, x, s, model_kind=k, seed=0, noise_type="gaussian",
+                                                            solver_type="taylor", disable=True),
+}
+# the solvers whose flow start this issue changed, and DDIM; step counts 5-20 (CI time)
+BOUNDED_MORE = {
+    "dpm-solver-multistep-3": lambda m, x, s, k: sample_dpm_solver(m, x, s, model_kind=k, order=3, method="multistep",
+                                                                   disable=True),
+    "dpm-solver-singlestep-3": lambda m, x, s, k: sample_dpm_solver(m, x, s, model_kind=k, order=3, disable=True),
+    "dpmpp-2s": lambda m, x, s, k: sample_dpmpp_2s(m, x, s, model_kind=k, disable=True),
+    "v3": lambda m, x, s, k: sample_dpm_solver_v3(m, x, s, model_kind=k, disable=True),
+    "ddim": lambda m, x, s, k: sample_ddim(m, x, s, model_kind=k, disable=True),
+    "dpm-solver-sde-2m": lambda m, x, s, k: sample_dpm_solver_sde_2m(m, x, s, model_kind=k, seed=0,
+                                                                     noise_type="gaussian", disable=True),
 }
 
 
 @pytest.mark.parametrize("model_kind", ["flow", "eps"])
 @pytest.mark.parametrize("guidance", GUIDANCE)
 def test_outputs_stay_within_a_multiple_of_the_exact_range(guidance, model_kind):
-    """max |output| / max |exact ODE output| (same noise) over step counts 5, 6, 8, 12, 20, 40, 3 random mixtures
-    (dim 16) and both schedules of the model kind.  Measured (guidance 1 / 5 / 7.5, flow | eps): 2M 1.14 / 2.81 / 5.83 |
-    1.19 / 1.65 / 7.78 (its own excursions at 5-6 guided logSNR or Karras steps), official 3M the same as the 2M,
-    Taylor 3M up to 6.49 | 13.5, 2M SDE up to 10.7 | 18.9, 3M SDE up to 18.2 | 27.8 (eta = 1, Gaussian noise).
-    Without the guard the 3M reached |x| = 1.2e4 on data of range 4.7 (bench/results_flow_guidance.md)."""
+    """max |output| / max |exact ODE output| (same noise) over step counts 5, 6, 8, 12, 20 and 40 (the solvers of
+    BOUNDED_MORE: 5-20), 3 random mixtures (dim 16) and both schedules of the model kind (tables of the measured
+    multiples: bench/results_flow_guidance.md).  The 2M's own excursions at 5-6 guided logSNR or Karras steps set the
+    scale (up to 5.8 | 7.8, flow | eps); the 3M stays within 1.1x of it; the ODE solvers within 15 (Taylor 3M up to
+    13.5), the SDE solvers (eta = 1, Gaussian noise) and DPM-Solver-3 (singlestep) within 40.  The noise-prediction
+    SDE-DPM-Solver-2M is the exception: its weight 2 sigma_t (e^h - 1) on eps doubles an extrapolation error per
+    coarse step (up to 1.6e3 | 1.0e3 here; 4.2e3 on flow before its start in rho), so it is only held to 2e3.
+    Without the guard the 3M reached |x| = 1.2e4 on data of range 4.7."""
     worst = {}
     for seed in SEEDS:
         for make in SCHEDULES[model_kind]:
@@ -289,9 +306,12 @@ def test_outputs_stay_within_a_multiple_of_the_exact_range(guidance, model_kind)
             model, x, ref = problem(seed, guidance, model_kind, start)
             scale = ref.abs().max().item()
             for steps in (5, 6, 8, 12, 20, 40):
-                for name, run in BOUNDED.items():
+                table = dict(BOUNDED, **BOUNDED_MORE) if steps <= 20 else BOUNDED
+                for name, run in table.items():
                     ratio = run(model, x, make(steps), model_kind).abs().max().item() / scale
                     worst[name] = max(worst.get(name, 0.0), ratio)
     assert worst["3m"] <= 1.1 * worst["2m"], worst
-    assert max(worst[name] for name in ("2m", "3m", "3m-taylor")) <= 15, worst
-    assert max(worst.values()) <= 40, worst
+    ode = ("2m", "3m", "3m-taylor", "dpm-solver-multistep-3", "dpmpp-2s", "v3", "ddim")
+    assert max(worst[name] for name in ode) <= 15, worst
+    assert max(v for name, v in worst.items() if name != "dpm-solver-sde-2m") <= 40, worst
+    assert worst["dpm-solver-sde-2m"] <= 2e3, worst
