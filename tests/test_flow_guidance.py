@@ -264,6 +264,27 @@ def test_3m_at_most_2x_the_2m_error_at_8_to_12_steps(guidance, model_kind, solve
     assert max(worst.values()) <= 2.0, worst
 
 
+def test_guard_keeps_most_of_the_3m_lead_at_15_to_20_unguided_steps():
+    """Geometric mean of the official 3M's error over the 2M's, 3 mixtures, both kinds, both schedules, 15 and 20
+    steps, guidance 1: measured 0.37 (the guard's ratio rule alone, as before this change: 0.59; no guard 0.25 on
+    the guard study's held-out mixtures).  The fourth-output check keeps order 3 on late, smooth steps whose D''
+    and D' terms are of one size."""
+    logs = []
+    for seed in SEEDS:
+        for model_kind in ("flow", "eps"):
+            for make in SCHEDULES[model_kind]:
+                start = 1.0 if model_kind == "flow" else float(make(8)[0])
+                model, x, ref = problem(seed, 1.0, model_kind, start)
+                for steps in (15, 20):
+                    sigmas = make(steps)
+                    two = per_sample_error(sample_dpmpp_2m(model, x, sigmas, model_kind=model_kind, disable=True),
+                                           ref)
+                    three = per_sample_error(sample_dpmpp_3m(model, x, sigmas, model_kind=model_kind, disable=True),
+                                             ref)
+                    logs.append(math.log(three / two))
+    assert math.exp(sum(logs) / len(logs)) <= 0.45, [round(math.exp(v), 3) for v in logs]
+
+
 BOUNDED = {
     "2m": lambda m, x, s, k: sample_dpmpp_2m(m, x, s, model_kind=k, disable=True),
     "2m-sde": lambda m, x, s, k: sample_dpmpp_2m_sde(m, x, s, model_kind=k, seed=0, noise_type="gaussian",
@@ -292,13 +313,14 @@ BOUNDED_MORE = {
 @pytest.mark.parametrize("guidance", GUIDANCE)
 def test_outputs_stay_within_a_multiple_of_the_exact_range(guidance, model_kind):
     """max |output| / max |exact ODE output| (same noise) over step counts 5, 6, 8, 12, 20 and 40 (the solvers of
-    BOUNDED_MORE: 5-20), 3 random mixtures (dim 16) and both schedules of the model kind (tables of the measured
-    multiples: bench/results_flow_guidance.md).  The 2M's own excursions at 5-6 guided logSNR or Karras steps set the
-    scale (up to 5.8 | 7.8, flow | eps); the 3M stays within 1.1x of it; the ODE solvers within 15 (Taylor 3M up to
-    13.5), the SDE solvers (eta = 1, Gaussian noise) and DPM-Solver-3 (singlestep) within 40.  The noise-prediction
-    SDE-DPM-Solver-2M is the exception: its weight 2 sigma_t (e^h - 1) on eps doubles an extrapolation error per
-    coarse step (up to 1.6e3 | 1.0e3 here; 4.2e3 on flow before its start in rho), so it is only held to 2e3.
-    Without the guard the 3M reached |x| = 1.2e4 on data of range 4.7."""
+    BOUNDED_MORE: 5-20), 3 random mixtures (dim 16) and both schedules of the model kind.  Measured (guidance
+    1 / 5 / 7.5, flow | eps): the 2M 1.08 / 2.13 / 5.84 | 1.19 / 1.65 / 7.78 (its own excursions at 5-6 guided
+    logSNR or Karras steps set the scale); both 3M forms the same as the 2M (the Taylor form before its midpoint
+    second-order steps: up to 6.48 | 13.5); the 3M SDE the 2M SDE's 1.27 / 3.87 / 10.4 | 1.41 / 4.44 / 18.9 (before:
+    up to 18.2 | 27.8); v3 up to 12.0, DPM-Solver-3 singlestep up to 17.7.  The noise-prediction SDE-DPM-Solver-2M
+    is the exception: its weight 2 sigma_t (e^h - 1) on eps doubles an extrapolation error per coarse step (up to
+    1.0e3 | 1.6e3; 4.2e3 on flow before its start in rho), so it is only held to 2e3.  Without the guard the 3M
+    reached |x| = 1.2e4 on data of range 4.7 (bench/results_flow_guidance.md)."""
     worst = {}
     for seed in SEEDS:
         for make in SCHEDULES[model_kind]:
@@ -310,8 +332,9 @@ def test_outputs_stay_within_a_multiple_of_the_exact_range(guidance, model_kind)
                 for name, run in table.items():
                     ratio = run(model, x, make(steps), model_kind).abs().max().item() / scale
                     worst[name] = max(worst.get(name, 0.0), ratio)
-    assert worst["3m"] <= 1.1 * worst["2m"], worst
+    assert max(worst["3m"], worst["3m-taylor"]) <= 1.1 * worst["2m"], worst
+    assert max(worst["3m-sde"], worst["3m-sde-taylor"]) <= 1.1 * worst["2m-sde"], worst
     ode = ("2m", "3m", "3m-taylor", "dpm-solver-multistep-3", "dpmpp-2s", "v3", "ddim")
     assert max(worst[name] for name in ode) <= 15, worst
-    assert max(v for name, v in worst.items() if name != "dpm-solver-sde-2m") <= 40, worst
+    assert max(v for name, v in worst.items() if name != "dpm-solver-sde-2m") <= 20, worst
     assert worst["dpm-solver-sde-2m"] <= 2e3, worst
