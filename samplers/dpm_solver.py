@@ -143,11 +143,12 @@ def sample_dpm_solver(model, x, sigmas, extra_args=None, callback=None, disable=
         ``lower_order_final`` (e.g. from ``fast_schedule``).
       final_step: "denoise" (a trailing 0 in sigmas returns D, one call) or "stop" (return x at the last positive
         sigma).  Steps into sigma = 0 are first order.
+      threshold_percentile, threshold_max: Imagen dynamic thresholding of D for pixel-space models (off if None).
     A flow model's sigma = 1 is lambda = -inf, where the noise-prediction form is undefined (alpha = 0): the step out
     of it puts a singlestep method's stages in rho = -log sigma (``exponential.step_out_of_sigma_one``, ``order``
     calls; a multistep method's first step is DDIM), and the multistep steps whose history reaches it are
-    data-prediction steps with D interpolated in rho (``exponential.rho_weights``), so both keep their order.
-      threshold_percentile, threshold_max: Imagen dynamic thresholding of D for pixel-space models (off if None).
+    data-prediction steps with D interpolated in rho (``exponential.rho_weights``; the third-order one guarded as
+    the 3M's, ``exponential.guarded_step``), so both keep their order.
     The callback runs once per host step with the denoised prediction at the step's start.
     """
     check_choice("order", order, (1, 2, 3))
@@ -172,11 +173,16 @@ def _run_singlestep(run, x, order, lower_order_final, orders):
     for i in run.range():
         denoised = run.denoise(x, i)
         run.report(x, i, denoised)
-        step_order = 1 if t.sigma[i + 1] == 0 else orders[i] if orders is not None else run.order(
-            i, order, lower_order_final, order)
-        if not t.finite_step(i):  # into sigma = 0 (first order), or out of a flow model's sigma = 1: stages in rho
-            x = step_out_of_sigma_one(x, t, i, denoised, R_STAGES[step_order], lambda u, sigma: run.denoise(
-                u, i, sigma=sigma)) if step_order > 1 else data_prediction_step(x, t, i, [denoised])
+        if t.sigma[i + 1] == 0:
+            x = data_prediction_step(x, t, i, [denoised])
+            continue
+        step_order = orders[i] if orders is not None else run.order(i, order, lower_order_final, order)
+        if not t.finite_step(i):  # out of a flow model's sigma = 1: the stages in rho (order 1: DDIM)
+            if step_order == 1:
+                x = data_prediction_step(x, t, i, [denoised])
+            else:
+                x = step_out_of_sigma_one(x, t, i, denoised, R_STAGES[step_order],
+                                          lambda u, sigma: run.denoise(u, i, sigma=sigma))
             continue
         s = _table_point(t, i)
 

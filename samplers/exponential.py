@@ -284,15 +284,15 @@ def step_out_of_sigma_one(x, table, i, denoised, fractions, denoise_at):
     return data_prediction_step(x, table, i, history=([previous[0], lam_s], [previous[1], denoised]))
 
 
-# A third-order step is kept for a sample only where its D'' term moves x by at most GUARD_RATIO of what the D' term
+# A third-order step is kept for a sample only where its D'' term moves x by at most GUARD_RATIO of what its D' term
 # moves it, or by at most GUARD_NEGLIGIBLE of |x|, or (official ODE form, a fourth output in the history) where that
 # term is at most GUARD_NEXT_SMALL of |x| and the cubic's next term at most GUARD_NEXT_TERM times it; otherwise the
 # sample takes the second-order step (chosen by measurement: bench/results_flow_guidance.md).
-GUARD_RATIO = 0.125
+GUARD_RATIO = 0.25
 GUARD_MIN_STEP = 0.2
 GUARD_NEGLIGIBLE = 0.003
 GUARD_NEXT_TERM = 1.5
-GUARD_NEXT_SMALL = 0.02
+GUARD_NEXT_SMALL = 0.005
 
 
 def guarded_step(x, table, i, history, second, eta=0.0, scales=None, guard=True):
@@ -300,17 +300,18 @@ def guarded_step(x, table, i, history, second, eta=0.0, scales=None, guard=True)
     sample to ``second()`` (a callable giving that step's second-order result, computed only when the guard acts)
     where the extrapolation is unreliable.  A fourth output in ``history`` only feeds the guard.
 
-    The Taylor series of the step (DPM-Solver++ Eq. 9) converges when each term is smaller than the one before: with
-    x1, x2, x3 the first-, second- and third-order results, a sample keeps x3 if |x3 - x2| <= GUARD_RATIO |x2 - x1|
-    per unit of D'' weight (norms per sample; the official form's D'' weight is half the Taylor one), or if |x3 -
-    x2| <= GUARD_NEGLIGIBLE |x2| (too small to do harm). The official ODE form (eta = 0: with noise in the history
-    it kept third-order steps that measured worse) also keeps x3 where |x3 - x2| <= GUARD_NEXT_SMALL |x2| and the
-    step through four outputs (the cubic's D''' term, Taylor weights) moves x by at most GUARD_NEXT_TERM times what
-    the Taylor D'' term moves it: late, smooth steps whose D'' and D' terms are of one size (h near 1) but whose
-    series goes on converging. Steps with h < GUARD_MIN_STEP are never guarded. Guided, fast-changing outputs on
-    coarse steps break the series, and the quadratic extrapolation of D'' then amplifies the error instead of
-    cancelling it. A hard switch: bounding the correction continuously measured far worse, so a sample near a
-    threshold can flip with rounding (fp16).
+    The Taylor series of the step (DPM-Solver++ Eq. 9) converges when each term is smaller than the one before:
+    with x1, x2, x3 the first-, second- and third-order results (norms per sample), a sample keeps x3 if
+    |x3 - x2| <= GUARD_RATIO |x2 - x1| or |x3 - x2| <= GUARD_NEGLIGIBLE |x2| (too small to do harm).  The bound is
+    on the step's own third-order correction, so the Taylor form (full D'' weight) is held to half the D'' that the
+    official form may carry.  The official ODE form (eta = 0: with noise in the history it kept third-order steps
+    that measured worse) also keeps x3 where |x3 - x2| <= GUARD_NEXT_SMALL |x2| and the step through four outputs
+    (the cubic's D''' term, Taylor weights) moves x by at most GUARD_NEXT_TERM times what the Taylor D'' term moves
+    it: late, smooth steps whose D'' and D' terms are of one size (h near 1) but whose series goes on converging.
+    Steps with h < GUARD_MIN_STEP are never guarded.  Guided, fast-changing outputs on coarse steps break the
+    series, and the quadratic extrapolation of D'' then amplifies the error instead of cancelling it.  A hard
+    switch: bounding the correction continuously measured far worse, so a sample near a threshold can flip with
+    rounding (fp16).
     """
     lams, outputs = history
     third = data_prediction_step(x, table, i, history=(lams[:3], outputs[:3]), eta=eta, scales=scales)
@@ -324,8 +325,7 @@ def guarded_step(x, table, i, history, second, eta=0.0, scales=None, guard=True)
         return value.square().sum(dims)
 
     correction, size = squared(third - second), squared(second)
-    limit = GUARD_RATIO * (scales[2] if scales is not None else 1.0) / 0.5  # per unit of D'' (official: half)
-    keep = (correction <= limit ** 2 * squared(second - first)) | (correction <= GUARD_NEGLIGIBLE ** 2 * size)
+    keep = (correction <= GUARD_RATIO ** 2 * squared(second - first)) | (correction <= GUARD_NEGLIGIBLE ** 2 * size)
     if scales is not None and eta == 0 and len(lams) > 3 and all(map(math.isfinite, lams)):
         taylor = data_prediction_step(x, table, i, history=(lams[:3], outputs[:3]), eta=eta)
         cubic = data_prediction_step(x, table, i, history=(lams[:4], outputs[:4]), eta=eta)
