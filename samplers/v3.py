@@ -479,6 +479,7 @@ def sample_dpm_solver_v3(model, x, sigmas, extra_args=None, callback=None, disab
         x_1 = sigma_1 x_0 + (1 - sigma_1) D(x_0, 1); x / alpha is infinite at sigma = 1, so the predictor steps and
         correctors whose points reach it are DPM-Solver++ steps (l = 1, s = b = 0) with D interpolated in
         rho = -log sigma (``exponential.rho_weights``) and keep their order; the EMS form takes over after them.
+        No corrector redoes the step out of sigma = 1.
       final_step: "denoise" (a trailing 0 returns that step's denoised output, corrected when the corrector ran at
         that point) or "stop" (drop the trailing 0 and return x at the last positive sigma).  A schedule ending at
         a positive sigma returns x there, unevaluated (official behaviour).
