@@ -153,9 +153,10 @@ def main(argv=None):
         import dpm_solver_nodes.samplers.exponential as exponential
         value = os.environ["GUARD_RATIO"]
         exponential.GUARD_RATIO = None if value == "none" else float(value)
-    if os.environ.get("GUARD_MIN_STEP"):
-        import dpm_solver_nodes.samplers.exponential as exponential
-        exponential.GUARD_MIN_STEP = float(os.environ["GUARD_MIN_STEP"])
+    for name in ("GUARD_MIN_STEP", "GUARD_NEGLIGIBLE", "GUARD_NEXT_SMALL", "GUARD_NEXT_TERM"):  # the guard's others
+        if os.environ.get(name):
+            import dpm_solver_nodes.samplers.exponential as exponential
+            setattr(exponential, name, float(os.environ[name]))
     table = samplers(pkg, args.kind, kdiff)
     names = args.samplers or list(table)
     results = []

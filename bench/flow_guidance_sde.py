@@ -1,7 +1,9 @@
-"""3M SDE solver_type measurement (bench/results_flow_guidance.md): strong error of ``sample_dpmpp_3m_sde``, official
-vs taylor, guard on/off, against a 1920-step Taylor-2M SDE solution on the same exact Brownian path.
+"""3M SDE measurement (bench/results_flow_guidance.md): strong error of ``sample_dpmpp_3m_sde``, official vs taylor,
+guard on/off, and of ``sample_dpmpp_2m_sde`` (midpoint), against a 1920-step Taylor-2M SDE solution on the same exact
+Brownian path.  Prints markdown rows: kind and guidance, steps, 2M, 3M official, 3M taylor, their ratios to the 2M,
+the 3M without the guard (official, taylor).
 
-    python bench/flow_guidance_sde.py
+    python bench/flow_guidance_sde.py [CHECKOUT]
 """
 import importlib.util
 import math
@@ -30,8 +32,9 @@ class BrownianPath:
 
 
 def main():
-    spec = importlib.util.spec_from_file_location("dpm_solver_nodes", ROOT / "__init__.py",
-                                                  submodule_search_locations=[str(ROOT)])
+    root = pathlib.Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT  # another checkout: the "before" numbers
+    spec = importlib.util.spec_from_file_location("dpm_solver_nodes", root / "__init__.py",
+                                                  submodule_search_locations=[str(root)])
     module = importlib.util.module_from_spec(spec)
     sys.modules["dpm_solver_nodes"] = module
     spec.loader.exec_module(module)
@@ -56,6 +59,9 @@ def main():
                 ref = sde.sample_dpmpp_2m_sde(model, x, grid, model_kind=kind, noise_sampler=path, solver_type="heun",
                                               lower_order_final=False, disable=True)
                 for n in steps:
+                    y = sde.sample_dpmpp_2m_sde(model, x, grid[::FINE // n], model_kind=kind, noise_sampler=path,
+                                                disable=True)
+                    errors.setdefault((n, "2m", True), []).append((y - ref).pow(2).mean(1).median().item())
                     for solver_type in ("official", "taylor"):
                         for guard in (True, False):
                             y = sde.sample_dpmpp_3m_sde(model, x, grid[::FINE // n], model_kind=kind,
@@ -63,12 +69,12 @@ def main():
                                                         disable=True)
                             mse = (y - ref).pow(2).mean(1).median().item()
                             errors.setdefault((n, solver_type, guard), []).append(mse)
-            print(kind, "w", w)
             for n in steps:
                 mean = {key: sum(v) / len(v) for key, v in errors.items() if key[0] == n}
-                print("  n=%d official %.3g taylor %.3g | no guard: official %.3g taylor %.3g" % (
-                    n, mean[n, "official", True], mean[n, "taylor", True], mean[n, "official", False],
-                    mean[n, "taylor", False]))
+                print("| %s %g | %d | %.3g | %.3g | %.3g | %.2f | %.2f | %.3g | %.3g |" % (
+                    kind, w, n, mean[n, "2m", True], mean[n, "official", True], mean[n, "taylor", True],
+                    mean[n, "official", True] / mean[n, "2m", True], mean[n, "taylor", True] / mean[n, "2m", True],
+                    mean[n, "official", False], mean[n, "taylor", False]), flush=True)
 
 
 if __name__ == "__main__":

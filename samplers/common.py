@@ -143,10 +143,12 @@ class SamplerRun:
         """The order of step i for a multistep method of order ``order`` with ``history`` usable points.
 
         Capped by the history (warm-up), by ``lower_order_final`` (the last steps run orders ..., 3, 2, 1; the
-        DPM-Solver++ paper, Sec. 5, stabilises few-step sampling this way), and to 1 on a step with infinite h (into
-        sigma = 0 or out of a flow model's sigma = 1) where higher-order terms are undefined.
+        DPM-Solver++ paper, Sec. 5, stabilises few-step sampling this way), and to 1 on a step into sigma = 0, where
+        higher-order terms are undefined.  The step out of a flow model's sigma = 1 (lambda = -inf) has no history
+        in a multistep method; a singlestep one takes its stages in rho = -log sigma
+        (``exponential.step_out_of_sigma_one``).
         """
-        if not self.table.finite_step(i):
+        if self.table.sigma[i + 1] == 0:
             return 1
         p = min(order, history)
         if lower_order_final:

@@ -16,7 +16,8 @@ from typing import NamedTuple
 import torch
 
 from .common import SamplerRun, check_choice, check_nonnegative, check_positive_int
-from .exponential import data_prediction_step, first_order_data_step, noise_prediction_step
+from .exponential import (data_prediction_step, first_order_data_step, guarded_step, noise_prediction_step,
+                          step_out_of_sigma_one)
 from .schedule import StepTable, noise_schedule
 
 METHODS = ("singlestep", "multistep")
@@ -26,6 +27,8 @@ ADAPTIVE_ORDERS = (2, 3)
 # with e^lambda dlambda = du), and D is smooth in u there (D - E[x0] ~ Cov n u), so the entry is one Heun
 # (trapezoid) step in u: x_t = sigma_t x_1 + alpha_t (D_1 + D(x_t^DDIM, sigma_t)) / 2, error O(u_t^3) ~ 1e-6.
 FLOW_ENTRY_LAMBDA = math.log(0.01 / 0.99)
+# The stages of DPM-Solver-2 and -3 (Algorithms 1-2: r1 = 1/2; r1 = 1/3, r2 = 2/3), as fractions of the step.
+R_STAGES = {2: (1 / 2,), 3: (1 / 3, 2 / 3)}
 
 
 class StepBudgetError(ValueError):
@@ -139,8 +142,13 @@ def sample_dpm_solver(model, x, sigmas, extra_args=None, callback=None, disable=
       orders: singlestep only: an explicit order (1-3) for each step, overriding ``order`` and
         ``lower_order_final`` (e.g. from ``fast_schedule``).
       final_step: "denoise" (a trailing 0 in sigmas returns D, one call) or "stop" (return x at the last positive
-        sigma).  Steps into sigma = 0 and a flow model's step out of sigma = 1 (lambda = -inf) are first order.
+        sigma).  Steps into sigma = 0 are first order.
       threshold_percentile, threshold_max: Imagen dynamic thresholding of D for pixel-space models (off if None).
+    A flow model's sigma = 1 is lambda = -inf, where the noise-prediction form is undefined (alpha = 0): the step out
+    of it puts a singlestep method's stages in rho = -log sigma (``exponential.step_out_of_sigma_one``, ``order``
+    calls; a multistep method's first step is DDIM), and the multistep steps whose history reaches it are
+    data-prediction steps with D interpolated in rho (``exponential.rho_weights``; the third-order one guarded as
+    the 3M's, ``exponential.guarded_step``), so both keep their order.
     The callback runs once per host step with the denoised prediction at the step's start.
     """
     check_choice("order", order, (1, 2, 3))
@@ -165,10 +173,17 @@ def _run_singlestep(run, x, order, lower_order_final, orders):
     for i in run.range():
         denoised = run.denoise(x, i)
         run.report(x, i, denoised)
-        if not t.finite_step(i):
+        if t.sigma[i + 1] == 0:
             x = data_prediction_step(x, t, i, [denoised])
             continue
         step_order = orders[i] if orders is not None else run.order(i, order, lower_order_final, order)
+        if not t.finite_step(i):  # out of a flow model's sigma = 1: the stages in rho (order 1: DDIM)
+            if step_order == 1:
+                x = data_prediction_step(x, t, i, [denoised])
+            else:
+                x = step_out_of_sigma_one(x, t, i, denoised, R_STAGES[step_order],
+                                          lambda u, sigma: run.denoise(u, i, sigma=sigma))
+            continue
         s = _table_point(t, i)
 
         def noise_at(u, point):
@@ -182,17 +197,23 @@ def _run_singlestep(run, x, order, lower_order_final, orders):
 def _run_multistep(run, x, order, lower_order_final):
     t = run.table
     x = run.start(x)
-    lams, noises = [], []  # newest first, finite lambdas only
+    lams, noises, outputs = [], [], []  # newest first; lambda = -inf at a flow model's sigma = 1
     for i in run.range():
         denoised = run.denoise(x, i)
         run.report(x, i, denoised)
+        lams, outputs = [t.lam[i]] + lams[:order - 1], [denoised] + outputs[:order - 1]
         if not t.finite_step(i):
             x = data_prediction_step(x, t, i, [denoised])
             continue
-        lams = [t.lam[i]] + lams[:order - 1]
         noises = [_noise_prediction(x, denoised, _table_point(t, i))] + noises[:order - 1]
         step_order = run.order(i, order, lower_order_final, len(lams))
-        x = noise_prediction_step(x, t, i, history=(lams[:step_order], noises[:step_order]))
+        if step_order == 3 and not math.isfinite(lams[2]):  # the data form in rho, guarded as the 3M's steps
+            x = guarded_step(x, t, i, (lams[:3], outputs[:3]),
+                             lambda: data_prediction_step(x, t, i, history=(lams[:2], outputs[:2])))
+        elif not math.isfinite(lams[step_order - 1]):  # history at sigma = 1: the data form, D interpolated in rho
+            x = data_prediction_step(x, t, i, history=(lams[:step_order], outputs[:step_order]))
+        else:
+            x = noise_prediction_step(x, t, i, history=(lams[:step_order], noises[:step_order]))
     return run.finish(x)
 
 

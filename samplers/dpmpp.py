@@ -10,7 +10,8 @@ from __future__ import annotations
 import math
 
 from .common import SamplerRun, check_choice
-from .exponential import data_prediction_step, extrapolated_denoised, first_order_data_step, guarded_step
+from .exponential import (data_prediction_step, extrapolated_denoised, first_order_data_step, guarded_step,
+                          step_out_of_sigma_one)
 
 SOLVER_TYPES_2M = ("midpoint", "taylor")
 SOLVER_TYPES_3M = ("official", "taylor")
@@ -64,7 +65,7 @@ def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=No
         (the official code's "taylor"; DPM-Solver-v3 with l = 1, s = b = 0 reduces to it).  They differ at O(h^3).
       threshold_percentile, threshold_max: Imagen dynamic thresholding of D for pixel-space models (off if None).
     On flow models sigma = 1 is lambda = -inf; the step after it keeps order 2 by interpolating D in
-    rho = -log sigma = softplus(lambda), finite there (``exponential._step_in_rho``); later steps are the lambda form.
+    rho = -log sigma = softplus(lambda), finite there (``exponential.rho_weights``); later steps are the lambda form.
     """
     check_choice("solver_type", solver_type, SOLVER_TYPES_2M)
     final_step = _final_step(final_step)
@@ -111,10 +112,12 @@ def sample_dpmpp_3m(model, x, sigmas, extra_args=None, callback=None, disable=No
       guard: True (default) keeps a third-order step only for the samples whose D'' term is small next to the D'
         term (``exponential.guarded_step``), else that sample takes the second-order step; with guidance and coarse
         steps the quadratic extrapolation otherwise explodes (issue 15).  False: the authors' step everywhere.
-    Warm-up runs orders 1, 2, then 3; with ``lower_order_final`` the last steps run 2, 1; the "official" second-order
-    steps are the paper's 2M (midpoint) step, so with ``guard=False`` it equals diffusers' order-3 scheduler on the
-    same sigmas.  On flow models the steps whose history reaches sigma = 1 interpolate in rho = -log sigma (see
-    ``sample_dpmpp_2m``).  Other options as in ``sample_dpmpp_2m``.
+    Warm-up runs orders 1, 2, then 3; with ``lower_order_final`` the last steps run 2, 1.  The second-order steps of
+    both forms (warm-up, final and guarded) are the paper's 2M (midpoint) step, so with ``guard=False`` the official
+    form equals diffusers' order-3 scheduler on the same sigmas (Taylor-weighted second-order steps measured far
+    worse than the 2M at 8-12 guided steps: bench/results_flow_guidance.md).  On flow models the steps whose history
+    reaches sigma = 1 interpolate in rho = -log sigma (see ``sample_dpmpp_2m``).  Other options as in
+    ``sample_dpmpp_2m``.
     """
     check_choice("solver_type", solver_type, SOLVER_TYPES_3M)
     scales = OFFICIAL_3M_SCALES if solver_type == "official" else None
@@ -128,15 +131,16 @@ def sample_dpmpp_3m(model, x, sigmas, extra_args=None, callback=None, disable=No
     x = run.start(x)
 
     def second_order(x, i, lams, outputs):
-        if solver_type == "official" and math.isfinite(lams[1]):  # the 2M's warm-up / final steps, as diffusers
+        if math.isfinite(lams[1]):  # the paper's 2M (midpoint) for warm-up, final and guarded steps, as diffusers
             return _midpoint_2m_step(x, t, i, outputs[0], lams[1], outputs[1])
         return data_prediction_step(x, t, i, history=(lams[:2], outputs[:2]))
 
-    lams, outputs = [], []  # newest first; lambda = -inf at a flow model's sigma = 1 (steps interpolated in rho)
+    # newest first, four outputs (the fourth feeds the guard only); lambda = -inf at a flow model's sigma = 1
+    lams, outputs = [], []
     for i in run.range():
         denoised = run.denoise(x, i)
         run.report(x, i, denoised)
-        lams, outputs = [t.lam[i]] + lams[:2], [denoised] + outputs[:2]
+        lams, outputs = [t.lam[i]] + lams[:3], [denoised] + outputs[:3]
         order = run.order(i, 3, lower_order_final, len(lams))
         if t.sigma[i + 1] == 0 and final_step == "extrapolate":
             x = extrapolated_denoised(lams, outputs)
@@ -145,7 +149,7 @@ def sample_dpmpp_3m(model, x, sigmas, extra_args=None, callback=None, disable=No
         elif order == 2:
             x = second_order(x, i, lams, outputs)
         else:  # order 3, or 2 per sample where the guard finds the D'' extrapolation unreliable
-            x = guarded_step(x, t, i, (lams[:3], outputs[:3]), lambda: second_order(x, i, lams, outputs), scales=scales,
+            x = guarded_step(x, t, i, (lams, outputs), lambda: second_order(x, i, lams, outputs), scales=scales,
                              guard=guard)
     return run.finish(x)
 
@@ -157,7 +161,9 @@ def sample_dpmpp_2s(model, x, sigmas, extra_args=None, callback=None, disable=No
     Each step from s to t evaluates the model at s and at the intermediate lambda_s + r*h reached by a first-order
     step, then takes x_t = (sigma_t/sigma_s) x_s + alpha_t (1 - e^{-h}) [(1 - 1/(2r)) D_s + 1/(2r) D_{s1}].
     Two model calls per step; with r = 1/2 it equals k-diffusion's ``sample_dpmpp_2s_ancestral`` at eta = 0.
-    Steps into sigma = 0 (and a flow model's step out of sigma = 1) are first order with one call.
+    Steps into sigma = 0 are first order with one call.  A flow model's step out of sigma = 1 (lambda = -inf) puts
+    its stage at rho = r rho_t in rho = -log sigma and integrates the line through both outputs in rho
+    (``exponential.step_out_of_sigma_one``), second order with two calls.
     """
     if not 0 < r < 1:
         raise ValueError(f"r must lie strictly between 0 and 1, got {r!r}")
@@ -168,8 +174,11 @@ def sample_dpmpp_2s(model, x, sigmas, extra_args=None, callback=None, disable=No
     for i in run.range():
         denoised = run.denoise(x, i)
         run.report(x, i, denoised)
-        if not t.finite_step(i):
+        if t.sigma[i + 1] == 0:
             x = data_prediction_step(x, t, i, [denoised])
+            continue
+        if not t.finite_step(i):  # out of a flow model's sigma = 1: the stage at rho = r rho_t (rho = -log sigma)
+            x = step_out_of_sigma_one(x, t, i, denoised, (r,), lambda u, sigma: run.denoise(u, i, sigma=sigma))
             continue
         h = t.h[i]
         lam_mid = t.lam[i] + r * h

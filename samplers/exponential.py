@@ -143,8 +143,9 @@ def data_prediction_step(x, table, i, derivatives=None, eta=0.0, midpoint=None, 
     alpha_t = table.alpha[i + 1]
     if table.sigma[i + 1] == 0:
         return (derivatives[0] if history is None else history[1][0]) * alpha_t
-    if history is not None and len(history[0]) > 1 and not all(map(math.isfinite, history[0])):
-        return _step_in_rho(x, table, i, history, eta)
+    history = _near_sigma_one(table, i, history)
+    if _reaches_sigma_one(table, i, history):
+        return _data_step_in_rho(x, table, i, history, eta)
     h, kappa = table.h[i], 1.0 + eta
     decay = math.exp(-eta * h) if eta > 0 else 1.0  # eta = 0 with h = inf (flow sigma = 1) gives 1, not nan
     out = x * (table.sigma[i + 1] / table.sigma[i] * decay)
@@ -176,68 +177,161 @@ def extrapolated_denoised(lams, outputs):
 
 def _rho(lam):
     """rho = -log sigma = softplus(lambda) of a flow model: 0 at sigma = 1, ~lambda near sigma = 0."""
+    if lam == -math.inf:
+        return 0.0
     return math.log1p(math.exp(lam)) if lam < 30 else lam + math.log1p(math.exp(-lam))
 
 
-def _step_in_rho(x, table, i, history, eta):
-    """A multistep data-prediction step whose history reaches a flow model's sigma = 1 (lambda = -inf).
+RHO_QUADRATURE_NODES = 24
 
-    The drift integral alpha_t int_0^h kappa e^{-kappa (h - tau)} D(lambda_s + tau) dtau (DPM-Solver++ Eq. 9) with D
-    interpolated by the polynomial through the history in rho = softplus(lambda) = -log sigma (finite, 0, at
-    sigma = 1; rho ~ lambda near sigma = 0), integrated by Gauss-Legendre quadrature in lambda (scalars only).
+
+def rho_weights(lams, lam_s, lam_t, kernel):
+    """w_j = int_{lam_s}^{lam_t} kernel(lambda) P_j(rho(lambda)) dlambda for the Lagrange basis P_j in
+    rho = -log sigma = softplus(lambda) through the points ``lams`` (flow models; lambda = -inf is rho = 0, sigma = 1).
+
+    The exponential integrators' exact solution over a step (DPM-Solver++ Eq. 9, DPM-Solver Eq. 3.4) is such an
+    integral of the model output; D and eps are smooth in u = e^lambda at sigma = 1 (D - E[x0] ~ Cov n u), so in
+    rho = log(1 + u) too, while lambda puts sigma = 1 at infinity.  ``kernel`` maps a float64 array of lambdas to
+    the kernel's values.  Gauss-Legendre quadrature in lambda; from sigma = 1 (lam_s = -inf) in rho, with
+    dlambda = e^rho / (e^rho - 1) drho (the data kernel e^{kappa lambda} cancels the pole for kappa >= 1).
     """
     import numpy as np
 
-    lams, outputs = history
-    kappa, lam_s, lam_t = 1.0 + eta, table.lam[i], table.lam[i + 1]
-    nodes = [_rho(lam) if math.isfinite(lam) else 0.0 for lam in lams]
-    g, gw = np.polynomial.legendre.leggauss(24)
-    lam = lam_s + (g + 1) * (0.5 * (lam_t - lam_s))
-    kernel = gw * (0.5 * (lam_t - lam_s)) * kappa * np.exp(-kappa * (lam_t - lam))
-    v = np.array([_rho(float(l)) for l in lam])
-    decay = math.exp(-eta * table.h[i]) if eta > 0 else 1.0
-    out = x * (table.sigma[i + 1] / table.sigma[i] * decay)
-    for j, output in enumerate(outputs):
+    nodes = [_rho(lam) for lam in lams]
+    g, gw = np.polynomial.legendre.leggauss(RHO_QUADRATURE_NODES)
+    if math.isfinite(lam_s):
+        lam = lam_s + (g + 1) * (0.5 * (lam_t - lam_s))
+        v = np.array([_rho(float(value)) for value in lam])
+        weight = gw * (0.5 * (lam_t - lam_s)) * kernel(lam)
+    else:
+        rho_t = _rho(lam_t)
+        v = (g + 1) * (0.5 * rho_t)
+        lam = np.log(np.expm1(v))
+        weight = gw * (0.5 * rho_t) * kernel(lam) * np.exp(v) / np.expm1(v)
+    weights = []
+    for j, node_j in enumerate(nodes):
         basis = np.ones_like(v)
         for m, node in enumerate(nodes):
             if m != j:
-                basis = basis * (v - node) / (nodes[j] - node)
-        out.add_(output, alpha=table.alpha[i + 1] * float((kernel * basis).sum()))
+                basis = basis * (v - node) / (node_j - node)
+        weights.append(float((weight * basis).sum()))
+    return weights
+
+
+# A multistep step whose history reaches sigma = 1 extrapolates the outputs on [0, rho_s] to rho_t; it keeps the
+# sigma = 1 output only while rho_t - rho_s <= RHO_MAX_EXTRAPOLATION * rho_s (measured: bench/results_flow_guidance.md).
+RHO_MAX_EXTRAPOLATION = 2.0
+
+
+def _near_sigma_one(table, i, history):
+    """``history`` without its sigma = 1 output where the step would extrapolate it too far (RHO_MAX_EXTRAPOLATION;
+    a step-size ratio: variable-step multistep formulas lose accuracy and stability as the step outgrows the
+    history), else unchanged.  Steps out of sigma = 1 (singlestep stages) and correctors (whose newest output
+    sits at the step's end) extrapolate nothing and keep it."""
+    if history is None or not math.isfinite(table.lam[i]) or all(map(math.isfinite, history[0])):
+        return history
+    rho_newest = max(_rho(lam) for lam in history[0])
+    if _rho(table.lam[i + 1]) - rho_newest <= RHO_MAX_EXTRAPOLATION * rho_newest:
+        return history
+    kept = [k for k, lam in enumerate(history[0]) if math.isfinite(lam)]
+    return [history[0][k] for k in kept], [history[1][k] for k in kept]
+
+
+def _reaches_sigma_one(table, i, history):
+    """A multistep history that holds a flow model's sigma = 1 output (lambda = -inf), or a step out of sigma = 1
+    with more than one output (a singlestep's stages): interpolated in rho (``rho_weights``)."""
+    return history is not None and len(history[0]) > 1 and (
+        not math.isfinite(table.lam[i]) or not all(map(math.isfinite, history[0])))
+
+
+def _data_step_in_rho(x, table, i, history, eta):
+    """The data-prediction step with D interpolated in rho through the history (``rho_weights``): the drift
+    alpha_t int_{lambda_s}^{lambda_t} kappa e^{-kappa (lambda_t - lambda)} D dlambda of DPM-Solver++ Eq. 9-10."""
+    import numpy as np
+
+    lams, outputs = history
+    kappa, lam_t = 1.0 + eta, table.lam[i + 1]
+    weights = rho_weights(lams, table.lam[i], lam_t, lambda lam: kappa * np.exp(-kappa * (lam_t - lam)))
+    decay = math.exp(-eta * table.h[i]) if eta > 0 else 1.0
+    out = x * (table.sigma[i + 1] / table.sigma[i] * decay)
+    for output, weight in zip(outputs, weights):
+        out.add_(output, alpha=table.alpha[i + 1] * weight)
     return out
 
 
-# A third-order step is kept for a sample only where its D'' term moves x by at most this fraction of what the D'
-# term moves it (measured: bench/results_flow_guidance.md); otherwise that sample takes the second-order step.
+def step_out_of_sigma_one(x, table, i, denoised, fractions, denoise_at):
+    """x_{i+1} from a flow model's sigma = 1 (lambda = -inf, step i) by a singlestep method whose stages sit at
+    rho = r rho_{i+1}, r in ``fractions``, in rho = -log sigma (finite there) instead of lambda: DPM-Solver-2 (r = 1/2)
+    and -3 (1/3, 2/3) (DPM-Solver Algorithms 1-2) and DPM-Solver++(2S) (r).  The first stage is DDIM; every later
+    stage and the step itself integrate the line in rho through (0, D_0) and the previous stage's output exactly
+    (``rho_weights``), as DPM-Solver-3's last stage uses only eps and eps_2 (local error O(rho^4) for two stages,
+    O(rho^3) for one).  ``denoise_at(x, sigma)`` calls the model.
+    """
+    from .schedule import StepTable
+
+    schedule, rho_t = table.schedule, _rho(table.lam[i + 1])
+    lam_s, sigma_s, alpha_s = table.lam[i], table.sigma[i], table.alpha[i]
+    previous = None  # (lambda, D) of the last stage
+    for r in fractions:
+        sigma = math.exp(-r * rho_t)
+        lam, alpha = schedule.lambda_(sigma), float(schedule.alpha(sigma))
+        stage = StepTable(schedule, (sigma_s, sigma), (lam_s, lam), (alpha_s, alpha), (sigma_s, sigma), (lam - lam_s,))
+        if previous is None:
+            x_stage = data_prediction_step(x, stage, 0, [denoised])
+        else:
+            x_stage = data_prediction_step(x, stage, 0, history=([previous[0], lam_s], [previous[1], denoised]))
+        previous = (lam, denoise_at(x_stage, sigma))
+    return data_prediction_step(x, table, i, history=([previous[0], lam_s], [previous[1], denoised]))
+
+
+# A third-order step is kept for a sample only where its D'' term moves x by at most GUARD_RATIO of what its D' term
+# moves it, or by at most GUARD_NEGLIGIBLE of |x|, or (official ODE form, a fourth output in the history) where that
+# term is at most GUARD_NEXT_SMALL of |x| and the cubic's next term at most GUARD_NEXT_TERM times it; otherwise the
+# sample takes the second-order step (chosen by measurement: bench/results_flow_guidance.md).
 GUARD_RATIO = 0.25
 GUARD_MIN_STEP = 0.2
 GUARD_NEGLIGIBLE = 0.003
+GUARD_NEXT_TERM = 1.5
+GUARD_NEXT_SMALL = 0.005
 
 
 def guarded_step(x, table, i, history, second, eta=0.0, scales=None, guard=True):
-    """The multistep step of order len(history) >= 3, falling back per sample to ``second()`` (a callable giving that
-    step's second-order result, computed only when the guard acts) where the extrapolation is unreliable.
+    """The multistep step of order 3 through the first three outputs of ``history`` (newest first), falling back per
+    sample to ``second()`` (a callable giving that step's second-order result, computed only when the guard acts)
+    where the extrapolation is unreliable.  A fourth output in ``history`` only feeds the guard.
 
     The Taylor series of the step (DPM-Solver++ Eq. 9) converges when each term is smaller than the one before:
-    with x1, x2, x3 the first-, second- and third-order results, a sample keeps x3 if
-    |x3 - x2| <= GUARD_RATIO |x2 - x1| per unit of D'' weight (norms per sample), or if |x3 - x2| <=
-    GUARD_NEGLIGIBLE |x2| (too small to do harm; keeps the 3M's lead at 20+ steps); steps with h < GUARD_MIN_STEP are
-    never guarded.  Guided, fast-changing outputs on coarse steps break the series, and the quadratic extrapolation
-    of D'' then amplifies the error instead of cancelling it.  A hard switch: bounding the correction continuously
-    measured far worse (158x the 2M's error at 8 guided flow logSNR steps), so a sample near the threshold can flip
-    with rounding (fp16).
+    with x1, x2, x3 the first-, second- and third-order results (norms per sample), a sample keeps x3 if
+    |x3 - x2| <= GUARD_RATIO |x2 - x1| or |x3 - x2| <= GUARD_NEGLIGIBLE |x2| (too small to do harm).  The bound is
+    on the step's own third-order correction, so the Taylor form (full D'' weight) is held to half the D'' that the
+    official form may carry.  The official ODE form (eta = 0: with noise in the history it kept third-order steps
+    that measured worse) also keeps x3 where |x3 - x2| <= GUARD_NEXT_SMALL |x2| and the step through four outputs
+    (the cubic's D''' term, Taylor weights) moves x by at most GUARD_NEXT_TERM times what the Taylor D'' term moves
+    it: late, smooth steps whose D'' and D' terms are of one size (h near 1) but whose series goes on converging.
+    Steps with h < GUARD_MIN_STEP are never guarded.  Guided, fast-changing outputs on coarse steps break the
+    series, and the quadratic extrapolation of D'' then amplifies the error instead of cancelling it.  A hard
+    switch: bounding the correction continuously measured far worse, so a sample near a threshold can flip with
+    rounding (fp16).
     """
-    third = data_prediction_step(x, table, i, history=history, eta=eta, scales=scales)
+    lams, outputs = history
+    third = data_prediction_step(x, table, i, history=(lams[:3], outputs[:3]), eta=eta, scales=scales)
     if not guard or table.sigma[i + 1] == 0 or GUARD_RATIO is None or table.h[i] < GUARD_MIN_STEP:
         return third
     second = second()
-    first = data_prediction_step(x, table, i, [history[1][0]], eta=eta)
+    first = data_prediction_step(x, table, i, [outputs[0]], eta=eta)
     dims = tuple(range(1, x.ndim))
-    correction = (third - second).square().sum(dims)
-    previous = (second - first).square().sum(dims)
-    limit = GUARD_RATIO * (scales[2] if scales is not None else 1.0) / 0.5  # per unit of D'' (official: half)
-    small = correction <= GUARD_NEGLIGIBLE ** 2 * second.square().sum(dims)  # too small to do harm: keep order 3
-    keep = ((correction <= limit ** 2 * previous) | small).reshape(-1, *[1] * (x.ndim - 1))
-    return torch.where(keep, third, second)
+
+    def squared(value):
+        return value.square().sum(dims)
+
+    correction, size = squared(third - second), squared(second)
+    keep = (correction <= GUARD_RATIO ** 2 * squared(second - first)) | (correction <= GUARD_NEGLIGIBLE ** 2 * size)
+    if scales is not None and eta == 0 and len(lams) > 3 and all(map(math.isfinite, lams)):
+        taylor = data_prediction_step(x, table, i, history=(lams[:3], outputs[:3]), eta=eta)
+        cubic = data_prediction_step(x, table, i, history=(lams[:4], outputs[:4]), eta=eta)
+        keep |= (correction <= GUARD_NEXT_SMALL ** 2 * size) & (
+            squared(cubic - taylor) <= GUARD_NEXT_TERM ** 2 * squared(taylor - second))
+    return torch.where(keep.reshape(-1, *[1] * (x.ndim - 1)), third, second)
 
 
 def data_prediction_noise_scale(table, i, eta):
@@ -251,8 +345,10 @@ def noise_prediction_step(x, table, i, derivatives=None, eta=0.0, midpoint=None,
     x_t = (alpha_t/alpha_s) x_s - sigma_t kappa sum_k phi_{k+1}(h) eps^{(k)},  kappa = 1 + eta (DPM-Solver Eq. 3.7;
     with eta = 1 the drift of SDE-DPM-Solver, DPM-Solver++ Sec. 5).  ``derivatives`` = [eps, eps', ...] at lambda_i.
     ``midpoint`` = (difference, factor), factor * difference ~ h eps', takes the weight sigma_t kappa phi_1(h) / 2.
-    ``history`` as in ``data_prediction_step``.  Finite h only (callers send steps into sigma = 0 or out of a flow
-    model's sigma = 1 to the data form).
+    ``history`` as in ``data_prediction_step``.  Finite h and finite history only: callers send a flow model's steps
+    out of sigma = 1 (alpha_s = 0) and those whose history reaches it to the data form (``data_prediction_step``).
+    The noise form's weight alpha_t e^{-lambda} dlambda = alpha_t du / u^2 (u = e^lambda) would turn an
+    interpolant's O(u^2) error near sigma = 1 into an O(u) one (eps interpolated in rho measured second order).
     """
     h, kappa, sigma_t = table.h[i], 1.0 + eta, table.sigma[i + 1]
     out = x * (table.alpha[i + 1] / table.alpha[i])

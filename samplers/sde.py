@@ -27,9 +27,9 @@ Brownian path and the solvers converge strongly (order 1: the noise enters addit
 
 A step into sigma = 0 returns D (first order, no noise, as k-diffusion).  A flow model's step out of sigma = 1
 (lambda = -inf) is the data-prediction first-order step, x_t = alpha_t D + sigma_t z for eta > 0: the
-noise-prediction coefficients are infinite there.  The data-prediction multistep solvers (++2M, ++3M) keep the
-output at sigma = 1 in their history and interpolate it in rho = -log sigma (``exponential._step_in_rho``), so the
-next step keeps its order; the noise-prediction 2M restarts its history there.
+noise-prediction coefficients are infinite there.  The multistep solvers keep the output at sigma = 1 in their
+history and interpolate D in rho = -log sigma (``exponential.rho_weights``), so the next step keeps its order; for
+the noise-prediction 2M that step is the data-prediction one (``exponential.noise_prediction_step`` says why).
 """
 from __future__ import annotations
 
@@ -228,18 +228,20 @@ def sample_dpm_solver_sde_2m(model, x, sigmas, extra_args=None, callback=None, d
                                          eta, s_noise, noise_type, noise_sampler, seed, noise_device)
     lower_order_final = run.default_lower_order_final(lower_order_final)
     t = run.table
-    previous = None  # (lambda, eps) of the last finite-lambda point
+    previous = None  # (lambda, eps, D) of the last point; lambda = -inf at a flow model's sigma = 1
     for i in run.range():
         denoised = run.denoise(x, i)
         run.report(x, i, denoised)
         if not t.finite_step(i):
             x = _data_sde_step(x, run, i, [denoised], eta, s_noise, noise)
-            previous = None
+            previous = (t.lam[i], None, denoised)
             continue
         eps = _noise_prediction(x, run, i, denoised)
-        history = 1 if previous is None else 2
-        if run.order(i, 2, lower_order_final, history) == 1:
+        if run.order(i, 2, lower_order_final, 1 if previous is None else 2) == 1:
             x = _noise_sde_step(x, run, i, [eps], eta, s_noise, noise)
+        elif not math.isfinite(previous[0]):  # history at sigma = 1: the data form, D interpolated in rho
+            history = ([t.lam[i], previous[0]], [denoised, previous[2]])
+            x = _data_sde_step(x, run, i, None, eta, s_noise, noise, history=history)
         else:
             h_prev = t.lam[i] - previous[0]
             if solver_type == "midpoint":
@@ -247,7 +249,7 @@ def sample_dpm_solver_sde_2m(model, x, sigmas, extra_args=None, callback=None, d
                 x = _noise_sde_step(x, run, i, [eps], eta, s_noise, noise, midpoint=midpoint)
             else:
                 x = _noise_sde_step(x, run, i, [eps, (eps - previous[1]) / h_prev], eta, s_noise, noise)
-        previous = (t.lam[i], eps)
+        previous = (t.lam[i], eps, denoised)
     return run.finish(x)
 
 
@@ -261,10 +263,12 @@ def sample_dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, disabl
     d2 = h^2 f[l0, l1, l2] = h^2 D''/2 takes the weight psi_3(kappa h) / (kappa h)^2, i.e. half the Taylor D'' term
     (as the official ODE 3M, ``dpmpp.sample_dpmpp_3m``); "taylor" gives D'' its Taylor weight
     alpha_t psi_3(kappa h) / kappa^2.  "official" measured at most the Taylor form's error at 8-40 steps, eta = 1
-    (bench/results_flow_guidance.md).  Both take the
-    Taylor weight psi_2(kappa h) / kappa on D' in their second-order (warm-up, final) steps, as k-diffusion does.  At
-    eta = 0 "taylor" is ``sample_dpmpp_3m(solver_type="taylor")``; "official" differs from the ODE's official form
-    only in those second-order steps (diffusers' scheduler, which the ODE form follows, uses the 2M midpoint there).
+    (bench/results_flow_guidance.md).  Their second-order steps (final, guarded; the Taylor form's warm-up too) are
+    the paper's 2M SDE step (midpoint, ``sample_dpmpp_2m_sde``'s default); the official form's warm-up step keeps
+    k-diffusion's Taylor weight psi_2(kappa h) / kappa on D', so with guard=False and lower_order_final=False it is
+    k-diffusion's sampler.  At eta = 0 "taylor" is ``sample_dpmpp_3m(solver_type="taylor")``; "official" differs from
+    the ODE's official form only in that warm-up step (diffusers' scheduler, which the ODE form follows, uses the 2M
+    midpoint there).
     guard: as in ``sample_dpmpp_3m`` (a third-order drift only where its D'' term is small next to the D' term).
     Warm-up runs orders 1, 2, 3; lower_order_final (None = on below 15 steps) makes the last steps 2, 1.
     """
@@ -274,20 +278,29 @@ def sample_dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, disabl
                                          eta, s_noise, noise_type, noise_sampler, seed, noise_device)
     lower_order_final = run.default_lower_order_final(lower_order_final)
     t = run.table
-    lams, outputs = [], []  # newest first; lambda = -inf at a flow model's sigma = 1
+    def second_order(x, i, lams, outputs):
+        """The drift of a second-order step: the paper's 2M (midpoint, ``sample_dpmpp_2m_sde``'s default), except the
+        official form's warm-up step, which keeps k-diffusion's Taylor weight (so with guard=False and
+        lower_order_final=False the official form is k-diffusion's sampler)."""
+        warm_up = len(lams) == 2
+        if math.isfinite(lams[1]) and not (warm_up and solver_type == "official"):
+            return data_prediction_step(x, t, i, [outputs[0]], eta=eta, midpoint=(
+                outputs[0] - outputs[1], t.h[i] / (t.lam[i] - lams[1])))
+        return data_prediction_step(x, t, i, history=(lams[:2], outputs[:2]), eta=eta)
+
+    # newest first, four outputs (the fourth feeds the guard only); lambda = -inf at a flow model's sigma = 1
+    lams, outputs = [], []
     for i in run.range():
         denoised = run.denoise(x, i)
         run.report(x, i, denoised)
-        lams, outputs = [t.lam[i]] + lams[:2], [denoised] + outputs[:2]
+        lams, outputs = [t.lam[i]] + lams[:3], [denoised] + outputs[:3]
         order = run.order(i, 3, lower_order_final, len(lams))
         if order < 3:
-            history = None if order == 1 else (lams[:2], outputs[:2])
-            x = _data_sde_step(x, run, i, [denoised], eta, s_noise, noise, history=history)
+            drift = second_order(x, i, lams, outputs) if order == 2 and t.sigma[i + 1] > 0 else None
+            x = _data_sde_step(x, run, i, [denoised], eta, s_noise, noise, drift=drift)
             continue
-        def second():
-            return data_prediction_step(x, t, i, history=(lams[:2], outputs[:2]), eta=eta)
-
-        drift = guarded_step(x, t, i, (lams, outputs), second, eta=eta, scales=scales, guard=guard)
+        drift = guarded_step(x, t, i, (lams, outputs), lambda: second_order(x, i, lams, outputs), eta=eta,
+                             scales=scales, guard=guard)
         x = _data_sde_step(x, run, i, None, eta, s_noise, noise, drift=drift)
     return run.finish(x)
 

@@ -32,7 +32,7 @@ import torch
 
 from .common import SamplerRun, check_choice, check_positive_int
 from .ems_data import EMSData
-from .exponential import first_order_data_step
+from .exponential import data_prediction_step, guarded_step
 
 logger = logging.getLogger("dpm_solver_nodes")
 
@@ -257,6 +257,8 @@ class _Plan:
         self.corrector = {}  # i -> (A, K, [(j, W_j)]) redoing x_{i-1} -> x_i
         self.orders = {}
         self.corrector_orders = {}
+        self.rho_predictor = {}  # flow start: i -> order of a step in rho whose points reach sigma = 1
+        self.rho_corrector = {}
 
 
 def _history_affine(intervals, j, s):
@@ -304,18 +306,22 @@ def _step(intervals, lams, s, points, pseudo, alpha_s, alpha_t):
     return iv["A"] * scale, K * alpha_t, [(j, W * alpha_t) for j, W in terms]
 
 
-def _schedule_orders(table, order, lower_order_final, use_corrector, c_pseudo, half, half_sigma, first):
-    """Predictor order of each finite step and corrector order at each point (Algorithm 2; docs section 4.2-4.3)."""
+def _schedule_orders(table, order, lower_order_final, use_corrector, c_pseudo, half, half_sigma):
+    """Predictor order of each step and corrector order at each point (Algorithm 2; docs section 4.2-4.3).
+
+    A flow model's sigma = 1 (point 0 at lambda = -inf) counts as a history point like any other: its step is
+    first order, the later steps and correctors whose points reach it are steps in rho (``_build_plan``).
+    """
     steps = table.steps
     orders, corrector_orders = {}, {}
     for i in range(steps):
-        if i < first or not table.finite_step(i):
+        if table.sigmas[i + 1] == 0:
             continue
-        p = min(order, i - first + 1)
+        p = min(order, i + 1)
         if lower_order_final:
             p = min(p, steps - i)
         orders[i] = max(p, 1)
-    for i in range(first + 1, steps):  # points 1 .. M-1; x_M is returned unevaluated (or is sigma = 0)
+    for i in range(1, steps):  # points 1 .. M-1; x_M is returned unevaluated (or is sigma = 0)
         if not use_corrector or (i - 1) not in orders:
             continue
         sigma = table.sigmas[i]
@@ -331,20 +337,31 @@ def _schedule_orders(table, order, lower_order_final, use_corrector, c_pseudo, h
 
 def _build_plan(ems, table, latent_shape, dtype, device, order, p_pseudo, use_corrector, c_pseudo,
                 lower_order_final, half, half_sigma, refine):
-    first = 0 if math.isfinite(table.lam[0]) else 1  # a flow start at sigma = 1 is an exact first step
     orders, corrector_orders = _schedule_orders(table, order, lower_order_final, use_corrector, c_pseudo, half,
-                                                half_sigma, first)
+                                                half_sigma)
+    plan = _Plan()
+    plan.orders, plan.corrector_orders = orders, corrector_orders
+    if not math.isfinite(table.lam[0]):
+        # A flow start: the steps and correctors whose points reach sigma = 1 cannot use the EMS form there
+        # (x / alpha is infinite); they are DPM-Solver++ steps (l = 1, s = b = 0) with D interpolated in
+        # rho = -log sigma (``exponential.data_prediction_step``), so the second step keeps the predictor's order.
+        # No corrector redoes the step out of sigma = 1: holding D_1 while x_1 moves measured far worse with
+        # guidance at few steps (bench/results_flow_guidance.md).
+        corrector_orders.pop(1, None)
+        plan.rho_predictor = {i: p for i, p in orders.items() if i - p + 1 <= 0}
+        plan.rho_corrector = {i: c for i, c in corrector_orders.items() if i - c + 1 <= 0}
+        orders = {i: p for i, p in orders.items() if i not in plan.rho_predictor}
+        corrector_orders = {i: c for i, c in corrector_orders.items() if i not in plan.rho_corrector}
     stats = _Statistics(ems, latent_shape)
     finite = [v for v in table.lam if math.isfinite(v)] or [float(stats.grid[0])]  # flow sigmas [1, 0]: none
     stats.extend(min(finite), max(finite), refine)
     lams = table.lam
-    rows = max((len(stats.nodes(lams[i], lams[i + 1])) for i in orders), default=2)
+    finite_steps = [i for i in range(table.steps) if table.finite_step(i)]
+    rows = max((len(stats.nodes(lams[i], lams[i + 1])) for i in finite_steps), default=2)
     workspace = _Workspace(rows, stats.l.shape[1])
-    intervals = {i: _interval(stats, lams[i], lams[i + 1], order, workspace) for i in orders}
-    plan = _Plan()
-    plan.orders, plan.corrector_orders = orders, corrector_orders
+    intervals = {i: _interval(stats, lams[i], lams[i + 1], order, workspace) for i in finite_steps}
     alpha = table.alpha
-    points = [i for i in range(table.steps + 1) if math.isfinite(lams[i]) and i >= first]
+    points = [i for i in range(table.steps + 1) if math.isfinite(lams[i])]
     l_points = stats.at(np.array([lams[i] for i in points]))[0]
 
     def cast(value):
@@ -360,6 +377,15 @@ def _build_plan(ems, table, latent_shape, dtype, device, order, p_pseudo, use_co
         A, K, W = _step(intervals, lams, i - 1, extra, c_pseudo, alpha[i - 1], alpha[i])
         plan.corrector[i] = (cast(A), cast(K), [(j, cast(w)) for j, w in W])
     return plan
+
+
+def _step_in_rho(x, table, s, newest, count, outputs):
+    """The step s -> s + 1 of DPM-Solver++ (v3 with l = 1, s = b = 0) with D interpolated in rho = -log sigma
+    through the ``count`` points newest, newest - 1, ... (a flow start; ``exponential.data_prediction_step``)."""
+    points = range(newest, newest - count, -1)
+    if count == 1:
+        return data_prediction_step(x, table, s, [outputs[newest]])
+    return data_prediction_step(x, table, s, history=([table.lam[j] for j in points], [outputs[j] for j in points]))
 
 
 def _cached_plan(ems, table, latent_shape, dtype, device, options):
@@ -449,8 +475,11 @@ def sample_dpm_solver_v3(model, x, sigmas, extra_args=None, callback=None, disab
         "eps" and 0.5 for "flow".
       model_kind: "eps" (x = x0 + sigma n) or "flow" (x = (1 - sigma) x0 + sigma n).  Flow models are integrated in
         VE coordinates x~ = x / (1 - sigma), sigma~ = sigma / (1 - sigma), with the alpha factors folded into the
-        step coefficients.  A flow start at sigma = 1 (lambda = -inf) takes the exact first-order step
-        x_1 = sigma_1 x_0 + (1 - sigma_1) D(x_0, 1) and starts the v3 history after it.
+        step coefficients.  A flow start at sigma = 1 (lambda = -inf) takes the first-order step
+        x_1 = sigma_1 x_0 + (1 - sigma_1) D(x_0, 1); x / alpha is infinite at sigma = 1, so the predictor steps and
+        correctors whose points reach it are DPM-Solver++ steps (l = 1, s = b = 0) with D interpolated in
+        rho = -log sigma (``exponential.rho_weights``) and keep their order; the EMS form takes over after them.
+        No corrector redoes the step out of sigma = 1.
       final_step: "denoise" (a trailing 0 returns that step's denoised output, corrected when the corrector ran at
         that point) or "stop" (drop the trailing 0 and return x at the last positive sigma).  A schedule ending at
         a positive sigma returns x there, unevaluated (official behaviour).
@@ -522,17 +551,23 @@ def sample_dpm_solver_v3(model, x, sigmas, extra_args=None, callback=None, disab
                "half_sigma": float(half_sigma), "refine": refine}
     plan = _cached_plan(ems, t, x.shape, x.dtype, x.device, options)
     history = {}  # point index -> f (the model output in the v3 parameterization)
+    outputs = {}  # a flow start: point index -> D for the steps in rho (points 0 .. order)
     for i in run.range():
         denoised = run.denoise(x, i)
         final = t.sigmas[i + 1] == 0
+        if plan.rho_predictor and i <= order:
+            outputs[i] = denoised
         if i in plan.a:
             a = plan.a[i]
             history[i] = torch.mul(a, x).sub_(denoised)  # f_i = (1 - l_i) x_i / alpha_i - D_i
             history.pop(i - order - 1, None)
-            if i in plan.corrector:
+            if i in plan.corrector or i in plan.rho_corrector:
                 # Algorithm 2: redo x_{i-1} -> x_i with the fresh f_i; f stays fixed, so D moves with x.
-                A, K, W = plan.corrector[i]
-                corrected = _combine(A, K, W, x_previous, history)
+                if i in plan.corrector:
+                    A, K, W = plan.corrector[i]
+                    corrected = _combine(A, K, W, x_previous, history)
+                else:
+                    corrected = _step_in_rho(x_previous, t, i - 1, i, plan.rho_corrector[i], outputs)
                 if final or run.callback is not None:
                     denoised = torch.addcmul(denoised, a, corrected - x)
                 x = corrected
@@ -543,8 +578,12 @@ def sample_dpm_solver_v3(model, x, sigmas, extra_args=None, callback=None, disab
         if i in plan.predictor:
             A, K, W = plan.predictor[i]
             x = _combine(A, K, W, x, history)
-        else:  # flow start at sigma = 1: exact first-order data-prediction step
-            x = first_order_data_step(x, denoised, t.sigma[i], t.sigma[i + 1], t.alpha[i + 1], t.h[i])
+        elif plan.rho_predictor[i] >= 3:  # a flow start: guarded as the 3M's third-order steps
+            count = plan.rho_predictor[i]
+            x = guarded_step(x, t, i, ([t.lam[j] for j in range(i, i - count, -1)], [outputs[j] for j in range(
+                i, i - count, -1)]), lambda: _step_in_rho(x, t, i, i, count - 1, outputs))
+        else:  # a flow start: the steps whose points reach sigma = 1 (the first one: DDIM)
+            x = _step_in_rho(x, t, i, i, plan.rho_predictor[i], outputs)
     return run.finish(x)
 
 

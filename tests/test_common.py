@@ -181,7 +181,9 @@ def test_order_policy():
     assert long.steps == 15 and long.default_lower_order_final(None) is False
     assert long.default_lower_order_final(1) is True
     flow = SamplerRun(MIXTURE.denoiser("flow"), latent(), torch.tensor([1.0, 0.5, 0.2]), model_kind="flow")
-    assert flow.order(0, 3, False, 3) == 1  # out of sigma = 1 (h = inf)
+    # out of sigma = 1 (h = inf): a multistep method has one point of history there; a singlestep one keeps its order
+    # with stages in rho = -log sigma (exponential.step_out_of_sigma_one)
+    assert flow.order(0, 3, False, 1) == 1 and flow.order(0, 3, False, 3) == 3
 
 
 def test_final_step_stop_drops_trailing_zero():

@@ -12,7 +12,9 @@ import torch
 
 from dpm_solver_nodes.analytic.gaussian_mixture import (GaussianMixture, GuidedGaussianMixture, reference_solution,
                                                          sample_noise)
-from dpm_solver_nodes.samplers import sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_dpmpp_3m, sample_dpmpp_3m_sde
+from dpm_solver_nodes.samplers import (sample_ddim, sample_dpm_solver, sample_dpm_solver_sde_2m, sample_dpm_solver_v3,
+                                      sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_dpmpp_2s, sample_dpmpp_3m,
+                                      sample_dpmpp_3m_sde)
 from dpm_solver_nodes.samplers.exponential import extrapolated_denoised
 from dpm_solver_nodes.samplers.sigmas import exponential, flow_logsnr_uniform, karras, shifted, with_zero
 from dpm_solver_nodes.samplers.schedule import noise_schedule
@@ -68,30 +70,122 @@ def problem(seed, guidance, model_kind, start):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Out of sigma = 1: the history point at sigma = 1 is used (in rho = -log sigma), so the second step keeps order 2
+# Out of sigma = 1: the history point at sigma = 1 is used (in rho = -log sigma), so the second step keeps its order;
+# singlestep methods put their stages in rho
 # ---------------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("sampler", [
-    sample_dpmpp_2m, sample_dpmpp_3m,
-    lambda *a, **k: sample_dpmpp_2m_sde(*a, eta=0.0, **k), lambda *a, **k: sample_dpmpp_3m_sde(*a, eta=0.0, **k)],
-    ids=["2m", "3m", "2m-sde-eta0", "3m-sde-eta0"])
-def test_the_step_after_sigma_one_has_third_order_local_error(sampler):
-    """sigmas [1, e^-0.001, e^-(0.001 + H)], H = 0.1, 0.05, 0.025: the first step (DDIM over rho = 0.001) is nearly
-    exact, so the error is the second step's local error.  With the sigma = 1 output in its history it is O(H^3):
-    measured slopes 2.86-2.97 (guidance 1 and 7.5); the step before this change (first order: no usable history in
-    lambda) measured 2.00-2.03 after the first pair."""
+def _flow_problem(guidance, seed=0):
+    model = GuidedGaussianMixture(GaussianMixture.random(dim=8, components=5, seed=seed), [0, 1],
+                                  scale=guidance).denoiser("flow")
+    return model, sample_noise(32, (8,), seed=1 + seed)
+
+
+def _slopes(errors):
+    return [math.log2(errors[k] / errors[k + 1]) for k in range(len(errors) - 1)]
+
+
+MULTISTEP = {
+    "2m": lambda m, x, s: sample_dpmpp_2m(m, x, s, model_kind="flow", lower_order_final=False, disable=True),
+    "3m": lambda m, x, s: sample_dpmpp_3m(m, x, s, model_kind="flow", lower_order_final=False, disable=True),
+    "2m-sde-eta0": lambda m, x, s: sample_dpmpp_2m_sde(m, x, s, model_kind="flow", eta=0.0, lower_order_final=False,
+                                                       disable=True),
+    "3m-sde-eta0": lambda m, x, s: sample_dpmpp_3m_sde(m, x, s, model_kind="flow", eta=0.0, lower_order_final=False,
+                                                       disable=True),
+    "dpm-solver-multistep-2": lambda m, x, s: sample_dpm_solver(m, x, s, model_kind="flow", order=2,
+                                                                method="multistep", lower_order_final=False,
+                                                                disable=True),
+    "dpm-solver-multistep-3": lambda m, x, s: sample_dpm_solver(m, x, s, model_kind="flow", order=3,
+                                                                method="multistep", lower_order_final=False,
+                                                                disable=True),
+    "dpm-solver-sde-2m-eta0": lambda m, x, s: sample_dpm_solver_sde_2m(m, x, s, model_kind="flow", eta=0.0,
+                                                                       lower_order_final=False, disable=True),
+    "v3-no-corrector": lambda m, x, s: sample_dpm_solver_v3(m, x, s, model_kind="flow", use_corrector=False,
+                                                            fallback=False, lower_order_final=False, disable=True),
+}
+
+
+@pytest.mark.parametrize("name", list(MULTISTEP))
+def test_the_step_after_sigma_one_has_third_order_local_error(name):
+    """Step 1 of sigmas 1, e^-H, e^-2.5H (a step ratio of 1.5 in rho) against the exact solution from the sampler's
+    own x_1, H = 0.02, 0.01, 0.005: with the sigma = 1 output in its history the step's local error is O(H^3),
+    measured slopes 2.67-3.16 over 3 mixtures (guidance 1 and 7.5, bench/results_flow_guidance.md); a first-order
+    step (the noise-prediction solvers and v3 before this change) measures 2.0-2.75."""
+    run = MULTISTEP[name]
     for guidance in (1.0, 7.5):
-        model = GuidedGaussianMixture(GaussianMixture.random(dim=8, components=5, seed=0), [0, 1],
-                                      scale=guidance).denoiser("flow")
-        x = sample_noise(32, (8,), seed=1)
+        model, x = _flow_problem(guidance)
         errors = []
-        for step in (0.1, 0.05, 0.025):
-            sigmas = torch.tensor([1.0, math.exp(-0.001), math.exp(-0.001 - step)], dtype=torch.float64)
-            ref = reference_solution(model, x, 1.0, float(sigmas[-1]), "flow")
-            out = sampler(model, x, sigmas, model_kind="flow", lower_order_final=False, disable=True)
-            errors.append((out - ref).norm(dim=1).median().item())
-        slopes = [math.log2(errors[k] / errors[k + 1]) for k in range(2)]
-        assert min(slopes) > 2.6, (guidance, errors, slopes)  # 2.0 for a first-order step
+        for step in (0.02, 0.01, 0.005):
+            sigmas = torch.tensor([1.0, math.exp(-step), math.exp(-2.5 * step)], dtype=torch.float64)
+            x1 = run(model, x, sigmas[:2])
+            exact = reference_solution(model, x1, float(sigmas[1]), float(sigmas[2]), "flow")
+            errors.append((run(model, x, sigmas) - exact).norm(dim=1).median().item())
+        assert min(_slopes(errors)) > 2.5, (guidance, errors, _slopes(errors))
+
+
+def test_v3_corrector_redoes_the_step_after_sigma_one_in_rho():
+    """v3 (no EMS) with its corrector: the corrector at sigma_2 redoes step 1 with the quadratic in rho through the
+    outputs at sigma = 1, sigma_1 and sigma_2 (a tiny last step makes the corrected x_2 the output).  Local error
+    O(H^4): measured slopes 3.9-4.6 over 3 mixtures; before, the corrector used sigma_1 and sigma_2 only (slopes
+    2.0-3.2)."""
+    run = MULTISTEP["v3-no-corrector"]
+    for guidance in (1.0, 7.5):
+        model, x = _flow_problem(guidance)
+        errors = []
+        for step in (0.02, 0.01, 0.005):
+            sigmas = torch.tensor([1.0, math.exp(-step), math.exp(-2.5 * step), math.exp(-2.5 * step - 1e-5)],
+                                  dtype=torch.float64)
+            x1 = run(model, x, sigmas[:2])
+            exact = reference_solution(model, x1, float(sigmas[1]), float(sigmas[3]), "flow")
+            out = sample_dpm_solver_v3(model, x, sigmas, model_kind="flow", fallback=False, lower_order_final=False,
+                                       disable=True)
+            errors.append((out - exact).norm(dim=1).median().item())
+        assert min(_slopes(errors)) > 3.0, (guidance, errors, _slopes(errors))
+
+
+@pytest.mark.parametrize("name, order", [("dpm-solver-2", 2), ("dpm-solver-3", 3), ("dpmpp-2s", 2)])
+def test_singlestep_step_out_of_sigma_one_keeps_its_order(name, order):
+    """The step 1 -> e^-H with the stages in rho (DPM-Solver-2/3, DPM-Solver++(2S)), H = 0.02, 0.01, 0.005: local
+    error O(H^(order + 1)), measured slopes 2.95-3.33 (order 2) and 3.76-4.38 (order 3) over 3 mixtures; before,
+    the step was DDIM with one call (slopes 1.98-2.20)."""
+    def run(model, x, sigmas):
+        if name == "dpmpp-2s":
+            return sample_dpmpp_2s(model, x, sigmas, model_kind="flow", disable=True)
+        return sample_dpm_solver(model, x, sigmas, model_kind="flow", order=order, lower_order_final=False,
+                                 disable=True)
+
+    for guidance in (1.0, 7.5):
+        model, x = _flow_problem(guidance)
+        calls = []
+
+        def counted(xx, sigma, **kwargs):
+            calls.append(1)
+            return model(xx, sigma)
+
+        errors = []
+        for step in (0.02, 0.01, 0.005):
+            sigmas = torch.tensor([1.0, math.exp(-step)], dtype=torch.float64)
+            exact = reference_solution(model, x, 1.0, float(sigmas[1]), "flow")
+            errors.append((run(counted, x, sigmas) - exact).norm(dim=1).median().item())
+        assert len(calls) == 3 * order  # order model calls per step, as every other step
+        assert min(_slopes(errors)) > order + 0.6, (guidance, errors, _slopes(errors))
+
+
+def test_a_step_far_beyond_its_history_in_rho_drops_sigma_one():
+    """The sigma = 1 output stays in the history only while the step extrapolates at most twice the history's span in
+    rho (rho_t - rho_s <= 2 rho_s); beyond, the step is the one with the finite history (here: first order, DDIM).
+    At 5-6 steps of the recommended flow schedule (ratio 3.7, 2.7) with guidance 7.5 this measured 70 -> 1.5 and
+    1.2 -> 0.80 for the 2M (bench/results_flow_guidance.md)."""
+    model, x = _flow_problem(7.5)
+    lam = lambda sigma: math.log((1 - sigma) / sigma)
+    far = torch.tensor([1.0, math.exp(-0.05), math.exp(-0.05 - 0.11)], dtype=torch.float64)  # ratio 2.2
+    near = torch.tensor([1.0, math.exp(-0.05), math.exp(-0.05 - 0.09)], dtype=torch.float64)  # ratio 1.8
+    for sigmas, keeps in ((far, False), (near, True)):
+        out = sample_dpmpp_2m(model, x, sigmas, model_kind="flow", lower_order_final=False, disable=True)
+        s1, s2 = float(sigmas[1]), float(sigmas[2])
+        x1 = sample_dpmpp_2m(model, x, sigmas[:2], model_kind="flow", disable=True)
+        ddim = x1 * (s2 / s1) + model(x1, torch.full((32,), s1, dtype=torch.float64)) * ((1 - s2) * -math.expm1(
+            -(lam(s2) - lam(s1))))
+        assert torch.allclose(out, ddim, rtol=0, atol=1e-12) != keeps
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -149,13 +243,15 @@ def test_shift3_flow_2m_at_most_1_1x_kdiffusion_2m(guidance):
 # Third-order steps with guidance: bounded outputs, never far behind the 2M
 # ---------------------------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("solver_type", ["official", "taylor"])
 @pytest.mark.parametrize("model_kind", ["flow", "eps"])
 @pytest.mark.parametrize("guidance", GUIDANCE)
-def test_3m_at_most_2x_the_2m_error_at_8_to_12_steps(guidance, model_kind):
-    """The default (official) 3M, 3 random mixtures, the hosts' schedule (shift 3 / Karras) and logSNR-uniform steps:
-    measured at most 1.45x.  Without the guard it measured up to 1.9e3x (flow, logSNR) and 47x (eps, Karras,
-    guidance 7.5) on the bench mixtures.  The Taylor form stays bounded (test below) but is not asserted here: its
-    second-order fallback is the Taylor 2M, and it measured 2.7-70x the (midpoint) 2M's error at 8-12 steps."""
+def test_3m_at_most_2x_the_2m_error_at_8_to_12_steps(guidance, model_kind, solver_type):
+    """The 3M (both forms), 3 random mixtures, the hosts' schedule (shift 3 / Karras) and logSNR-uniform steps, 8-12
+    steps: measured at most 1.54x (official) and 1.29x (Taylor) the (midpoint) 2M's error here; 1.54x / 1.39x over
+    the guard study's 378 cases, 1.36x / 1.35x on its held-out ones, 1.86x / 1.94x on the issue's 4x16x16 mixtures.
+    Without the guard: up to 3.8e3x; the Taylor form with its former Taylor-weighted second-order steps: up to 76x
+    (bench/results_flow_guidance.md)."""
     worst = {}
     for seed in SEEDS:
         start = 1.0 if model_kind == "flow" else None
@@ -164,9 +260,31 @@ def test_3m_at_most_2x_the_2m_error_at_8_to_12_steps(guidance, model_kind):
             for steps in (8, 10, 12):
                 sigmas = make(steps)
                 two = per_sample_error(sample_dpmpp_2m(model, x, sigmas, model_kind=model_kind, disable=True), ref)
-                three = sample_dpmpp_3m(model, x, sigmas, model_kind=model_kind, disable=True)
+                three = sample_dpmpp_3m(model, x, sigmas, model_kind=model_kind, solver_type=solver_type,
+                                        disable=True)
                 worst[make.__name__, steps] = per_sample_error(three, ref) / two
     assert max(worst.values()) <= 2.0, worst
+
+
+def test_guard_keeps_more_of_the_3m_lead_at_15_to_20_unguided_steps():
+    """Geometric mean of the official 3M's error over the 2M's, 3 mixtures, both kinds, both schedules, 15 and 20
+    steps, guidance 1: measured 0.47 (before the fourth-output check: 0.59).  The check keeps order 3 on late,
+    smooth steps whose D'' and D' terms are of one size (bench/results_flow_guidance.md, where it also measured
+    0.56 -> 0.17 on the bench's 1024-d eps mixtures)."""
+    logs = []
+    for seed in SEEDS:
+        for model_kind in ("flow", "eps"):
+            for make in SCHEDULES[model_kind]:
+                start = 1.0 if model_kind == "flow" else float(make(8)[0])
+                model, x, ref = problem(seed, 1.0, model_kind, start)
+                for steps in (15, 20):
+                    sigmas = make(steps)
+                    two = per_sample_error(sample_dpmpp_2m(model, x, sigmas, model_kind=model_kind, disable=True),
+                                           ref)
+                    three = per_sample_error(sample_dpmpp_3m(model, x, sigmas, model_kind=model_kind, disable=True),
+                                             ref)
+                    logs.append(math.log(three / two))
+    assert math.exp(sum(logs) / len(logs)) <= 0.52, [round(math.exp(v), 3) for v in logs]
 
 
 BOUNDED = {
@@ -177,19 +295,34 @@ BOUNDED = {
     "3m-taylor": lambda m, x, s, k: sample_dpmpp_3m(m, x, s, model_kind=k, solver_type="taylor", disable=True),
     "3m-sde": lambda m, x, s, k: sample_dpmpp_3m_sde(m, x, s, model_kind=k, seed=0, noise_type="gaussian",
                                                      disable=True),
-    "3m-sde-official": lambda m, x, s, k: sample_dpmpp_3m_sde(m, x, s, model_kind=k, seed=0, noise_type="gaussian",
-                                                              solver_type="official", disable=True),
+    "3m-sde-taylor": lambda m, x, s, k: sample_dpmpp_3m_sde(m, x, s, model_kind=k, seed=0, noise_type="gaussian",
+                                                            solver_type="taylor", disable=True),
+}
+# the solvers whose flow start this issue changed, and DDIM; step counts 5-20 (CI time)
+BOUNDED_MORE = {
+    "dpm-solver-multistep-3": lambda m, x, s, k: sample_dpm_solver(m, x, s, model_kind=k, order=3, method="multistep",
+                                                                   disable=True),
+    "dpm-solver-singlestep-3": lambda m, x, s, k: sample_dpm_solver(m, x, s, model_kind=k, order=3, disable=True),
+    "dpmpp-2s": lambda m, x, s, k: sample_dpmpp_2s(m, x, s, model_kind=k, disable=True),
+    "v3": lambda m, x, s, k: sample_dpm_solver_v3(m, x, s, model_kind=k, disable=True),
+    "ddim": lambda m, x, s, k: sample_ddim(m, x, s, model_kind=k, disable=True),
+    "dpm-solver-sde-2m": lambda m, x, s, k: sample_dpm_solver_sde_2m(m, x, s, model_kind=k, seed=0,
+                                                                     noise_type="gaussian", disable=True),
 }
 
 
 @pytest.mark.parametrize("model_kind", ["flow", "eps"])
 @pytest.mark.parametrize("guidance", GUIDANCE)
 def test_outputs_stay_within_a_multiple_of_the_exact_range(guidance, model_kind):
-    """max |output| / max |exact ODE output| (same noise) over step counts 5, 6, 8, 12, 20, 40, 3 random mixtures
-    (dim 16) and both schedules of the model kind.  Measured (guidance 1 / 5 / 7.5, flow | eps): 2M 1.14 / 2.81 / 5.83 |
-    1.19 / 1.65 / 7.78 (its own excursions at 5-6 guided logSNR or Karras steps), official 3M the same as the 2M,
-    Taylor 3M up to 6.49 | 13.5, 2M SDE up to 10.7 | 18.9, 3M SDE up to 18.2 | 27.8 (eta = 1, Gaussian noise).
-    Without the guard the 3M reached |x| = 1.2e4 on data of range 4.7 (bench/results_flow_guidance.md)."""
+    """max |output| / max |exact ODE output| (same noise) over step counts 5, 6, 8, 12, 20 and 40 (the solvers of
+    BOUNDED_MORE: 5-20), 3 random mixtures (dim 16) and both schedules of the model kind.  Measured (guidance
+    1 / 5 / 7.5, flow | eps): the 2M 1.08 / 2.13 / 5.84 | 1.19 / 1.65 / 7.78 (its own excursions at 5-6 guided
+    logSNR or Karras steps set the scale); both 3M forms the same as the 2M (the Taylor form before its midpoint
+    second-order steps: up to 6.48 | 13.5); the 3M SDE the 2M SDE's 1.27 / 3.87 / 10.4 | 1.41 / 4.44 / 18.9 (before:
+    up to 18.2 | 27.8); v3 up to 12.0, DPM-Solver-3 singlestep up to 17.7.  The noise-prediction SDE-DPM-Solver-2M
+    is the exception: its weight 2 sigma_t (e^h - 1) on eps doubles an extrapolation error per coarse step (up to
+    1.0e3 | 1.6e3; 4.2e3 on flow before its start in rho), so it is only held to 2e3.  Without the guard the 3M
+    reached |x| = 1.2e4 on data of range 4.7 (bench/results_flow_guidance.md)."""
     worst = {}
     for seed in SEEDS:
         for make in SCHEDULES[model_kind]:
@@ -197,9 +330,13 @@ def test_outputs_stay_within_a_multiple_of_the_exact_range(guidance, model_kind)
             model, x, ref = problem(seed, guidance, model_kind, start)
             scale = ref.abs().max().item()
             for steps in (5, 6, 8, 12, 20, 40):
-                for name, run in BOUNDED.items():
+                table = dict(BOUNDED, **BOUNDED_MORE) if steps <= 20 else BOUNDED
+                for name, run in table.items():
                     ratio = run(model, x, make(steps), model_kind).abs().max().item() / scale
                     worst[name] = max(worst.get(name, 0.0), ratio)
-    assert worst["3m"] <= 1.1 * worst["2m"], worst
-    assert max(worst[name] for name in ("2m", "3m", "3m-taylor")) <= 15, worst
-    assert max(worst.values()) <= 40, worst
+    assert max(worst["3m"], worst["3m-taylor"]) <= 1.1 * worst["2m"], worst
+    assert max(worst["3m-sde"], worst["3m-sde-taylor"]) <= 1.1 * worst["2m-sde"], worst
+    ode = ("2m", "3m", "3m-taylor", "dpm-solver-multistep-3", "dpmpp-2s", "v3", "ddim")
+    assert max(worst[name] for name in ode) <= 15, worst
+    assert max(v for name, v in worst.items() if name != "dpm-solver-sde-2m") <= 20, worst
+    assert worst["dpm-solver-sde-2m"] <= 2e3, worst

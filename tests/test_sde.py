@@ -181,23 +181,23 @@ def test_3m_sde_equals_kdiffusion_while_only_first_and_second_order_terms_act():
 
 
 def test_3m_sde_differs_from_kdiffusion_by_exactly_the_missing_half_of_the_second_derivative_term():
-    """Pin 1 (public API): three positive steps run orders 1, 2, 3; the results differ by exactly k-diffusion's
-    -phi_3 d2 of the last step.  Pin 2 (every step of a 12-step run): from k-diffusion's own state and history,
-    our step lands on k-diffusion's next state plus that correction (the steps are otherwise the same formula)."""
+    """Pin 1 (public API): the Taylor form's warm-up is the paper's 2M SDE step (midpoint), so its first two steps are
+    ``sample_dpmpp_2m_sde``'s on the same noise; k-diffusion's warm-up takes the Taylor weight (the official form
+    keeps it), so they differ from k-diffusion's.  Pin 2 (every step of a 12-step run): from k-diffusion's own state
+    and history, our third-order step lands on k-diffusion's next state plus -phi_3 d2, the missing half of the D''
+    term (the steps are otherwise the same formula)."""
     kd = load()
     model = MIXTURE.denoiser("eps")
     x = start(3, 10.0)
-    sigmas = karras(4, zero=False)
-    recorded = []
-    reference = kd.sample_dpmpp_3m_sde(model, x, sigmas, noise_sampler=kd_brownian(x, sigmas, [4, 5, 6]),
-                                       callback=lambda d: recorded.append(d["denoised"]), disable=True)
+    sigmas = karras(3, zero=False)
     ours = sde.sample_dpmpp_3m_sde(model, x, sigmas, noise_sampler=kd_brownian(x, sigmas, [4, 5, 6]),
                                    lower_order_final=False, guard=False, solver_type="taylor")
-    lam = (-sigmas.log()).tolist()
-    h = [lam[i + 1] - lam[i] for i in range(3)]
-    correction = _kd_3m_correction(h[2], h[1], h[0], recorded[2], recorded[1], recorded[0])
-    assert correction.norm() > 1e-3 * reference.norm()  # the pin is not vacuous
-    torch.testing.assert_close(ours - reference, correction, rtol=1e-6, atol=1e-9)
+    two = sde.sample_dpmpp_2m_sde(model, x, sigmas, noise_sampler=kd_brownian(x, sigmas, [4, 5, 6]),
+                                  lower_order_final=False)
+    torch.testing.assert_close(ours, two, rtol=1e-12, atol=1e-12)
+    reference = kd.sample_dpmpp_3m_sde(model, x, sigmas, noise_sampler=kd_brownian(x, sigmas, [4, 5, 6]),
+                                       disable=True)
+    assert relative(ours, reference) > 1e-6  # a different warm-up: the check can fail
 
     sigmas = karras(12)
     states, outputs = [], []
@@ -271,8 +271,9 @@ def _strong_order(sampler, model_kind, options, steps=(16, 32, 64, 128), referen
     (sde.sample_dpmpp_sde_1, "flow", {}),
 ], ids=lambda v: getattr(v, "__name__", v if isinstance(v, str) else None))
 def test_strong_order_one(sampler, model_kind, options):
-    """Additive noise: the noise increments limit every solver to strong order 1 (measured 0.97-1.17)."""
-    order, errors = _strong_order(sampler, model_kind, options)
+    """Additive noise: the noise increments limit every solver to strong order 1, measured as the slope over 32-128
+    steps: 0.98-1.06 (from 16 steps the guarded 3M's third-order drift still shows: 1.31-1.49)."""
+    order, errors = _strong_order(sampler, model_kind, options, steps=(32, 64, 128))
     assert 0.7 <= order <= 1.3, f"strong order {order:.2f}, errors {errors}"
 
 

@@ -107,10 +107,13 @@ def test_default_path_beats_the_pack_or_runs_the_better_solver(case):
         ratio = _error(out, reference) / min(peers.values())
         report[nfe] = round(ratio, 3)
         assert ratio <= BOUND[cfg], (nfe, ratio, peers, report)
-    # v3 runs somewhere (twice unguided); on the cfg-10 flow mixture the 2M's second-order start in rho and
-    # extrapolated final step beat v3's first-order flow start at 6-10 NFE (v3/2M 1.06, 2.2, 1.9 there), so the
-    # decisions route those NFEs to the 2M, checked bit for bit above
-    assert sum(1 for v in report.values() if not isinstance(v, str)) >= (2 if cfg == 1 else 1), report
+    # v3 runs somewhere (twice unguided, once at cfg 7.5).  On the cfg-10 flow mixture every NFE goes to the 2M,
+    # checked bit for bit above: since v3's flow start keeps its order in rho (issue 15) v3's best policy measures
+    # 3.29 / 0.91 / 0.48 / 0.36 against the 2M's 3.24 / 1.07 / 0.42 / 0.27 at 5 / 6 / 8 / 10 NFE on this evaluation
+    # noise (before: 1.32 / 1.13 / 0.90 / 0.51): the second-order step after sigma = 1 lost v3 its 5-NFE win
+    # (5 sigma-uniform steps at cfg 10), and the tuning found no clear win elsewhere
+    required = {1.0: 2, 7.5: 1, 10.0: 0}[cfg]
+    assert sum(1 for v in report.values() if not isinstance(v, str)) >= required, report
 
 
 def test_tuning_costs_at_most_the_estimation():

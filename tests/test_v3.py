@@ -93,6 +93,22 @@ def mixture_case():
     return mixture, model, x
 
 
+def _taylor_multistep(model, x, sigmas, order):
+    """DPM-Solver++ in its Taylor form, every step of order min(order, points so far) with the exact Taylor
+    coefficients of the polynomial through the last outputs (DPM-Solver++ Eq. 9; ``sample_dpmpp_3m``'s "taylor" form
+    takes the paper's 2M for its second-order steps instead, so it is not this method)."""
+    from dpm_solver_nodes.samplers.common import SamplerRun
+    from dpm_solver_nodes.samplers.exponential import data_prediction_step
+
+    run = SamplerRun(model, x, sigmas, disable=True)
+    t, lams, outputs = run.table, [], []
+    for i in range(t.steps):
+        lams, outputs = [t.lam[i]] + lams[:order - 1], [run.denoise(x, i)] + outputs[:order - 1]
+        x = data_prediction_step(x, t, i, [outputs[0]]) if t.sigma[i + 1] == 0 else data_prediction_step(
+            x, t, i, history=(lams, outputs))
+    return x
+
+
 @pytest.mark.parametrize("steps", [5, 20])
 def test_degenerate_ems_is_ddim_and_dpmpp_taylor(mixture_case, steps):
     _, model, x = mixture_case
@@ -110,8 +126,7 @@ def test_degenerate_ems_is_ddim_and_dpmpp_taylor(mixture_case, steps):
             out = sample_dpm_solver_v3(model, x, sigmas, ems=ems, order=2, use_corrector=False,
                                        lower_order_final=lower_order_final, disable=True, fallback=False)
             assert (out - taylor).abs().max().item() <= 2 * tolerance * scale
-        third = sample_dpmpp_3m(model, x, sigmas, lower_order_final=False, solver_type="taylor", guard=False,
-                                disable=True)
+        third = _taylor_multistep(model, x, sigmas, 3)
         out = sample_dpm_solver_v3(model, x, sigmas, ems=ems, order=3, use_corrector=False, lower_order_final=False,
                                    disable=True, fallback=False)
         assert (out - third).abs().max().item() <= 2 * tolerance * scale
@@ -250,10 +265,14 @@ def test_flow_start_at_sigma_one(mixture_case, mixture_ems):
         reference = reference_solution(flow_model, x, 1.0, 0.0, model_kind="flow")
         errors.append((out - reference).reshape(16, -1).norm(dim=1).median().item())
     assert errors[2] < errors[1] < errors[0], errors
-    for sigmas in ([1.0, 0.0], [1.0, 0.5], [1.0, 0.5, 0.0]):  # no v3 step at all, or one after the exact step
+    for sigmas in ([1.0, 0.0], [1.0, 0.5], [1.0, 0.5, 0.0]):  # no v3 step at all, or one after the first step
         out = sample_dpm_solver_v3(flow_model, x, torch.tensor(sigmas, dtype=torch.float64), ems=mixture_ems,
                                    model_kind="flow", disable=True)
         assert torch.isfinite(out).all()
+    # without the corrector the step out of sigma = 1 is DDIM (with it, the corrector at sigma = 0.5 redoes that step
+    # in rho: tests/test_flow_guidance.py)
+    out = sample_dpm_solver_v3(flow_model, x, torch.tensor([1.0, 0.5, 0.0], dtype=torch.float64), ems=mixture_ems,
+                               model_kind="flow", use_corrector=False, disable=True)
     assert torch.allclose(out, flow_model(x * 0.5 + 0.5 * flow_model(x, torch.ones(16)), torch.full((16,), 0.5)))
 
 
