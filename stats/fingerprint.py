@@ -55,14 +55,16 @@ def weights_digest(weights) -> str:
 
 
 def _identity(tensor):
+    """What the cache keys a tensor by: its address and version counter, and always 61 strided values, because a
+    freed checkpoint's address can be reused by another one with the same shapes and a fresh version counter (an id
+    or address alone would serve the first checkpoint's digest, and its EMS, for the second).  Inference tensors
+    (ComfyUI loads weights under inference_mode) have no version counter."""
     if not isinstance(tensor, torch.Tensor) or tensor.device.type == "meta":
         return repr(type(tensor)), 0, 0
-    if tensor.is_inference():  # no version counter (ComfyUI loads weights under inference_mode): 61 strided values
-        flat = tensor.detach().reshape(-1)
-        version = flat[::max(1, flat.numel() // 61)].float().cpu().numpy().tobytes()
-    else:
-        version = tensor._version
-    return tensor.data_ptr(), version, tuple(tensor.shape), str(tensor.dtype), str(tensor.device)
+    flat = tensor.detach().reshape(-1)
+    values = flat[::max(1, flat.numel() // 61)].float().cpu().numpy().tobytes()
+    version = None if tensor.is_inference() else tensor._version
+    return tensor.data_ptr(), version, values, tuple(tensor.shape), str(tensor.dtype), str(tensor.device)
 
 
 class CachedWeightsDigest:

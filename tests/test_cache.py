@@ -217,3 +217,20 @@ def test_fingerprint_and_sigma_digest_are_stable_across_processes():
     sigmas = torch.linspace(14.6, 0.03, 1000)
     assert sigma_digest(sigmas) == sigma_digest(sigmas.double())
     assert sigma_digest(sigmas) != sigma_digest(sigmas * 1.0001)
+
+
+
+def test_cached_weights_digest_is_not_fooled_by_a_reused_address():
+    """A checkpoint freed and another loaded in its place can get the same addresses, shapes and version counters;
+    the cache must still see the new values (else the first checkpoint's EMS are served for the second).  Writing
+    through ``.data`` changes the values at the same address without moving the version counter."""
+    from dpm_solver_nodes.stats.fingerprint import CachedWeightsDigest, weights_digest
+
+    state = {f"w{i}": torch.randn(64, 65, generator=torch.Generator().manual_seed(i)) for i in range(4)}
+    digest = CachedWeightsDigest()
+    first = digest(state)
+    identity = {name: (tensor.data_ptr(), tensor._version) for name, tensor in state.items()}
+    for i, tensor in enumerate(state.values()):
+        tensor.data.copy_(torch.randn(64, 65, generator=torch.Generator().manual_seed(100 + i)))
+    assert identity == {name: (tensor.data_ptr(), tensor._version) for name, tensor in state.items()}
+    assert digest(state) == weights_digest(state) != first
