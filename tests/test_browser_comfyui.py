@@ -288,7 +288,7 @@ def test_workflow_queued_from_the_page_delivers_images_and_shows_progress(server
         assert len(bars) >= 2 and all(0 <= b <= 1 for b in bars), f"progress bar on the node: {bars}"
         (info,) = entry["outputs"][node_id]["ems"]
         (summary,) = entry["outputs"][node_id]["text"]  # the node's "summary" output, also its UI text
-        assert summary.startswith("EMS computed in ") and "\nDPM-Solver-v3 with these EMS: " in summary, summary
+        assert summary.startswith("DPM-Solver-v3 with these EMS: ") and "\nEMS computed in " in summary, summary
         # the progress text says the phase and the time left while the node runs, the outcome box what came of it
         assert any(text.startswith("DPM-Solver-v3 EMS, ") and ("left" in text or "timing" in text)
                    for text in texts), texts
