@@ -34,8 +34,8 @@ from .tuning import tuning_calls, tuning_rows
 
 logger = logging.getLogger("dpm_solver_nodes")
 
-# seconds of an estimation row (a JVP) / a forward row, until the estimation's first chunk is timed: 2.8-3.3 on the
-# integration tests' SD1.5-layout checkpoint on a CPU (bench/results_ems_cost.md)
+# seconds of an estimation row (a JVP) / a forward row, until the estimation's first chunk is timed: about what a JVP
+# cost on the ComfyUI tests' checkpoint (bench/results_comfy_ems_cost.md)
 JVP_SECONDS_FACTOR = 3.0
 
 PHASES = ("x0", "estimate", "tune", "check")

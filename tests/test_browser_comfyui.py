@@ -311,8 +311,8 @@ def test_shipped_ems_workflow_finishes_in_a_minute(server, browser, artifacts):
     Measured: the EMS node's wall time (its executing -> executed events) and the server's CPU seconds over the same
     span.  With COMFYUI_TEST_THREADS=1 the CPU seconds are the node's time on one free core, whatever else the
     machine runs, and they are asserted (a 2-core machine running only this finishes sooner); otherwise the wall
-    time is.  On a shared machine two torch threads on two busy cores ran 5-10x slower than one
-    (bench/results_ems_cost.md), so the wall time there says more about the other jobs than about the node."""
+    time is.  On a shared machine two torch threads on two busy cores ran far slower than one
+    (bench/results_comfy_ems_cost.md), so the wall time there says more about the other jobs than about the node."""
     name = "ems_compute_save_use.json"
     workflow = _load(browser, name)
     changes = {"width": 32, "height": 32, "filename_prefix": "shipped"}
