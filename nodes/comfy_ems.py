@@ -197,8 +197,11 @@ def compute_or_load(model, positive, negative, cfg, width, height, grid_size, sa
         if not cached:
             logger.info("DPM-Solver-v3 EMS: batch size 0 (auto): %d samples per model call", batch)
     job = EMSJob(target, settings, batch_size=batch, metadata={"host": "comfyui"})
-    bar = comfy.utils.ProgressBar(1000)
     node_id = node_id if node_id is not None else executing_node_id()
+    try:  # the node named: the estimation may report from a worker thread (stats.tuning.Lockstep)
+        bar = comfy.utils.ProgressBar(1000, node_id=node_id)
+    except TypeError:  # ComfyUI before node_id
+        bar = comfy.utils.ProgressBar(1000)
 
     def progress(done, total):
         bar.update_absolute(int(1000 * done / total))
