@@ -197,8 +197,11 @@ def compute_or_load(model, positive, negative, cfg, width, height, grid_size, sa
         if not cached:
             logger.info("DPM-Solver-v3 EMS: batch size 0 (auto): %d samples per model call", batch)
     job = EMSJob(target, settings, batch_size=batch, metadata={"host": "comfyui"})
-    bar = comfy.utils.ProgressBar(1000)
     node_id = node_id if node_id is not None else executing_node_id()
+    try:  # the node named: the estimation may report from a worker thread (stats.tuning.Lockstep)
+        bar = comfy.utils.ProgressBar(1000, node_id=node_id)
+    except TypeError:  # ComfyUI before node_id
+        bar = comfy.utils.ProgressBar(1000)
 
     def progress(done, total):
         bar.update_absolute(int(1000 * done / total))
@@ -240,8 +243,17 @@ def show_text(text, node_id=None):
 
 
 def outcome_text(result):
-    """What the EMS node tells its user: where the EMS come from, what the computation cost, and which solver
-    DPM-Solver-v3 runs with them at which step count (``EMSData.decision_summary``)."""
+    """What the EMS node tells its user: which solver DPM-Solver-v3 runs with these EMS at which step count
+    (``EMSData.decision_summary``), then where the EMS come from and what the computation cost
+    (``outcome_head``)."""
+    text = f"DPM-Solver-v3 with these EMS: {result.ems.decision_summary()}.\n{outcome_head(result)}"
+    if result.save_error:
+        text += f"\nSaving failed: {result.save_error}"
+    return text
+
+
+def outcome_head(result):
+    """Where the EMS come from, what each phase took, and how the decisions were made, in one line."""
     from ..stats.job import format_seconds
 
     ems = result.ems
@@ -267,14 +279,11 @@ def outcome_text(result):
         how = " Not tuned or checked (the settings give too few model rows)."
     elif ems.metadata.get("v3_check_samples"):
         how = f" Checked against DPM-Solver++(2M) on {ems.metadata['v3_check_samples']} samples (not tuned)."
-    text = f"{head}{how}\nDPM-Solver-v3 with these EMS: {ems.decision_summary()}."
-    if result.save_error:
-        text += f"\nSaving failed: {result.save_error}"
-    return text
+    return head + how
 
 
 PHASE_NAMES = {"x0": "samples", "estimate": "statistics", "tune": "tuning", "check": "check"}
 
 
 __all__ = ["compute_or_load", "ComfyModelAccess", "continuous_model_sampling", "sigma_range", "GUIDANCE_MODES",
-           "auto_batch_size", "network_dtype", "outcome_text", "show_text", "executing_node_id"]
+           "auto_batch_size", "network_dtype", "outcome_text", "outcome_head", "show_text", "executing_node_id"]

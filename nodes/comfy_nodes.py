@@ -106,7 +106,7 @@ class ComputeEMS:
             model, positive, negative, cfg, width, height, grid_size, sample_count, reduction, seed, x0_steps,
             batch_size, guidance, jvp, filename_prefix, recompute)
         summary = comfy_ems.outcome_text(result)
-        comfy_ems.show_text(summary.split("\n")[0])  # the progress text's last word; the whole text is the output
+        comfy_ems.show_text(comfy_ems.outcome_head(result))  # the progress text's last word; the whole is the output
         logger.info("%s", summary)
         info = {"file": os.path.basename(result.path) if result.path else "", "source": result.source,
                 "seconds": round(result.seconds, 3), "fingerprint": result.ems.metadata.get("fingerprint", ""),

@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import tempfile
+import threading
 import time
 
 import torch
@@ -34,8 +35,8 @@ from .tuning import tuning_calls, tuning_rows
 
 logger = logging.getLogger("dpm_solver_nodes")
 
-# seconds of an estimation row (a JVP) / a forward row, until the estimation's first chunk is timed: 2.8-3.3 on the
-# integration tests' SD1.5-layout checkpoint on a CPU (bench/results_ems_cost.md)
+# seconds of an estimation row (a JVP) / a forward row, until the estimation's first chunk is timed: about what a JVP
+# cost on the ComfyUI tests' checkpoint (bench/results_comfy_ems_cost.md)
 JVP_SECONDS_FACTOR = 3.0
 
 PHASES = ("x0", "estimate", "tune", "check")
@@ -133,6 +134,7 @@ class _Counter:
         self.started = self.phase_started = time.perf_counter()
         self.last_status = -math.inf
         self.logged = set()
+        self.lock = threading.Lock()
 
     def enter(self, phase):
         """Start timing ``phase`` (the previous phase's time is kept)."""
@@ -158,9 +160,10 @@ class _Counter:
             if report:
                 self.check()
             out = model(x, sigma, **kwargs)
-            self.calls += int(calls)
-            self.done += int(x.shape[0])
-            self.rows[self.phase] = self.rows.get(self.phase, 0) + int(x.shape[0])
+            with self.lock:  # runs in lockstep count from their own threads
+                self.calls += int(calls)
+                self.done += int(x.shape[0])
+                self.rows[self.phase] = self.rows.get(self.phase, 0) + int(x.shape[0])
             if report:
                 self.report()
             return out
@@ -169,7 +172,8 @@ class _Counter:
 
     def count_calls(self, model):
         def call(x, sigma, **kwargs):
-            self.calls += 1
+            with self.lock:
+                self.calls += 1
             return model(x, sigma, **kwargs)
 
         return call

@@ -30,7 +30,7 @@ COMFYUI_PYTHON = os.environ.get("COMFYUI_PYTHON", sys.executable)
 SKIP_REASON = "COMFYUI_DIR is not set: no ComfyUI checkout to run against (docs/hosts.md section 2)"
 CHECKPOINT = "tiny_sd15.safetensors"
 # COMFYUI_TEST_THREADS: torch threads of the server.  On a machine shared with other jobs, two threads on two busy
-# cores were 5-10x slower than one (bench/results_ems_cost.md); unset, torch picks one per core as ComfyUI does.
+# cores ran far slower than one (bench/results_comfy_ems_cost.md); unset, torch picks one per core as ComfyUI does.
 THREADS = os.environ.get("COMFYUI_TEST_THREADS", "")
 
 BUILD_CHECKPOINT = r'''

@@ -712,15 +712,16 @@ def test_ems_node_outcome_text_names_the_file_the_cost_and_the_decisions():
                          phases={"x0": {"rows": 160, "seconds": 5.0}, "estimate": {"rows": 2434, "seconds": 40.1},
                                  "tune": {"rows": 1482, "seconds": 30.0}})
     assert comfy_ems.outcome_text(computed) == (
-        "EMS computed in 1 min 15 s (4,076 model rows: samples 5 s, statistics 40 s, tuning 30 s); saved as "
-        "sd15_cfg7.5_ab12.safetensors. Tuned on 3 + 3 fresh samples: fit window_0.5.\n"
         "DPM-Solver-v3 with these EMS: v3 at 6, 8 steps (0.61-0.69x the error of DPM-Solver++); DPM-Solver++(2M) "
-        "at 5 steps; other step counts follow the nearest.")
+        "at 5 steps; other step counts follow the nearest.\n"
+        "EMS computed in 1 min 15 s (4,076 model rows: samples 5 s, statistics 40 s, tuning 30 s); saved as "
+        "sd15_cfg7.5_ab12.safetensors. Tuned on 3 + 3 fresh samples: fit window_0.5.")
     plain = EMS.degenerate(torch.linspace(-2.6, 3.5, 11), channels=4)
     cached = JobResult(plain, "/x/a.safetensors", "cached", 0.01, save_error="disk full")
     text = comfy_ems.outcome_text(cached)
-    assert text.startswith("EMS loaded from a.safetensors (computed earlier with these settings).\n")
-    assert "v3 at every step count" in text and text.endswith("Saving failed: disk full")
+    assert text.startswith("DPM-Solver-v3 with these EMS: v3 at every step count")
+    assert "\nEMS loaded from a.safetensors (computed earlier with these settings).\n" in text
+    assert text.endswith("Saving failed: disk full")
 
 
 def test_auto_batch_size_fits_comfyuis_memory_estimate(monkeypatch):

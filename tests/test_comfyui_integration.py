@@ -229,7 +229,7 @@ def test_ems_computed_in_graph_is_cached_reused_and_recomputed_for_another_model
     assert "model calls of up to 2 samples" in next(line for line in server.log().splitlines()
                                                      if "computing EMS (N=2, K=2" in line)
     (summary,) = first["outputs"][compute]["text"]
-    assert summary.startswith("EMS computed in ") and "DPM-Solver-v3 with these EMS: v3 at every step" in summary
+    assert summary.startswith("DPM-Solver-v3 with these EMS: v3 at every step") and "\nEMS computed in " in summary
     stored = sorted(p.name for p in server.ems_dir.glob("*.safetensors"))
     assert info["file"] in stored and "sd15_cfg7.5.safetensors" in stored  # compute node cache + SaveEMS
     from dpm_solver_nodes.stats import load_ems
@@ -250,7 +250,7 @@ def test_ems_computed_in_graph_is_cached_reused_and_recomputed_for_another_model
     second_seconds = time.perf_counter() - started
     (info2,) = _ems_outputs(second)
     assert info2["source"] == "cached" and info2["file"] == info["file"]
-    assert second["outputs"][compute]["text"][0].startswith(f"EMS loaded from {info['file']}")
+    assert f"\nEMS loaded from {info['file']}" in second["outputs"][compute]["text"][0]
     latents = server.latents(second)
     scale = float(with_ems.abs().max())
     # the file stores l, s, b in float32, run 1 sampled with the float64 estimate: equal to ~1e-6

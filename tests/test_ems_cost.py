@@ -309,3 +309,22 @@ def test_the_status_counts_model_calls_also_where_runs_share_them():
     counted = [int(text.split("model call ")[1].split(" ")[0].replace(",", "")) for text in texts
                if "model call " in text]
     assert counted == sorted(counted) and counted[-1] <= sum(access.calls.values()) <= planned
+
+
+def test_interrupt_while_the_references_share_the_estimations_calls_resumes_the_estimation():
+    model = _model()
+    settings = EMSSettings(N=48, K=16, x0_steps=10)
+    plain = CountingAccess(model, network_dtype=torch.float32, rows_independent=True)
+    reference = EMSJob(_target(), settings, batch_size=16).compute(plain)
+    access = CountingAccess(model, network_dtype=torch.float32, rows_independent=True)
+    job = EMSJob(_target(), settings, batch_size=16)
+    assert job.overlap(access)
+    threads = threading.active_count()
+    with pytest.raises(EMSJobInterrupted) as caught:
+        job.compute(access, should_stop=lambda: access.calls.get("estimate", 0) >= 30)
+    assert caught.value.phase == "estimate" and caught.value.state.estimation.node > 0
+    assert threading.active_count() == threads
+    result = job.compute(CountingAccess(model, network_dtype=torch.float32, rows_independent=True),
+                         resume=caught.value.state)
+    assert torch.equal(result.l, reference.l) and torch.equal(result.s, reference.s)
+    assert result.decisions == reference.decisions
