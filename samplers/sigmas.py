@@ -122,44 +122,65 @@ def make_sigmas(schedule, n, model_kind="eps", sigma_min=None, sigma_max=None, d
 
 
 RECOMMENDED_EPS_RHO = 15.0
-RECOMMENDED_FLOW_FIRST_STEP = 0.1
 RECOMMENDED_FLOW_SHIFT = 3.0
-RECOMMENDED_FLOW_SHIFT_WEIGHT = 0.5
-RECOMMENDED_FLOW_TAPER = 0.25
+RECOMMENDED_FLOW_SHIFT_WEIGHT = 0.38
+RECOMMENDED_FLOW_TAPER = 0.12
+RECOMMENDED_FLOW_FIRST_STEP = 0.16
+RECOMMENDED_FLOW_LAST_LAMBDA = (0.58, 1.2)  # lambda of the last positive sigma: 0.58 + 1.2 log n (at most sigma_min's)
+FLOW_FULL_NOISE = 1 - 1e-6  # a flow sigma_max at least this is sigma = 1 (float32 roundings of 1 included)
+
+
+def flow_last_lambda(n, lambda_end, lambda_start=-math.inf, last=RECOMMENDED_FLOW_LAST_LAMBDA):
+    """lambda of the last positive sigma of an n-step flow schedule: a + b log n, counted from lambda_start when that
+    lies above a (a start below sigma = 1), and never past lambda_end = lambda(sigma_min)."""
+    a, b = last
+    return min(lambda_end, max(a, lambda_start) + b * math.log(n))
 
 
 def flow_first_lambda(n, lambda_end, first_step=RECOMMENDED_FLOW_FIRST_STEP):
     """lambda_1 of a flow schedule 1, lambda_1, ..., lambda_end with n - 2 uniform lambda steps h after lambda_1 and
-    e^{lambda_1} = first_step * h (solved by fixed-point iteration; it contracts, |d/dlambda_1| = 1/(lambda_end -
-    lambda_1) < 1)."""
-    lam = -lambda_end
+    e^{lambda_1} = first_step * h (n >= 3, any finite lambda_end).
+
+    With u = lambda_end - lambda_1 > 0 that is u + log u = R, R = lambda_end - log(first_step / (n - 2)): one root
+    for every R; Newton's method in v = log u on the convex, increasing e^v + v - R, started where it is >= 0,
+    falls to it monotonically."""
+    if n < 3:
+        raise ValueError(f"flow_first_lambda needs n >= 3, got {n!r}")
+    r = lambda_end - math.log(first_step / (n - 2))
+    v = math.log(r) if r > 1 else r
     for _ in range(100):
-        new = math.log(first_step * (lambda_end - lam) / (n - 2))
-        if abs(new - lam) < 1e-12:
+        step = (math.exp(v) + v - r) / (math.exp(v) + 1)
+        v -= step
+        if abs(step) < 1e-14:
             break
-        lam = new
-    return lam
+    return lambda_end - math.exp(v)
 
 
 def recommended_sigmas(n, sigma_min, sigma_max, model_kind="eps"):
     """n + 1 sigmas (n model calls with a one-call-per-step sampler, trailing 0) that our solvers do best on.
 
-    Chosen from measurements on random analytic Gaussian mixtures and the embedded eps and flow models (README,
-    "Schedules"; ``python -m dpm_solver_nodes.bench.schedule_study``):
+    Chosen from measurements on random analytic Gaussian mixtures (several seeds, dimensions and component counts,
+    chosen on one set and reported on another) and the embedded eps and flow models (README, "Schedules";
+    ``python -m dpm_solver_nodes.bench.schedule_study``):
       eps:  Karras spacing with rho = 15, between Karras' rho = 7 (dense at low noise) and logSNR-uniform steps
-            (rho -> inf): below Karras' error at 6-20 steps and within a few percent of it at 40, where
-            logSNR-uniform steps fall behind Karras on the embedded model.
-      flow: sigma = 1 (when sigma_max = 1), then a mix in lambda = log((1 - sigma) / sigma) of two schedules:
-            lambda_k = w_k lambda_k(shift 3) + (1 - w_k) lambda_k(uniform), k = 1 .. n - 1, with
-            w_k = 0.5 (1 - (k - 1) / (n - 2))^(1/4).  "shift 3" is the hosts' default (``shifted``), whose steps
-            crowd where a mixture's modes separate; "uniform" is uniform in lambda from lambda_1 to lambda(sigma_min)
-            with e^{lambda_1} = 0.1 h (``flow_first_lambda``: the step out of sigma = 1 has an error
-            ~ e^{2 lambda_1}, tied to the second-order steps' h^2).  w_k falls to 0 at sigma_min, so the last steps
-            are uniform in lambda and the schedule stays second order (the hosts' last positive sigma, shift(1/n),
-            makes every solver first order).  The shift-3 lambdas are capped by the uniform ones (changes nothing
-            below 86 steps at sigma_min = 1e-3; keeps the lambdas increasing for any sigma_min).
-            With sigma_max < 1 (img2img): uniform in lambda from lambda(sigma_max).  With sigma_min >= 0.5 (the
-            first part of a split schedule): uniform in sigma.
+            (rho -> inf); ends at sigma_min.
+      flow: sigma = 1, then a mix in lambda = log((1 - sigma) / sigma) of two schedules, for k = 1 .. n - 1:
+            lambda_k = w_k lambda_k(shift 3) + (1 - w_k) lambda_k(uniform),  w_k = 0.38 (1 - (k - 1) / (n - 2))^0.12.
+            "shift 3" is the hosts' default (``shifted``), whose steps crowd where a mixture's modes separate;
+            "uniform" runs uniformly in lambda from lambda_1 to lambda_L with e^{lambda_1} = 0.16 h
+            (``flow_first_lambda``: the step out of sigma = 1 has an error ~ e^{2 lambda_1}, tied to the
+            second-order steps' h^2).  The last positive sigma is at lambda_L = 0.58 + 1.2 log n
+            (``flow_last_lambda``), or at sigma_min once that is reached: a step into sigma = 0 from lambda_L costs
+            about the change of the denoised prediction beyond lambda_L, which falls more slowly with lambda on the
+            trained model than on the mixtures, so lambda_L grows a little faster than log n to keep the schedule
+            second order there; few-step schedules stop early instead of spending steps where the prediction hardly
+            changes.  w_k falls to 0 at the last point, which is therefore lambda_L.
+            The shift-3 lambdas are capped by the uniform ones, which keeps the lambdas increasing.
+            With sigma_max < 1 (a schedule that starts from a partly noised latent): sigma_max, then uniform in
+            lambda to lambda_L, counted from lambda(sigma_max) when that lies above 0.58 (a sigma_max within 1e-6
+            of 1, e.g. a float32 rounding of 1, counts as 1).
+    The hosts' img2img (ComfyUI's denoise, the WebUI's denoising strength) keeps the tail of a longer schedule,
+    sigma_max stays the model's; the last positive sigma of a flow schedule is sigma_min only once lambda_L reaches it.
     """
     _check_steps(n)
     check_model_kind(model_kind)
@@ -167,28 +188,35 @@ def recommended_sigmas(n, sigma_min, sigma_max, model_kind="eps"):
     if n == 1:
         return with_zero(torch.tensor([float(sigma_max)], dtype=torch.float64))
     if model_kind == "eps":
-        return with_zero(karras(n, sigma_min, sigma_max, RECOMMENDED_EPS_RHO))
+        sigmas = karras(n, sigma_min, sigma_max, RECOMMENDED_EPS_RHO)
+        sigmas[0], sigmas[-1] = sigma_max, sigma_min  # exactly, not (sigma^(1/rho))^rho
+        return with_zero(sigmas)
     lam_end = flow_lambda(sigma_min)
-    if sigma_max < 1:
-        return with_zero(flow_logsnr_uniform(n, flow_lambda(sigma_max), lam_end))
+    if sigma_max < FLOW_FULL_NOISE:
+        lam_start = flow_lambda(sigma_max)
+        lam_last = flow_last_lambda(n, lam_end, lam_start)
+        return with_zero(torch.cat([torch.tensor([float(sigma_max)], dtype=torch.float64),
+                                    flow_logsnr_uniform(n, lam_start, lam_last)[1:]]))
+    lam_last = flow_last_lambda(n, lam_end)
     if n == 2:
-        return with_zero(torch.tensor([1.0, sigma_min], dtype=torch.float64))
-    if sigma_min >= 0.5:
-        # lambda(sigma_min) <= 0: a short segment next to sigma = 1 (a split schedule's first part), where the
-        # uniform-lambda tail and its first-step rule have no room; uniform in sigma keeps the steps increasing
-        return with_zero(torch.linspace(1.0, float(sigma_min), n, dtype=torch.float64))
-    return flow_shift_mix(n, sigma_min)
+        sigmas = with_zero(torch.tensor([1.0, 1 / (1 + math.exp(lam_last))], dtype=torch.float64))
+    else:
+        sigmas = flow_shift_mix(n, lam_last)
+    sigmas[0] = sigma_max  # 1, or a float32 rounding of it
+    return sigmas
 
 
-def flow_shift_mix(n, sigma_min, shift=RECOMMENDED_FLOW_SHIFT, weight=RECOMMENDED_FLOW_SHIFT_WEIGHT,
+def flow_shift_mix(n, lambda_last, shift=RECOMMENDED_FLOW_SHIFT, weight=RECOMMENDED_FLOW_SHIFT_WEIGHT,
                    taper=RECOMMENDED_FLOW_TAPER, first_step=RECOMMENDED_FLOW_FIRST_STEP):
     """n + 1 flow sigmas (n >= 3): 1, then lambda_k = w_k lambda_k(shifted) + (1 - w_k) lambda_k(uniform) for
-    k = 1 .. n - 1 with w_k = weight (1 - (k - 1) / (n - 2))^taper, then 0 (``recommended_sigmas``, flow)."""
-    lam_end = flow_lambda(sigma_min)
-    lam_1 = max(flow_first_lambda(n, lam_end, first_step), -lam_end)  # never closer to 1 than sigma_min is to 0
-    uniform = -torch.logit(flow_logsnr_uniform(n - 1, lam_1, lam_end))
-    # the hosts' lambdas, capped by the uniform ones so that the mix stays increasing for any sigma_min
+    k = 1 .. n - 1 with w_k = weight (1 - (k - 1) / (n - 2))^taper, the uniform part from lambda_1
+    (``flow_first_lambda``) to ``lambda_last``, then 0 (``recommended_sigmas``, flow).  taper = 0 keeps w_k = weight
+    to the end (the last point is then not ``lambda_last``)."""
+    lam_1 = flow_first_lambda(n, lambda_last, first_step)
+    uniform = torch.linspace(lam_1, lambda_last, n - 1, dtype=torch.float64)
+    uniform[-1] = lambda_last
+    # the hosts' lambdas, capped by the uniform ones so that the mix stays increasing
     host = (-torch.logit(shifted(n, shift)[1:-1])).minimum(uniform)
     k = torch.arange(n - 1, dtype=torch.float64)
-    w = weight * (1 - k / (n - 2)) ** taper
+    w = weight * (1 - k / (n - 2)) ** taper if taper > 0 else torch.full_like(k, weight)
     return with_zero(torch.cat([torch.ones(1, dtype=torch.float64), torch.sigmoid(-(w * host + (1 - w) * uniform))]))
