@@ -276,7 +276,7 @@ def outcome_head(result):
         how = (f" Tuned on {summary.get('samples_per_set', '?')} + {summary.get('samples_per_set', '?')} fresh "
                f"samples: fit {summary.get('fit', '?')}.")
     elif ems.metadata.get("v3_check") == "skipped":
-        how = " Not tuned or checked (the settings give too few model rows)."
+        how = " Not tuned or checked (the check was turned off: check_samples=0); v3 runs unverified."
     elif ems.metadata.get("v3_check_samples"):
         how = f" Checked against DPM-Solver++(2M) on {ems.metadata['v3_check_samples']} samples (not tuned)."
     return head + how

@@ -372,7 +372,11 @@ class EMSJob:
         ``progress(done, total)``: model rows (the row count is an upper bound: a diverging tuning candidate stops
         early, so a finished job reports total / total and the host's bar ends full).  ``status(text)``: a line for
         people (phase, share done, time so far and left, measured on the chunks run), at each phase and every
-        ``STATUS_INTERVAL`` seconds.  ``self.phases`` holds the measured rows and seconds per phase afterwards."""
+        ``STATUS_INTERVAL`` seconds.  ``self.phases`` holds the measured rows and seconds per phase afterwards.
+        ValueError, before any model call, where the settings leave no budget to check v3 (``unverified_reason``)."""
+        reason = self.settings.unverified_reason()
+        if reason is not None:
+            raise ValueError(f"DPM-Solver-v3 EMS: {reason}")
         ems = self._compute(access, progress=progress, should_stop=should_stop, resume=resume, status=status)
         if progress is not None:
             total = max(int(self._calls(access)), 1)
@@ -455,8 +459,8 @@ class EMSJob:
                 return result
             check_samples, steps, nfes = s.check_plan()
             if check_samples == 0:
-                logger.info("DPM-Solver-v3 EMS: the v3-vs-DPM-Solver++(2M) check is skipped (check samples 0 or "
-                            "more than the estimation's cost for these settings); v3 runs at every NFE")
+                logger.warning("DPM-Solver-v3 EMS: check_samples=0, so the v3-vs-DPM-Solver++ check is skipped and "
+                               "these EMS carry no decisions: v3 runs unverified at every NFE")
                 self.phases = counter.measured()
                 return state.ems.replace(metadata={"v3_check": "skipped"})
             if s.tune:

@@ -119,6 +119,26 @@ class EMSSettings:
         if not isinstance(self.tune, bool):
             raise ValueError(f"tune must be true or false, got {self.tune!r}")
 
+    def unverified_reason(self):
+        """None where the EMS job will tune or check v3 (or ``check_samples=0`` opts out on purpose); else why these
+        settings leave no budget for the v3 check, so v3 would run unverified at every NFE (the job refuses them)."""
+        if self.check_samples is not None or self.check_plan()[0] > 0:
+            return None
+        steps = self.check_steps if self.check_steps is not None else 4 * max(self.check_nfes, default=1)
+        nfes = tuple(n for n in self.check_nfes if 4 * n <= steps)
+        if not nfes:
+            return (f"check_nfes {self.check_nfes} with check_steps {steps}: no NFE can be checked (each needs "
+                    f"check_steps >= 4 x NFE), so v3 would run unverified; raise check_steps, or set "
+                    f"check_samples=0 to store unchecked EMS on purpose")
+        needed = 2 * (steps + 2 * sum(nfes))
+        per_row = self.tuning_budget() - 10
+        per_n = per_row // (self.N + 1)
+        n_min = max(self.N, -(-(needed - 10) // per_n) - 1)
+        return (f"N = {self.N}, K = {self.K} are too small to check DPM-Solver-v3 against DPM-Solver++ on this model "
+                f"({self.tuning_budget()} model rows; the check needs {needed}), so v3 would run unverified at every "
+                f"NFE: use N >= {n_min} at K = {self.K} (or a larger K), or set check_samples=0 to store unchecked "
+                f"EMS on purpose")
+
     # ---- cost -------------------------------------------------------------------------------------------------
     def estimation_rows(self, backend=None) -> int:
         """Model rows of the estimation in forward-row equivalents for the JVP ``backend`` (None: ``jvp``; "auto"

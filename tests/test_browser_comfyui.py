@@ -45,7 +45,7 @@ TINY = {
     "KSampler": {"steps": 6},
     "BasicScheduler": {"steps": 6},
     "DPMSolverNodes_RecommendedSigmas": {"steps": 6},
-    EMS_NODE: {"width": 16, "height": 16, "grid_size": 2, "sample_count": 2, "x0_steps": 2, "batch_size": 2,
+    EMS_NODE: {"width": 16, "height": 16, "grid_size": 50, "sample_count": 4, "x0_steps": 2, "batch_size": 2,
                "filename_prefix": "browser"},
     "DPMSolverNodes_SaveEMS": {"filename": "browser"},
 }

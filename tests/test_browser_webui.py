@@ -39,7 +39,7 @@ pytestmark = [
 
 catalog = importlib.import_module("dpm_solver_nodes.scripts.dpm_solver_webui.catalog")
 STEPS, SIZE = 6, 64
-TINY_EMS = {"dpm_solver_ems_grid": 10, "dpm_solver_ems_samples": 8, "dpm_solver_ems_x0_steps": 4}
+TINY_EMS = {"dpm_solver_ems_grid": 25, "dpm_solver_ems_samples": 8, "dpm_solver_ems_x0_steps": 4}  # least checked N
 PROGRESS = re.compile(r"([\d,]+) / ([\d,]+) sample evaluations")
 
 
@@ -227,7 +227,7 @@ def test_ems_tab_estimate_progress_interrupt_and_a_run_that_v3_uses(page, server
     # a tiny job to the end
     for elem_id, value in TINY_EMS.items():
         page.type_number(elem_id, value)
-    tiny_rows = EMSSettings(N=10, K=8, x0_steps=4).cost(guided=True)["total"]
+    tiny_rows = EMSSettings(N=25, K=8, x0_steps=4).cost(guided=True)["total"]
     wait_for(page.driver, lambda: f"Cost: {tiny_rows:,} model rows" in page.text("#dpm_solver_ems_estimate"), 10,
              "the tiny estimate")
     started = time.perf_counter()
@@ -236,15 +236,15 @@ def test_ems_tab_estimate_progress_interrupt_and_a_run_that_v3_uses(page, server
                        and outcome(page), 600, "the tiny job's outcome")
     tiny_seconds = time.perf_counter() - started
     assert message.startswith("EMS stored: "), message
-    # N 10, K 8 leave no model rows for the v3-vs-DPM-Solver++ check: the tab says v3 runs unchecked
-    assert "No check ran" in message, message
+    # N 25, K 8: the smallest grid at K 8 that leaves rows for the v3-vs-DPM-Solver++ check; the tab says its choice
+    assert "\nDPM-Solver-v3 runs " in message and "No check ran" not in message, message
     stored = list(server.ems_dir.glob("*.safetensors"))
     assert len(stored) == 1, stored
     match = PROGRESS.search(page.text("#dpm_solver_ems_progress_box"))
     assert match and match.group(1) == match.group(2), page.text("#dpm_solver_ems_progress_box")
     page.screenshot(artifacts / "ems_tab_done.png")
     print(f"\n[browser] EMS tab: default job's third progress update after {first_seconds:.1f} s (counts {counts}); "
-          f"tiny job (N 10, K 8, 4 data steps, {SIZE}x{SIZE}) {tiny_seconds:.1f} s")
+          f"tiny job (N 25, K 8, 4 data steps, {SIZE}x{SIZE}) {tiny_seconds:.1f} s")
 
     # DPM-Solver-v3 in txt2img at the tab's CFG (7, both defaults) uses them
     txt2img_settings(page)

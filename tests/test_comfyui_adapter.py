@@ -545,7 +545,7 @@ def test_ems_node_runs_the_one_job_stores_reuses_and_resumes(fake_comfy, tmp_pat
     from dpm_solver_nodes.nodes import comfy_ems
 
     patcher, state = fake_comfy
-    args = (patcher, None, None, 1.0, 8, 8, 6, 4, "per_channel", 2 ** 64 - 1, 4, 4, "guided", "auto", "ems")
+    args = (patcher, None, None, 1.0, 8, 8, 50, 4, "per_channel", 2 ** 64 - 1, 4, 4, "guided", "auto", "ems")
     first = comfy_ems.compute_or_load(*args, False)
     assert first.source == "computed" and first.save_error is None and first.path.startswith(str(tmp_path))
     assert first.ems.metadata["fingerprint"] == fingerprint.model_fingerprint(patcher)

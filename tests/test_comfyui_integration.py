@@ -216,8 +216,8 @@ def _ems_outputs(entry):
 def test_ems_computed_in_graph_is_cached_reused_and_recomputed_for_another_model(server):
     graph = _tiny(_workflow("ems_compute_save_use"))
     compute = next(k for k, n in graph.items() if n["class_type"] == "DPMSolverNodes_ComputeEMS")
-    graph[compute]["inputs"].update(cfg=CFG, width=SIZE, height=SIZE, grid_size=2, sample_count=2, x0_steps=2,
-                                    batch_size=2, filename_prefix="run1")
+    graph[compute]["inputs"].update(cfg=CFG, width=SIZE, height=SIZE, grid_size=50, sample_count=4, x0_steps=2,
+                                    batch_size=2, filename_prefix="run1")  # the least N checked at K 4
     sampled = next(k for k, n in graph.items() if n["class_type"] == "SaveLatent")
 
     started = time.perf_counter()
@@ -227,9 +227,9 @@ def test_ems_computed_in_graph_is_cached_reused_and_recomputed_for_another_model
     assert info["source"] == "computed"
     # the cost up front in the log, the outcome as the node's text and "summary" output
     assert "model calls of up to 2 samples" in next(line for line in server.log().splitlines()
-                                                     if "computing EMS (N=2, K=2" in line)
+                                                     if "computing EMS (N=50, K=4" in line)
     (summary,) = first["outputs"][compute]["text"]
-    assert summary.startswith("DPM-Solver-v3 with these EMS: v3 at every step") and "\nEMS computed in " in summary
+    assert summary.startswith("DPM-Solver-v3 with these EMS: ") and "every step" not in summary and "\nEMS computed in " in summary
     stored = sorted(p.name for p in server.ems_dir.glob("*.safetensors"))
     assert info["file"] in stored and "sd15_cfg7.5.safetensors" in stored  # compute node cache + SaveEMS
     from dpm_solver_nodes.stats import load_ems

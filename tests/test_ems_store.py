@@ -8,6 +8,7 @@ import logging
 import math
 import multiprocessing
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -309,13 +310,38 @@ def test_job_interrupt_and_resume_give_the_uninterrupted_result(tmp_path):
 
 def test_a_finished_job_reports_a_full_progress_bar():
     """The row count behind the progress bar is an upper bound; with the check skipped (toy settings, as in the
-    browser test's EMS workflow) the bar stopped at 846 / 1000 in a real ComfyUI.  A finished job ends at total."""
+    browser test's EMS workflow then) the bar stopped at 846 / 1000 in a real ComfyUI.  A finished job ends at total."""
     seen = []
-    settings = EMSSettings(N=2, K=2, x0_steps=2)
+    settings = EMSSettings(N=2, K=2, x0_steps=2, check_samples=0)
     EMSJob(_target(), settings, batch_size=2).compute(ModelAccess(_mixture_model()),
                                                      progress=lambda done, total: seen.append((done, total)))
     assert seen[-1][0] == seen[-1][1] and all(done <= total for done, total in seen)
     assert [done for done, _ in seen] == sorted(done for done, _ in seen)
+
+
+def test_settings_too_small_to_check_v3_are_refused_before_any_model_call():
+    """main stored EMS that ran v3 unchecked at every NFE when N x K left no budget for the tuning or the check (the
+    embedded flow model with N 20, K 8: about 1,700x DPM-Solver++'s error at 10 NFE).  The job now refuses such
+    settings before calling the model and names an N that works; check_samples=0 opts out on purpose."""
+    calls = []
+
+    def model(x, sigma, **kwargs):
+        calls.append(len(x))
+        return _mixture_model()(x, sigma, **kwargs)
+
+    for N, K in ((20, 8), (10, 4), (2, 2)):
+        settings = EMSSettings(N=N, K=K, x0_steps=2)
+        with pytest.raises(ValueError, match=rf"N = {N}, K = {K} are too small to check DPM-Solver-v3") as error:
+            EMSJob(_target(), settings, batch_size=2).compute(ModelAccess(model))
+        assert not calls
+        suggested = int(re.search(r"use N >= (\d+) at K", str(error.value)).group(1))
+        assert EMSSettings(N=suggested, K=K).unverified_reason() is None           # the named N is enough ...
+        assert EMSSettings(N=suggested - 1, K=K).unverified_reason() is not None   # ... and the least that is
+        assert EMSSettings(N=N, K=K, check_samples=0).unverified_reason() is None
+        assert EMSSettings(N=N, K=K, tune=False).unverified_reason() is not None
+    with pytest.raises(ValueError, match="no NFE can be checked"):
+        EMSJob(_target(), EMSSettings(N=200, K=8, check_steps=10), batch_size=2).compute(ModelAccess(model))
+    assert EMSSettings().unverified_reason() is None
 
 
 def test_check_cost_follows_the_settings():

@@ -553,7 +553,7 @@ def _tab_job(shared, webui, ems_tab):
 
         processing.forge_model_reload = sd_models.forge_model_reload = lambda: (shared.sd_model, False)
         processing.apply_token_merging = sd_models.apply_token_merging
-    shared.opts.dpm_solver_ems_grid, shared.opts.dpm_solver_ems_samples = 6, 4
+    shared.opts.dpm_solver_ems_grid, shared.opts.dpm_solver_ems_samples = 50, 4  # the least N checked at K 4
     before = set(os.listdir(webui.ems_folder()))
     shared.state.begin(job="dpm_solver_v3_ems")
     shared.state.interrupted = True                       # "Interrupt" pressed: nothing may be stored
@@ -713,7 +713,7 @@ def test_ems_tab_builds_and_its_job_runs_through_txt2img_processing():
     job = report["tab_job"]
     assert job["interrupted_stored"] == [] and job["interrupted_message"].startswith("EMS not computed")
     assert len(job["stored"]) == 1 and job["images"] == BATCH
-    assert "cfg 3, N 6, K 4, per_channel, checkpoint 5eed5eed5e" in job["message"]
+    assert "cfg 3, N 50, K 4, per_channel, checkpoint 5eed5eed5e" in job["message"]
 
 
 def test_the_ems_job_stops_on_interrupt_also_while_it_tunes():

@@ -687,16 +687,16 @@ def test_ems_tab_job_runs_the_one_job_and_the_sampler_finds_its_file(tmp_path):
     model = WebUIModel("eps", p=p)
     model.inner_model.inner_model.sd_checkpoint_info = types.SimpleNamespace(sha256="ab" * 32, model_name="toy")
     x = torch.randn(4, 8, 1, 1)
-    job = ems_tab.EMSJob(store, N=6, K=4, reduction="per_channel", seed=0, x0_steps=6)
+    job = ems_tab.EMSJob(store, N=50, K=4, reduction="per_channel", seed=0, x0_steps=6)  # the smallest checked N
     images = job(model, x, None, {})
     assert images.shape == x.shape and torch.isfinite(images).all()
     assert job.save_error is None and os.path.dirname(job.path) == str(tmp_path)
     assert job.key.target.fingerprint == "ab" * 32 and job.result.metadata["host"] == "webui"
-    opts = Options(dpm_solver_ems_grid=6, dpm_solver_ems_samples=4, dpm_solver_ems_reduction="per_channel")
+    opts = Options(dpm_solver_ems_grid=50, dpm_solver_ems_samples=4, dpm_solver_ems_reduction="per_channel")
     found, description = store.find_for_sampler(model, x, "eps", 3.0, opts)
     assert found is not None and description.startswith("abababab")
     assert store.find_for_sampler(model, x, "eps", 3.0, opts)[0] is found
-    assert store.find_for_sampler(model, x, "eps", 3.0, Options(dpm_solver_ems_grid=8))[0] is None  # other N
+    assert store.find_for_sampler(model, x, "eps", 3.0, Options(dpm_solver_ems_grid=48))[0] is None  # other N
 
 
 def test_ems_tab_estimate_is_the_settings_cost_and_says_when_no_check_fits():
@@ -710,7 +710,9 @@ def test_ems_tab_estimate_is_the_settings_cost_and_says_when_no_check_fits():
     assert ems_tab.estimate_text(100, 30, "per_channel", 20, 4) == text       # K rounded up to whole batches of 4
     timed = ems_tab.estimate_text(100, 32, "per_channel", 20, 4, seconds_per_row=0.01)
     assert f"about {ems_tab.format_duration(0.01 * rows['total'])}." in timed
-    assert "too small for the v3-vs-DPM-Solver++ check" in ems_tab.estimate_text(10, 8, "per_channel", 4, 4)
+    assert "The job will refuse these settings: N = 10, K = 8 are too small to check DPM-Solver-v3" in \
+        ems_tab.estimate_text(10, 8, "per_channel", 4, 4)
+    assert "refuse" not in ems_tab.estimate_text(25, 8, "per_channel", 4, 4)
     assert ems_tab.estimate_text(1, 32, "per_channel", 20, 4).startswith("Invalid settings: N must be")
 
 

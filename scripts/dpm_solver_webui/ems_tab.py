@@ -261,8 +261,8 @@ def describe_decisions(ems):
     """Where the EMS make DPM-Solver-v3 run v3 and where another solver (their per-NFE decisions), in one line."""
     decisions = getattr(ems, "decisions", ())
     if not decisions:
-        return ("No check ran (these settings are too small for one): DPM-Solver-v3 runs v3 with these EMS at every "
-                "step count, unchecked.")
+        return ("No check ran for these EMS (a file from an earlier version, or computed with the check turned off): "
+                "DPM-Solver-v3 runs v3 with them at every step count, unchecked.")
     by_solver = {}
     for decision in decisions:
         by_solver.setdefault(decision.solver, []).append(str(decision.nfe))
@@ -311,9 +311,9 @@ def estimate_text(N, K, reduction, x0_steps, batch_size, seconds_per_row=None):
                  f"{format_duration(seconds_per_row * cost['total'])}.")
     else:
         text += " Time: measured on the first chunk once it starts."
-    if not cost["tune"] and not cost["check"]:
-        text += (" These settings are too small for the v3-vs-DPM-Solver++ check: v3 would run unchecked at every "
-                 "step count (raise N or K).")
+    reason = job_settings(N, K, reduction, x0_steps, batch_size).unverified_reason()
+    if reason is not None:
+        text += f" The job will refuse these settings: {reason}."
     return text
 
 
