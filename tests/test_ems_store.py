@@ -320,9 +320,9 @@ def test_a_finished_job_reports_a_full_progress_bar():
 
 
 def test_settings_too_small_to_check_v3_are_refused_before_any_model_call():
-    """main stored EMS that ran v3 unchecked at every NFE when N x K left no budget for the tuning or the check (the
-    embedded flow model with N 20, K 8: about 1,700x DPM-Solver++'s error at 10 NFE).  The job now refuses such
-    settings before calling the model and names an N that works; check_samples=0 opts out on purpose."""
+    """main stored EMS that ran v3 unchecked at every NFE when N x K left no budget for the tuning or the check (up to
+    1.5x DPM-Solver++(2M)'s error on the embedded models, bench/results_unchecked_ems.md).  The job now refuses such
+    settings before calling the model and names the least N that works; check_samples=0 opts out on purpose."""
     calls = []
 
     def model(x, sigma, **kwargs):
