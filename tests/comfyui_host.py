@@ -12,7 +12,6 @@ import json
 import os
 import pathlib
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -21,6 +20,8 @@ import urllib.error
 import urllib.request
 
 import pytest
+
+from browser_support import stop_process_group
 import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -188,13 +189,7 @@ def comfyui_server(tmp_path_factory):
         print(f"\n[comfyui] server ready in {time.perf_counter() - started:.1f} s")
         yield instance
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+        stop_process_group(process)
         if os.environ.get("COMFYUI_TEST_KEEP"):
             print(f"[comfyui] kept {work}")
         else:

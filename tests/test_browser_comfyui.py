@@ -14,26 +14,17 @@ Needs COMFYUI_DIR (see comfyui_host.py), Debian's chromium + chromium-driver and
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import pathlib
-import shutil
 import time
 
 import pytest
 
+from browser_support import BROWSER_MARKS, artifacts_folder, chromium
 from comfyui_host import CHECKPOINT, COMFYUI_DIR, SKIP_REASON, WORKFLOWS, comfyui_server
 
-CHROMIUM = os.environ.get("CHROMIUM_BINARY") or shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMEDRIVER = os.environ.get("CHROMEDRIVER") or shutil.which("chromedriver")
-
-pytestmark = [
-    pytest.mark.skipif(not COMFYUI_DIR, reason=SKIP_REASON),
-    pytest.mark.skipif(importlib.util.find_spec("selenium") is None, reason="selenium is not installed"),
-    pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
-                       reason="no chromium / chromedriver on PATH (Debian: apt-get install chromium chromium-driver)"),
-]
+pytestmark = [pytest.mark.skipif(not COMFYUI_DIR, reason=SKIP_REASON), *BROWSER_MARKS]
 
 UI_WORKFLOWS = sorted(p.name for p in WORKFLOWS.glob("*.json") if not p.name.endswith("_api.json"))
 CONTROL = "control_after_generate"  # the frontend's combo after a seed widget; never sent to the server
@@ -108,28 +99,14 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory):
-    folder = os.environ.get("DPM_TEST_ARTIFACTS")
-    path = pathlib.Path(folder) / "browser_comfyui" if folder else tmp_path_factory.mktemp("browser_comfyui")
-    path.mkdir(parents=True, exist_ok=True)
-    print(f"\n[browser] screenshots in {path}")
-    return path
+    return artifacts_folder(tmp_path_factory, "browser_comfyui")
 
 
 @pytest.fixture(scope="module")
 def browser(server):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.options import Options
-    from selenium.webdriver.chrome.service import Service
-
     for name, value in SETTINGS.items():
         assert server.post(f"/settings/{name}", value)[0] == 200
-    options = Options()
-    options.binary_location = CHROMIUM
-    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                     "--window-size=2200,1100"):
-        options.add_argument(argument)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    try:
+    with chromium("2200,1100", "--disable-gpu") as driver:
         driver.set_script_timeout(60)
         driver.get(server.url)
         deadline = time.time() + 120
@@ -138,8 +115,6 @@ def browser(server):
             time.sleep(0.25)
         driver.execute_script(LISTEN)
         yield driver
-    finally:
-        driver.quit()
 
 
 def _load(browser, name):

@@ -16,26 +16,16 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import os
-import pathlib
 import re
-import shutil
 import time
 
 import pytest
 
+from browser_support import BROWSER_MARKS, artifacts_folder, chromium
 from webui_host import FORGE_SKIP_REASON, IS_FORGE_FAMILY, SKIP_REASON, WEBUI_DIR, webui_server
 
-CHROMIUM = os.environ.get("CHROMIUM_BINARY") or shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMEDRIVER = os.environ.get("CHROMEDRIVER") or shutil.which("chromedriver")
-
-pytestmark = [
-    pytest.mark.skipif(not WEBUI_DIR, reason=SKIP_REASON),
-    pytest.mark.skipif(IS_FORGE_FAMILY, reason=FORGE_SKIP_REASON),
-    pytest.mark.skipif(importlib.util.find_spec("selenium") is None, reason="selenium is not installed"),
-    pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
-                       reason="no chromium / chromedriver on PATH (Debian: apt-get install chromium chromium-driver)"),
-]
+pytestmark = [pytest.mark.skipif(not WEBUI_DIR, reason=SKIP_REASON),
+              pytest.mark.skipif(IS_FORGE_FAMILY, reason=FORGE_SKIP_REASON), *BROWSER_MARKS]
 
 catalog = importlib.import_module("dpm_solver_nodes.scripts.dpm_solver_webui.catalog")
 STEPS, SIZE = 6, 64
@@ -51,31 +41,16 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory):
-    folder = os.environ.get("DPM_TEST_ARTIFACTS")
-    path = pathlib.Path(folder) / "browser_webui" if folder else tmp_path_factory.mktemp("browser_webui")
-    path.mkdir(parents=True, exist_ok=True)
-    print(f"\n[browser] screenshots in {path}")
-    return path
+    return artifacts_folder(tmp_path_factory, "browser_webui")
 
 
 @pytest.fixture(scope="module")
 def page(server):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.options import Options
-    from selenium.webdriver.chrome.service import Service
-
-    options = Options()
-    options.binary_location = CHROMIUM
-    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1100"):
-        options.add_argument(argument)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    try:
+    with chromium("1400,1100") as driver:
         driver.get(server.url)
         wait_for(driver, lambda: driver.execute_script(
             "return !!window.gradioApp && !!gradioApp().querySelector('#txt2img_generate')"), 120, "the page to load")
         yield Page(driver)
-    finally:
-        driver.quit()
 
 
 def wait_for(driver, condition, timeout, what):

@@ -447,10 +447,20 @@ def test_dropdown_reuses_the_stored_ems_and_builds_v3s_plan_once(fake_comfy_mode
     build, read = v3_module._build_plan, store_module.read_ems_file
     monkeypatch.setattr(v3_module, "_build_plan", lambda *a, **k: builds.append(1) or build(*a, **k))
     monkeypatch.setattr(store_module, "read_ems_file", lambda *a, **k: reads.append(1) or read(*a, **k))
-    mixture = GaussianMixture.random(dim=4, components=3, seed=2)
-    denoiser = mixture.denoiser("eps")
+    denoiser, Wrapper, sigmas, x = _eps_mixture_through_comfy(patcher)
+    outputs = [comfy_sampling.sample_dpm_solver_v3(Wrapper(), x, sigmas, disable=True) for _ in range(2)]
+    assert torch.equal(outputs[0], outputs[1])
+    assert len(reads) == 1 and len(builds) == 1, (reads, builds)
+    degenerate = samplers.sample_dpm_solver_v3(denoiser, x, sigmas, disable=True)
+    assert not torch.allclose(outputs[0], degenerate)  # the stored EMS (l = 0.9) were used
 
-    class Wrapper:  # KSamplerX0Inpaint -> CFGGuider (cfg, model_patcher) -> BaseModel
+
+def _eps_mixture_through_comfy(patcher):
+    """An exact eps denoiser (4-d mixture, seed 2) behind ComfyUI's wrapper chain (KSamplerX0Inpaint -> CFGGuider
+    (cfg 5, model_patcher) -> BaseModel), with 4 sigmas from 14 and two noises: (denoiser, Wrapper, sigmas, x)."""
+    denoiser = GaussianMixture.random(dim=4, components=3, seed=2).denoiser("eps")
+
+    class Wrapper:
         inner_model = types.SimpleNamespace(cfg=5.0, model_patcher=patcher, inner_model=types.SimpleNamespace(
             model_sampling=_sampling(P.ModelSamplingDiscrete, P.EPS)))
 
@@ -458,12 +468,7 @@ def test_dropdown_reuses_the_stored_ems_and_builds_v3s_plan_once(fake_comfy_mode
             return denoiser(x.reshape(x.shape[0], -1), sigma).reshape(x.shape)
 
     sigmas = torch.tensor([14.0, 3.0, 0.8, 0.1, 0.0], dtype=torch.float64)
-    x = sample_noise(2, (4, 1, 1), seed=5) * 14.0
-    outputs = [comfy_sampling.sample_dpm_solver_v3(Wrapper(), x, sigmas, disable=True) for _ in range(2)]
-    assert torch.equal(outputs[0], outputs[1])
-    assert len(reads) == 1 and len(builds) == 1, (reads, builds)
-    degenerate = samplers.sample_dpm_solver_v3(denoiser, x, sigmas, disable=True)
-    assert not torch.allclose(outputs[0], degenerate)  # the stored EMS (l = 0.9) were used
+    return denoiser, Wrapper, sigmas, sample_noise(2, (4, 1, 1), seed=5) * 14.0
 
 
 class _Interrupted(Exception):
@@ -666,19 +671,7 @@ def test_v3_says_when_it_runs_without_ems_or_falls_back(fake_comfy_model_samplin
     monkeypatch.setattr(comfy_ems, "show_text", lambda text, node_id=None: shown.append(text))
     monkeypatch.setattr(comfy_store, "_STORE", EMSStore([str(tmp_path)]))
     monkeypatch.setattr(comfy_sampling, "_logged_once", set())
-    mixture = GaussianMixture.random(dim=4, components=3, seed=2)
-    denoiser = mixture.denoiser("eps")
-    patcher = _Patcher(_Base(seed=0))
-
-    class Wrapper:
-        inner_model = types.SimpleNamespace(cfg=5.0, model_patcher=patcher, inner_model=types.SimpleNamespace(
-            model_sampling=_sampling(P.ModelSamplingDiscrete, P.EPS)))
-
-        def __call__(self, x, sigma, **extra):
-            return denoiser(x.reshape(x.shape[0], -1), sigma).reshape(x.shape)
-
-    sigmas = torch.tensor([14.0, 3.0, 0.8, 0.1, 0.0], dtype=torch.float64)
-    x = sample_noise(2, (4, 1, 1), seed=5) * 14.0
+    denoiser, Wrapper, sigmas, x = _eps_mixture_through_comfy(_Patcher(_Base(seed=0)))
     with caplog.at_level(logging.WARNING, logger="dpm_solver_nodes"):
         comfy_sampling.sample_dpm_solver_v3(Wrapper(), x, sigmas, disable=True)
     assert shown[-1].startswith("DPM-Solver-v3 without EMS")

@@ -21,7 +21,6 @@ import json
 import os
 import pathlib
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -29,6 +28,8 @@ import urllib.error
 import urllib.request
 
 import pytest
+
+from browser_support import stop_process_group
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 WEBUI_DIR = os.environ.get("WEBUI_DIR")
@@ -285,13 +286,7 @@ def webui_server(tmp_path_factory):
         print(f"\n[webui] server ready in {instance.startup_seconds:.1f} s")
         yield instance
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+        stop_process_group(process)
         if os.environ.get("WEBUI_TEST_KEEP"):
             print(f"[webui] kept {work}")
         else:
