@@ -170,8 +170,8 @@ def test_ems_tab_estimate_progress_interrupt_and_a_run_that_v3_uses(page, server
     page.open_tab("DPM-Solver-v3")
     for elem_id in ("dpm_solver_ems_width", "dpm_solver_ems_height"):
         page.type_number(elem_id, SIZE)
-    # the estimate is EMSSettings.cost of the tab's settings (defaults N 100, K 32, 20 data steps; batch 4)
-    default_rows = EMSSettings(N=100, K=32, x0_steps=20).cost(guided=True)["total"]
+    # the estimate is EMSSettings.cost of the tab's settings (EMSSettings' N and K, 20 data steps; batch 4)
+    default_rows = EMSSettings(x0_steps=20).cost(guided=True)["total"]
     wait_for(page.driver, lambda: f"Cost: {default_rows:,} model rows" in page.text("#dpm_solver_ems_estimate"), 10,
              "the default estimate")
     page.screenshot(artifacts / "ems_tab_estimate.png")

@@ -567,19 +567,18 @@ def _tab_job(shared, webui, ems_tab):
     result["message"] = message
     result["images"] = len(images or [])
     result["stored"] = sorted(set(os.listdir(webui.ems_folder())) - before)
-    # Interrupt while the job tunes (N 64, K 16 leave rows for it): the tuning reports no progress and asks no
-    # should_stop, so only the WebUI's interrupt inside the next denoiser call can stop it.  "Pressed" after 40
-    # denoiser calls without a progress report: once the tuning runs (the estimation reports every few calls; its
-    # start, after the data samples, makes about 20 calls before its first report).
+    # Interrupt while the job tunes (N 64, K 16 leave rows for it): "pressed" inside a denoiser call once the
+    # progress has passed the data samples and the estimation (the tuning's rows are the job's last).
     shared.opts.dpm_solver_ems_grid, shared.opts.dpm_solver_ems_samples = 64, 16
-    progress, calls = {"done": 0, "total": 0, "calls_at_report": 0}, [0]
+    tune_rows = ems_tab.job_settings(64, 16, "per_channel", 4, BATCH).cost(guided=True)["tune"]
+    progress = {"done": 0, "total": 0, "tune_rows": tune_rows}
 
     def report(done, total):
-        progress.update(done=done, total=total, calls_at_report=calls[0])
+        progress.update(done=done, total=total)
 
     def model_call():
-        calls[0] += 1
-        if calls[0] - progress["calls_at_report"] > 40 and not shared.state.interrupted:
+        if (progress["total"] and progress["done"] > progress["total"] - tune_rows
+                and not shared.state.interrupted):
             progress["interrupted_at"] = progress["done"]
             shared.state.interrupt()
 
@@ -588,7 +587,7 @@ def _tab_job(shared, webui, ems_tab):
     images, message = ems_tab.run_in_webui(webui.STORE, PROMPT, "", 3.0, 64, 64, BATCH, 0, x0_steps=4,
                                            progress=report, on_model_call=model_call)
     shared.state.end()
-    result["tuning_interrupt"] = {"message": message, "images": images, "progress": progress,
+    result["tuning_interrupt"] = {"message": message, "images": len(images or []), "progress": progress,
                                   "stored": sorted(set(os.listdir(webui.ems_folder())) - before)}
     return result
 
@@ -717,15 +716,16 @@ def test_ems_tab_builds_and_its_job_runs_through_txt2img_processing():
 
 
 def test_the_ems_job_stops_on_interrupt_also_while_it_tunes():
-    """The tab's job at N 64, K 16 is interrupted where it reports no progress (its tuning): it stops inside the
-    next denoiser call, before the end, and stores nothing."""
+    """The tab's job at N 64, K 16 is interrupted while it tunes (the WebUI's Interrupt, pressed inside a denoiser
+    call): it stops before the end, shows no images and stores nothing."""
     stop = _report()["tab_job"]["tuning_interrupt"]
     progress = stop["progress"]
-    assert "interrupted_at" in progress and progress["interrupted_at"] == progress["done"] < progress["total"]
-    # the tuning's 2,064 evaluations are the last of the job's 4,218: the stop came after the estimation
-    assert progress["done"] >= progress["total"] - 2064, progress
-    assert stop["message"].startswith("EMS not computed: interrupted inside a model call"), stop["message"]
-    assert stop["images"] is None and stop["stored"] == []
+    assert progress["tune_rows"] > 0 and "interrupted_at" in progress, progress
+    # the tuning's evaluations are the job's last: the stop came after the estimation, before the end
+    assert progress["total"] - progress["tune_rows"] < progress["interrupted_at"] <= progress["done"] < \
+        progress["total"], progress
+    assert stop["message"].startswith("EMS not computed: interrupted"), stop["message"]
+    assert stop["images"] == 0 and stop["stored"] == [], stop
 
 
 def test_unsupported_model_is_refused():
