@@ -38,7 +38,7 @@ import math
 from .common import SamplerRun, check_choice, check_nonnegative
 from .dpmpp import OFFICIAL_3M_SCALES, SOLVER_TYPES_3M
 from .exponential import (NOISE_TYPES, batch_seeds, data_prediction_noise_scale, data_prediction_step,
-                          guarded_step, make_noise, noise_prediction_noise_scale, noise_prediction_step)
+                          guarded_step, make_noise, noise_prediction_noise_scale, noise_prediction_step, phi)
 
 SOLVER_TYPES_2M_SDE = ("midpoint", "heun")
 NOISE_DEVICES = ("latent", "cpu")
@@ -141,6 +141,26 @@ _OPTIONS_DOC = """
 # Samplers
 # ----------------------------------------------------------------------------------------------------------------
 
+# The guard of the noise-prediction solvers.  The noise form's step is exact for a constant eps, the data form's for
+# a constant D.  On the test problem D = 0 (eps = x / sigma; with y = x / sigma) the noise form's 2M step is the
+# recurrence y_t = (e^h - kappa (c_0 + c_1)) y_s + kappa c_1 y_prev, c_0 = phi_1(h) = e^h - 1 and c_1 the weight on
+# eps_s - eps_prev (midpoint: c_0 h / (2 h_prev)), while the exact drift multiplies y by e^{-eta h} and the data form
+# is exact.  Where the recurrence's spectral radius exceeds 1 the step amplifies, step after step, the noise the
+# sample still carries (eta = 1, h_prev = h: radius 1 at h = 0.51, 3.0 at h = 1; first order, c_1 = 0: |2 - e^h|,
+# above 1 from h = log 3), so the guard takes that step in the data form.
+NOISE_FORM_MAX_RADIUS = 1.0
+
+
+def noise_form_radius(h, kappa, weight=0.0):
+    """Spectral radius of the noise form's recurrence on D = 0 (see above); ``weight`` = c_1 (0: first order)."""
+    a = math.exp(h) - kappa * (math.expm1(h) + weight)
+    return (abs(a) + math.sqrt(a * a + 4 * kappa * weight)) / 2
+
+
+def _noise_form_unstable(h, kappa, weight=0.0):
+    return noise_form_radius(h, kappa, weight) > NOISE_FORM_MAX_RADIUS + 1e-9  # eta = 0: radius 1 to rounding
+
+
 def sample_dpmpp_sde_1(model, x, sigmas, extra_args=None, callback=None, disable=None, *, model_kind="eps",
                        eta=1.0, s_noise=1.0, noise_type="brownian", noise_sampler=None, seed=None,
                        noise_device="latent", final_step="denoise"):
@@ -158,16 +178,18 @@ def sample_dpmpp_sde_1(model, x, sigmas, extra_args=None, callback=None, disable
 
 def sample_dpm_solver_sde_1(model, x, sigmas, extra_args=None, callback=None, disable=None, *, model_kind="eps",
                             eta=1.0, s_noise=1.0, noise_type="brownian", noise_sampler=None, seed=None,
-                            noise_device="latent", final_step="denoise"):
+                            noise_device="latent", final_step="denoise", guard=True):
     """SDE-DPM-Solver-1 (Sec. 5), noise prediction: x_t = (alpha_t/alpha_s) x_s - 2 sigma_t (e^h - 1) eps_s
     + sigma_t sqrt(e^{2h} - 1) z at eta = 1 (DDPM's ancestral step in lambda); DDIM at eta = 0.
+    guard: as in ``sample_dpm_solver_sde_2m``, a step whose noise form is unstable (h > log 3 at eta = 1) is the data
+    form's (``sample_dpmpp_sde_1``); guard=False is the paper's step everywhere (diffusers' scheduler).
     """
     run, x, eta, s_noise, noise = _setup(model, x, sigmas, extra_args, callback, disable, model_kind, final_step,
                                          eta, s_noise, noise_type, noise_sampler, seed, noise_device)
     for i in run.range():
         denoised = run.denoise(x, i)
         run.report(x, i, denoised)
-        if run.table.finite_step(i):
+        if run.table.finite_step(i) and not (guard and _noise_form_unstable(run.table.h[i], 1.0 + eta)):
             x = _noise_sde_step(x, run, i, [_noise_prediction(x, run, i, denoised)], eta, s_noise, noise)
         else:
             x = _data_sde_step(x, run, i, [denoised], eta, s_noise, noise)
@@ -215,19 +237,23 @@ def sample_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, disabl
 def sample_dpm_solver_sde_2m(model, x, sigmas, extra_args=None, callback=None, disable=None, *, model_kind="eps",
                              eta=1.0, s_noise=1.0, noise_type="brownian", noise_sampler=None, seed=None,
                              noise_device="latent", final_step="denoise", lower_order_final=None,
-                             solver_type="midpoint"):
+                             solver_type="midpoint", guard=True):
     """SDE-DPM-Solver-2M (Sec. 5), the multistep second-order noise-prediction SDE solver.
 
     eps' at lambda_s is (eps_s - eps_prev) / h_prev.  solver_type "midpoint" puts weight sigma_t kappa phi_1(h) / 2
     on h eps' (the paper's formula), "heun" the Taylor weight sigma_t kappa phi_2(h) on eps'; both as diffusers'
     ``DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver")``.  At eta = 0 it is DPM-Solver's multistep
     second-order ODE solver.  lower_order_final: first-order last step, None = on below 15 steps.
+    guard: a step whose noise-form recurrence is unstable (``noise_form_radius`` above 1: at eta = 1 and equal steps,
+    h > 0.51; at eta = 0, h > log 3) is taken in the data form, the step of ``sample_dpmpp_2m_sde`` with the same
+    solver_type from the same outputs; guard=False is the paper's step everywhere (diffusers' scheduler).
     """
     check_choice("solver_type", solver_type, SOLVER_TYPES_2M_SDE)
     run, x, eta, s_noise, noise = _setup(model, x, sigmas, extra_args, callback, disable, model_kind, final_step,
                                          eta, s_noise, noise_type, noise_sampler, seed, noise_device)
     lower_order_final = run.default_lower_order_final(lower_order_final)
     t = run.table
+    kappa = 1.0 + eta
     previous = None  # (lambda, eps, D) of the last point; lambda = -inf at a flow model's sigma = 1
     for i in run.range():
         denoised = run.denoise(x, i)
@@ -237,15 +263,27 @@ def sample_dpm_solver_sde_2m(model, x, sigmas, extra_args=None, callback=None, d
             previous = (t.lam[i], None, denoised)
             continue
         eps = _noise_prediction(x, run, i, denoised)
+        h = t.h[i]
         if run.order(i, 2, lower_order_final, 1 if previous is None else 2) == 1:
-            x = _noise_sde_step(x, run, i, [eps], eta, s_noise, noise)
+            if guard and _noise_form_unstable(h, kappa):
+                x = _data_sde_step(x, run, i, [denoised], eta, s_noise, noise)
+            else:
+                x = _noise_sde_step(x, run, i, [eps], eta, s_noise, noise)
         elif not math.isfinite(previous[0]):  # history at sigma = 1: the data form, D interpolated in rho
             history = ([t.lam[i], previous[0]], [denoised, previous[2]])
             x = _data_sde_step(x, run, i, None, eta, s_noise, noise, history=history)
         else:
             h_prev = t.lam[i] - previous[0]
-            if solver_type == "midpoint":
-                midpoint = (eps - previous[1], t.h[i] / h_prev)
+            weight = 0.5 * phi(1, h) * h / h_prev if solver_type == "midpoint" else phi(2, h) / h_prev
+            if guard and _noise_form_unstable(h, kappa, weight):
+                if solver_type == "midpoint":
+                    midpoint = (denoised - previous[2], h / h_prev)
+                    x = _data_sde_step(x, run, i, [denoised], eta, s_noise, noise, midpoint=midpoint)
+                else:
+                    derivative = (denoised - previous[2]) / h_prev
+                    x = _data_sde_step(x, run, i, [denoised, derivative], eta, s_noise, noise)
+            elif solver_type == "midpoint":
+                midpoint = (eps - previous[1], h / h_prev)
                 x = _noise_sde_step(x, run, i, [eps], eta, s_noise, noise, midpoint=midpoint)
             else:
                 x = _noise_sde_step(x, run, i, [eps, (eps - previous[1]) / h_prev], eta, s_noise, noise)

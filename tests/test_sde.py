@@ -135,7 +135,9 @@ DIFFUSERS_CASES = [("sde-dpmsolver", 2, "midpoint", sde.sample_dpm_solver_sde_2m
 def test_matches_diffusers_dpmsolver_multistep_sde(algorithm_type, order, solver_type, sampler):
     """diffusers' DPMSolverMultistepScheduler (VP, SD's scaled-linear betas, 15 steps, final sigma_min) with the
     same per-step noise (variance_noise): the noise-prediction solvers against "sde-dpmsolver", the data-prediction
-    ones against "sde-dpmsolver++".  diffusers works in VP coordinates x_vp = x / sqrt(1 + sigma^2) and float32."""
+    ones against "sde-dpmsolver++".  diffusers works in VP coordinates x_vp = x / sqrt(1 + sigma^2) and float32.
+    The noise-prediction solvers run with guard=False (the paper's step everywhere): their guard takes this
+    schedule's last step (h = 2.2, unstable in the noise form) in the data form."""
     diffusers = pytest.importorskip("diffusers")
     scheduler = diffusers.DPMSolverMultistepScheduler(
         beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, algorithm_type=algorithm_type,
@@ -153,8 +155,55 @@ def test_matches_diffusers_dpmsolver_multistep_sde(algorithm_type, order, solver
     reference = sample * (1 + sigmas[-1] ** 2).sqrt()
     index = {v: j for j, v in enumerate(sigmas.tolist())}
     options = dict(lower_order_final=False, solver_type=solver_type) if order == 2 else {}
+    if algorithm_type == "sde-dpmsolver":
+        options["guard"] = False
     ours = sampler(MIXTURE.denoiser("eps"), x, sigmas, noise_sampler=lambda s, _: noise[index[float(s)]], **options)
     assert relative(ours, reference) < 2e-6
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The noise-prediction solvers' guard: unstable noise-form steps are taken in the data form
+# ----------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("eta", [1.0, 0.5])
+def test_noise_form_radius_is_the_measured_growth_of_the_unguarded_step(eta):
+    """On D = 0 (y = x / sigma; s_noise = 0, equal steps h) the unguarded 2M's |y| grows per step by the spectral
+    radius of its recurrence, ``noise_form_radius``: measured over steps 10-20 on the sampler itself (an independent
+    check of the formula); for eta = 1 it passes 1 between h = 0.3 and 0.8, where the guard starts to act.  (At eta = 0
+    the first-order step is exact on D = 0 and never excites the spurious root.)"""
+    zero = lambda x, sigma: torch.zeros_like(x)  # noqa: E731
+    x = start(1, 10.0)
+    for h in (0.3, 0.8, 1.5):
+        sigmas = 10.0 * torch.exp(-h * torch.arange(21, dtype=torch.float64))
+        ys = [sde.sample_dpm_solver_sde_2m(zero, x, sigmas[:n + 1], eta=eta, s_noise=0.0, guard=False,
+                                           lower_order_final=False).norm().item() / sigmas[n].item() for n in (10, 20)]
+        measured = (ys[1] / ys[0]) ** 0.1
+        expected = sde.noise_form_radius(h, 1.0 + eta, 0.5 * math.expm1(h))
+        assert measured == pytest.approx(expected, rel=0.02), (h, measured, expected)
+        if eta == 1.0:
+            assert (expected > 1) == (h > 0.5)
+
+
+def test_guard_takes_unstable_steps_in_the_data_form():
+    """6 logSNR-uniform steps, h = 1.16 (every step unstable in the noise form at eta = 1: the first-order one from
+    h = log 3 = 1.10 on, the 2M's from h = 0.51 at equal steps): the guarded SDE-DPM-Solver-2M and -1 are the data-prediction
+    SDE-DPM-Solver++(2M) and ++1 on the same noise, and differ from the unguarded ones; at 40 steps (h = 0.15, all
+    stable) the guard changes nothing."""
+    model = MIXTURE.denoiser("eps")
+    x = start(3, 10.0)
+
+    def logsnr(n):
+        lam = torch.linspace(-math.log(10.0), -math.log(0.03), n, dtype=torch.float64)
+        return torch.cat([torch.exp(-lam), torch.zeros(1, dtype=torch.float64)])
+
+    noise = dict(seed=[11, 12, 13], noise_type="gaussian")
+    for noise_form, data_form, n in ((sde.sample_dpm_solver_sde_2m, sde.sample_dpmpp_2m_sde, 6),
+                                     (sde.sample_dpm_solver_sde_1, sde.sample_dpmpp_sde_1, 6)):
+        guarded = noise_form(model, x, logsnr(n), **noise)
+        torch.testing.assert_close(guarded, data_form(model, x, logsnr(n), **noise), rtol=1e-12, atol=1e-12)
+        assert relative(guarded, noise_form(model, x, logsnr(n), guard=False, **noise)) > 1e-2
+        torch.testing.assert_close(noise_form(model, x, logsnr(40), **noise),
+                                   noise_form(model, x, logsnr(40), guard=False, **noise), rtol=0, atol=0)
 
 
 def _kd_3m_correction(h, h_1, h_2, denoised, denoised_1, denoised_2, eta=1.0):
