@@ -38,7 +38,7 @@ import math
 from .common import SamplerRun, check_choice, check_nonnegative
 from .dpmpp import OFFICIAL_3M_SCALES, SOLVER_TYPES_3M
 from .exponential import (NOISE_TYPES, batch_seeds, data_prediction_noise_scale, data_prediction_step,
-                          guarded_step, make_noise, noise_prediction_noise_scale, noise_prediction_step, phi)
+                          guarded_step, make_noise, noise_prediction_noise_scale, noise_prediction_step)
 
 SOLVER_TYPES_2M_SDE = ("midpoint", "heun")
 NOISE_DEVICES = ("latent", "cpu")
@@ -142,25 +142,21 @@ _OPTIONS_DOC = """
 # ----------------------------------------------------------------------------------------------------------------
 
 # The guard of the noise-prediction solvers.  The noise form's step is exact for a constant eps, the data form's for
-# a constant D.  Their test problem is the point mass D = 0, where y = x / sigma is exactly N(0, 1) at every sigma
-# (the SDE's y is an OU process in lambda: correlation e^{-eta h} over a step) and the data form is exact.  The noise
-# form's step is y_t = a y_s + b y_prev + s z, a = e^h - kappa (phi_1(h) + c_1), b = kappa c_1 (c_1 its weight on
-# eps_s - eps_prev: c_0 h / (2 h_prev) for the midpoint form, c_0 = phi_1(h) = e^h - 1), s^2 = eta (e^{2h} - 1): the
-# variance it leaves is a^2 + b^2 + 2 a b e^{-eta h_prev} + s^2, above 1 for every h > 0 when eta > 0 (first order:
-# 1 + eta (1 + eta) (e^h - 1)^2), 0 at eta = 0 (the ODE keeps y).  Excess noise at high noise levels sends guided
-# samples off the data (and from h = 0.51 at eta = 1, equal steps, the 2M's recurrence is unstable: |y| grows 3x a
-# step at h = 1), so a step whose excess is above NOISE_FORM_MAX_EXCESS is taken in the data form.  0.25 (eta = 1:
-# h > 0.30 at first order) was chosen on the strong error of 3 random guided mixtures (0.5 kept the 2M's error at
-# 1.3-1.7x the data form's at 20 steps; bench/results_flow_guidance.md) and checked on the range of 4 others.
+# a constant D.  Their test problem is the point mass D = 0, where y = x / sigma is exactly N(0, 1) at every sigma and
+# the data form is exact.  From such a y the noise form's first-order step gives y_t = (1 - eta (e^h - 1)) y_s
+# + sqrt(eta (e^{2h} - 1)) z, of variance 1 + eta (1 + eta) (e^h - 1)^2: too much noise for every h > 0 when
+# eta > 0, none at eta = 0 (the ODE keeps y).  Excess noise at high noise levels sends guided samples off the data,
+# and the 2M's eps-difference term extrapolates the injected noise (from h = 0.51 at eta = 1, equal steps, its
+# recurrence on D = 0 is unstable: |y| grows 3x a step at h = 1).  So a step whose excess is above
+# NOISE_FORM_MAX_EXCESS is taken in the data form.  0.25 (eta = 1: h > 0.30) was chosen on the strong error of 3
+# random guided mixtures (0.5 kept the 2M's error at 1.3-1.7x the data form's at 20 steps) and checked on the
+# range of 4 others (0.5: up to 29.7x the exact range, 0.25: 17.5x, the data form's); bench/results_flow_guidance.md.
 NOISE_FORM_MAX_EXCESS = 0.25
 
 
-def noise_form_excess(h, eta, weight=0.0, h_prev=math.inf):
-    """Variance of y = x / sigma after the noise form's step on D = 0 from exact y's, minus 1 (see above);
-    ``weight`` = c_1 (0: first order)."""
-    kappa = 1.0 + eta
-    a, b = math.exp(h) - kappa * (math.expm1(h) + weight), kappa * weight
-    return a * a + b * b + 2 * a * b * math.exp(-eta * h_prev) + eta * math.expm1(2 * h) - 1
+def noise_form_excess(h, eta):
+    """Variance of y = x / sigma after the noise form's first-order step on D = 0 from an exact y, minus 1."""
+    return eta * (1.0 + eta) * math.expm1(h) ** 2
 
 
 def sample_dpmpp_sde_1(model, x, sigmas, extra_args=None, callback=None, disable=None, *, model_kind="eps",
@@ -192,7 +188,8 @@ def sample_dpm_solver_sde_1(model, x, sigmas, extra_args=None, callback=None, di
     for i in run.range():
         denoised = run.denoise(x, i)
         run.report(x, i, denoised)
-        if run.table.finite_step(i) and not (guard and noise_form_excess(run.table.h[i], eta) > NOISE_FORM_MAX_EXCESS):
+        noise_form = guard is False or noise_form_excess(run.table.h[i], eta) <= NOISE_FORM_MAX_EXCESS
+        if run.table.finite_step(i) and noise_form:
             x = _noise_sde_step(x, run, i, [_noise_prediction(x, run, i, denoised)], eta, s_noise, noise)
         else:
             x = _data_sde_step(x, run, i, [denoised], eta, s_noise, noise)
@@ -248,7 +245,7 @@ def sample_dpm_solver_sde_2m(model, x, sigmas, extra_args=None, callback=None, d
     ``DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver")``.  At eta = 0 it is DPM-Solver's multistep
     second-order ODE solver.  lower_order_final: first-order last step, None = on below 15 steps.
     guard: a step whose noise form leaves too much noise (``noise_form_excess`` above NOISE_FORM_MAX_EXCESS: at
-    eta = 1 and equal steps h > 0.33; never at eta = 0) is taken in the data form, the step of ``sample_dpmpp_2m_sde``
+    eta = 1, h > 0.30; never at eta = 0) is taken in the data form, the step of ``sample_dpmpp_2m_sde``
     with the same solver_type from the same outputs; guard=False is the paper's step everywhere (diffusers'
     scheduler).
     """
@@ -277,8 +274,7 @@ def sample_dpm_solver_sde_2m(model, x, sigmas, extra_args=None, callback=None, d
             x = _data_sde_step(x, run, i, None, eta, s_noise, noise, history=history)
         else:
             h_prev = t.lam[i] - previous[0]
-            weight = 0.5 * phi(1, h) * h / h_prev if solver_type == "midpoint" else phi(2, h) / h_prev
-            if guard and noise_form_excess(h, eta, weight, h_prev) > NOISE_FORM_MAX_EXCESS:
+            if guard and noise_form_excess(h, eta) > NOISE_FORM_MAX_EXCESS:
                 if solver_type == "midpoint":
                     midpoint = (denoised - previous[2], h / h_prev)
                     x = _data_sde_step(x, run, i, [denoised], eta, s_noise, noise, midpoint=midpoint)
