@@ -188,8 +188,7 @@ def sample_dpm_solver_sde_1(model, x, sigmas, extra_args=None, callback=None, di
     for i in run.range():
         denoised = run.denoise(x, i)
         run.report(x, i, denoised)
-        noise_form = guard is False or noise_form_excess(run.table.h[i], eta) <= NOISE_FORM_MAX_EXCESS
-        if run.table.finite_step(i) and noise_form:
+        if run.table.finite_step(i) and not (guard and noise_form_excess(run.table.h[i], eta) > NOISE_FORM_MAX_EXCESS):
             x = _noise_sde_step(x, run, i, [_noise_prediction(x, run, i, denoised)], eta, s_noise, noise)
         else:
             x = _data_sde_step(x, run, i, [denoised], eta, s_noise, noise)
@@ -263,9 +262,9 @@ def sample_dpm_solver_sde_2m(model, x, sigmas, extra_args=None, callback=None, d
             previous = (t.lam[i], None, denoised)
             continue
         eps = _noise_prediction(x, run, i, denoised)
-        h = t.h[i]
+        data_form = guard and noise_form_excess(t.h[i], eta) > NOISE_FORM_MAX_EXCESS  # the guard (above)
         if run.order(i, 2, lower_order_final, 1 if previous is None else 2) == 1:
-            if guard and noise_form_excess(h, eta) > NOISE_FORM_MAX_EXCESS:
+            if data_form:
                 x = _data_sde_step(x, run, i, [denoised], eta, s_noise, noise)
             else:
                 x = _noise_sde_step(x, run, i, [eps], eta, s_noise, noise)
@@ -274,18 +273,13 @@ def sample_dpm_solver_sde_2m(model, x, sigmas, extra_args=None, callback=None, d
             x = _data_sde_step(x, run, i, None, eta, s_noise, noise, history=history)
         else:
             h_prev = t.lam[i] - previous[0]
-            if guard and noise_form_excess(h, eta) > NOISE_FORM_MAX_EXCESS:
-                if solver_type == "midpoint":
-                    midpoint = (denoised - previous[2], h / h_prev)
-                    x = _data_sde_step(x, run, i, [denoised], eta, s_noise, noise, midpoint=midpoint)
-                else:
-                    derivative = (denoised - previous[2]) / h_prev
-                    x = _data_sde_step(x, run, i, [denoised, derivative], eta, s_noise, noise)
-            elif solver_type == "midpoint":
-                midpoint = (eps - previous[1], h / h_prev)
-                x = _noise_sde_step(x, run, i, [eps], eta, s_noise, noise, midpoint=midpoint)
+            # the same 2M step on D (sample_dpmpp_2m_sde's) or on eps
+            value, difference = (denoised, denoised - previous[2]) if data_form else (eps, eps - previous[1])
+            step = _data_sde_step if data_form else _noise_sde_step
+            if solver_type == "midpoint":
+                x = step(x, run, i, [value], eta, s_noise, noise, midpoint=(difference, t.h[i] / h_prev))
             else:
-                x = _noise_sde_step(x, run, i, [eps, (eps - previous[1]) / h_prev], eta, s_noise, noise)
+                x = step(x, run, i, [value, difference / h_prev], eta, s_noise, noise)
         previous = (t.lam[i], eps, denoised)
     return run.finish(x)
 
