@@ -183,7 +183,7 @@ def test_noise_form_excess_is_the_measured_variance_of_the_unguarded_step(eta):
             assert (expected - 1 > sde.NOISE_FORM_MAX_EXCESS) == (h > 0.3)
 
 
-def test_guard_takes_unstable_steps_in_the_data_form():
+def test_guard_takes_coarse_steps_in_the_data_form():
     """6 logSNR-uniform steps, h = 1.16 (the noise form's excess noise far above the guard's 0.25 at every step): the
     guarded SDE-DPM-Solver-2M and -1 are the data-prediction
     SDE-DPM-Solver++(2M) and ++1 on the same noise, and differ from the unguarded ones; at 40 steps (h = 0.15,
