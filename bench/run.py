@@ -223,7 +223,7 @@ def sde_noise_overhead(steps, repeats, quick=False, shape=(4, 4, 64, 64)):
     """Our 2M SDE per noise source at batch 4 (the issue-13 row): overhead per NFE with a trivial model, and a bare
     per-step ``randn`` of the latent (the floor of any fresh-noise step) and k-diffusion's ODE 2M for scale."""
     from ..samplers import sample_dpmpp_2m_sde
-    from .peers import Unavailable, load_kdiffusion
+    from ..peers import Unavailable, load_kdiffusion
     from .sigmas import make_sigmas
 
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 14.6

@@ -141,6 +141,24 @@ _OPTIONS_DOC = """
 # Samplers
 # ----------------------------------------------------------------------------------------------------------------
 
+# The guard of the noise-prediction solvers.  The noise form's step is exact for a constant eps, the data form's for
+# a constant D.  Their test problem is the point mass D = 0, where y = x / sigma is exactly N(0, 1) at every sigma and
+# the data form is exact.  From such a y the noise form's first-order step gives y_t = (1 - eta (e^h - 1)) y_s
+# + sqrt(eta (e^{2h} - 1)) z, of variance 1 + eta (1 + eta) (e^h - 1)^2: too much noise for every h > 0 when
+# eta > 0, none at eta = 0 (the ODE keeps y).  Excess noise at high noise levels sends guided samples off the data,
+# and the 2M's eps-difference term extrapolates the injected noise (from h = 0.51 at eta = 1, equal steps, its
+# recurrence on D = 0 is unstable: |y| grows 3x a step at h = 1).  So a step whose excess is above
+# NOISE_FORM_MAX_EXCESS is taken in the data form.  0.25 (eta = 1: h > 0.30) was chosen on the strong error of 3
+# random guided mixtures (0.5 kept the 2M's error at 1.3-1.7x the data form's at 20 steps) and checked on the
+# range of 4 others (0.5: up to 29.7x the exact range, 0.25: 17.5x, the data form's); bench/results_flow_guidance.md.
+NOISE_FORM_MAX_EXCESS = 0.25
+
+
+def noise_form_excess(h, eta):
+    """Variance of y = x / sigma after the noise form's first-order step on D = 0 from an exact y, minus 1."""
+    return eta * (1.0 + eta) * math.expm1(h) ** 2
+
+
 def sample_dpmpp_sde_1(model, x, sigmas, extra_args=None, callback=None, disable=None, *, model_kind="eps",
                        eta=1.0, s_noise=1.0, noise_type="brownian", noise_sampler=None, seed=None,
                        noise_device="latent", final_step="denoise"):
@@ -158,16 +176,19 @@ def sample_dpmpp_sde_1(model, x, sigmas, extra_args=None, callback=None, disable
 
 def sample_dpm_solver_sde_1(model, x, sigmas, extra_args=None, callback=None, disable=None, *, model_kind="eps",
                             eta=1.0, s_noise=1.0, noise_type="brownian", noise_sampler=None, seed=None,
-                            noise_device="latent", final_step="denoise"):
+                            noise_device="latent", final_step="denoise", guard=True):
     """SDE-DPM-Solver-1 (Sec. 5), noise prediction: x_t = (alpha_t/alpha_s) x_s - 2 sigma_t (e^h - 1) eps_s
     + sigma_t sqrt(e^{2h} - 1) z at eta = 1 (DDPM's ancestral step in lambda); DDIM at eta = 0.
+    guard: as in ``sample_dpm_solver_sde_2m``, a step whose noise form leaves too much noise (``noise_form_excess``
+    above NOISE_FORM_MAX_EXCESS: h > 0.30 at eta = 1; never at eta = 0) is the data form's (``sample_dpmpp_sde_1``);
+    guard=False is the paper's step everywhere (diffusers' scheduler).
     """
     run, x, eta, s_noise, noise = _setup(model, x, sigmas, extra_args, callback, disable, model_kind, final_step,
                                          eta, s_noise, noise_type, noise_sampler, seed, noise_device)
     for i in run.range():
         denoised = run.denoise(x, i)
         run.report(x, i, denoised)
-        if run.table.finite_step(i):
+        if run.table.finite_step(i) and not (guard and noise_form_excess(run.table.h[i], eta) > NOISE_FORM_MAX_EXCESS):
             x = _noise_sde_step(x, run, i, [_noise_prediction(x, run, i, denoised)], eta, s_noise, noise)
         else:
             x = _data_sde_step(x, run, i, [denoised], eta, s_noise, noise)
@@ -215,13 +236,17 @@ def sample_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, disabl
 def sample_dpm_solver_sde_2m(model, x, sigmas, extra_args=None, callback=None, disable=None, *, model_kind="eps",
                              eta=1.0, s_noise=1.0, noise_type="brownian", noise_sampler=None, seed=None,
                              noise_device="latent", final_step="denoise", lower_order_final=None,
-                             solver_type="midpoint"):
+                             solver_type="midpoint", guard=True):
     """SDE-DPM-Solver-2M (Sec. 5), the multistep second-order noise-prediction SDE solver.
 
     eps' at lambda_s is (eps_s - eps_prev) / h_prev.  solver_type "midpoint" puts weight sigma_t kappa phi_1(h) / 2
     on h eps' (the paper's formula), "heun" the Taylor weight sigma_t kappa phi_2(h) on eps'; both as diffusers'
     ``DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver")``.  At eta = 0 it is DPM-Solver's multistep
     second-order ODE solver.  lower_order_final: first-order last step, None = on below 15 steps.
+    guard: a step whose noise form leaves too much noise (``noise_form_excess`` above NOISE_FORM_MAX_EXCESS: at
+    eta = 1, h > 0.30; never at eta = 0) is taken in the data form, the step of ``sample_dpmpp_2m_sde``
+    with the same solver_type from the same outputs; guard=False is the paper's step everywhere (diffusers'
+    scheduler).
     """
     check_choice("solver_type", solver_type, SOLVER_TYPES_2M_SDE)
     run, x, eta, s_noise, noise = _setup(model, x, sigmas, extra_args, callback, disable, model_kind, final_step,
@@ -237,18 +262,24 @@ def sample_dpm_solver_sde_2m(model, x, sigmas, extra_args=None, callback=None, d
             previous = (t.lam[i], None, denoised)
             continue
         eps = _noise_prediction(x, run, i, denoised)
+        data_form = guard and noise_form_excess(t.h[i], eta) > NOISE_FORM_MAX_EXCESS  # the guard (above)
         if run.order(i, 2, lower_order_final, 1 if previous is None else 2) == 1:
-            x = _noise_sde_step(x, run, i, [eps], eta, s_noise, noise)
+            if data_form:
+                x = _data_sde_step(x, run, i, [denoised], eta, s_noise, noise)
+            else:
+                x = _noise_sde_step(x, run, i, [eps], eta, s_noise, noise)
         elif not math.isfinite(previous[0]):  # history at sigma = 1: the data form, D interpolated in rho
             history = ([t.lam[i], previous[0]], [denoised, previous[2]])
             x = _data_sde_step(x, run, i, None, eta, s_noise, noise, history=history)
         else:
             h_prev = t.lam[i] - previous[0]
+            # the same 2M step on D (sample_dpmpp_2m_sde's) or on eps
+            value, difference = (denoised, denoised - previous[2]) if data_form else (eps, eps - previous[1])
+            step = _data_sde_step if data_form else _noise_sde_step
             if solver_type == "midpoint":
-                midpoint = (eps - previous[1], t.h[i] / h_prev)
-                x = _noise_sde_step(x, run, i, [eps], eta, s_noise, noise, midpoint=midpoint)
+                x = step(x, run, i, [value], eta, s_noise, noise, midpoint=(difference, t.h[i] / h_prev))
             else:
-                x = _noise_sde_step(x, run, i, [eps, (eps - previous[1]) / h_prev], eta, s_noise, noise)
+                x = step(x, run, i, [value, difference / h_prev], eta, s_noise, noise)
         previous = (t.lam[i], eps, denoised)
     return run.finish(x)
 

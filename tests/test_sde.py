@@ -135,7 +135,9 @@ DIFFUSERS_CASES = [("sde-dpmsolver", 2, "midpoint", sde.sample_dpm_solver_sde_2m
 def test_matches_diffusers_dpmsolver_multistep_sde(algorithm_type, order, solver_type, sampler):
     """diffusers' DPMSolverMultistepScheduler (VP, SD's scaled-linear betas, 15 steps, final sigma_min) with the
     same per-step noise (variance_noise): the noise-prediction solvers against "sde-dpmsolver", the data-prediction
-    ones against "sde-dpmsolver++".  diffusers works in VP coordinates x_vp = x / sqrt(1 + sigma^2) and float32."""
+    ones against "sde-dpmsolver++".  diffusers works in VP coordinates x_vp = x / sqrt(1 + sigma^2) and float32.
+    The noise-prediction solvers run with guard=False (the paper's step everywhere): their guard takes this
+    schedule's last step (h = 2.2, unstable in the noise form) in the data form."""
     diffusers = pytest.importorskip("diffusers")
     scheduler = diffusers.DPMSolverMultistepScheduler(
         beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, algorithm_type=algorithm_type,
@@ -153,8 +155,54 @@ def test_matches_diffusers_dpmsolver_multistep_sde(algorithm_type, order, solver
     reference = sample * (1 + sigmas[-1] ** 2).sqrt()
     index = {v: j for j, v in enumerate(sigmas.tolist())}
     options = dict(lower_order_final=False, solver_type=solver_type) if order == 2 else {}
+    if algorithm_type == "sde-dpmsolver":
+        options["guard"] = False
     ours = sampler(MIXTURE.denoiser("eps"), x, sigmas, noise_sampler=lambda s, _: noise[index[float(s)]], **options)
     assert relative(ours, reference) < 2e-6
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The noise-prediction solvers' guard: unstable noise-form steps are taken in the data form
+# ----------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("eta", [1.0, 0.5])
+def test_noise_form_excess_is_the_measured_variance_of_the_unguarded_step(eta):
+    """On the point mass D = 0, y = x / sigma is exactly N(0, 1) at every sigma.  Measured on the samplers (64000
+    values): the variance of y after SDE-DPM-Solver-1's step (guard=False) from exact y is 1 + ``noise_form_excess``
+    within 5 standard errors; at eta = 1 the excess passes the guard's 0.25 between h = 0.2 and 0.4."""
+    zero = lambda x, sigma: torch.zeros_like(x)  # noqa: E731
+    draws = torch.Generator().manual_seed(5)
+    x = torch.randn(8000, 8, generator=draws, dtype=torch.float64) * 10.0
+    noise = lambda sigma, sigma_next: torch.randn(8000, 8, generator=draws, dtype=torch.float64)  # noqa: E731
+    for h in (0.2, 0.4):
+        sigmas = torch.tensor([10.0, 10.0 * math.exp(-h)], dtype=torch.float64)
+        y = sde.sample_dpm_solver_sde_1(zero, x, sigmas, eta=eta, noise_sampler=noise, guard=False) / sigmas[-1]
+        expected = 1 + sde.noise_form_excess(h, eta)
+        assert abs(y.var().item() - expected) < 5 * expected * math.sqrt(2 / y.numel()), (h, y.var(), expected)
+        if eta == 1.0:
+            assert (expected - 1 > sde.NOISE_FORM_MAX_EXCESS) == (h > 0.3)
+
+
+def test_guard_takes_coarse_steps_in_the_data_form():
+    """6 logSNR-uniform steps, h = 1.16 (the noise form's excess noise far above the guard's 0.25 at every step): the
+    guarded SDE-DPM-Solver-2M and -1 are the data-prediction
+    SDE-DPM-Solver++(2M) and ++1 on the same noise, and differ from the unguarded ones; at 40 steps (h = 0.15,
+    excess 0.05) the guard changes nothing."""
+    model = MIXTURE.denoiser("eps")
+    x = start(3, 10.0)
+
+    def logsnr(n):
+        lam = torch.linspace(-math.log(10.0), -math.log(0.03), n, dtype=torch.float64)
+        return torch.cat([torch.exp(-lam), torch.zeros(1, dtype=torch.float64)])
+
+    noise = dict(seed=[11, 12, 13], noise_type="gaussian")
+    for noise_form, data_form, n in ((sde.sample_dpm_solver_sde_2m, sde.sample_dpmpp_2m_sde, 6),
+                                     (sde.sample_dpm_solver_sde_1, sde.sample_dpmpp_sde_1, 6)):
+        guarded = noise_form(model, x, logsnr(n), **noise)
+        torch.testing.assert_close(guarded, data_form(model, x, logsnr(n), **noise), rtol=1e-12, atol=1e-12)
+        assert relative(guarded, noise_form(model, x, logsnr(n), guard=False, **noise)) > 1e-2
+        torch.testing.assert_close(noise_form(model, x, logsnr(40), **noise),
+                                   noise_form(model, x, logsnr(40), guard=False, **noise), rtol=0, atol=0)
 
 
 def _kd_3m_correction(h, h_1, h_2, denoised, denoised_1, denoised_2, eta=1.0):
