@@ -223,3 +223,42 @@ def test_default_path_on_the_embedded_model_costs_under_a_minute():
     seconds = time.process_time() - started
     assert "tuning" in ems.metadata and ems.metadata["K"] == "32" and len(ems.decisions) == 6
     assert seconds < 60, seconds
+
+
+def test_too_small_a_budget_runs_the_check_or_refuses():
+    """estimate_ems(tune=True) never returns unchecked EMS: where N x K pays for neither the tuning nor the
+    v3-vs-DPM-Solver++(2M) check it raises before any model call, naming the minimum N at that K (the check's); at
+    that N the check runs instead of the tuning and the sampler follows its decisions bit for bit."""
+    import re
+
+    mixture = GaussianMixture.random(dim=4, components=3, seed=21)
+    model = mixture.denoiser()
+    x0 = generate_x0(model, (4, 1, 1), 8, 80.0, 0.002, steps=20)
+    calls = []
+
+    def counted(x, sigma, **kwargs):
+        calls.append(x.shape[0])
+        return model(x, sigma, **kwargs)
+
+    with pytest.raises(ValueError, match="too few both to tune the fit") as raised:
+        estimate_ems(counted, x0, 0.002, 80.0, N=20, K=8)
+    assert not calls
+    minimum = int(re.search(r"check v3 against DPM-Solver\+\+\(2M\) \(\d+ rows: N >= (\d+)", str(raised.value))[1])
+    with pytest.raises(ValueError, match="tune=False"):
+        estimate_ems(model, x0, 0.002, 80.0, N=minimum - 1, K=8)
+    ems = estimate_ems(counted, x0, 0.002, 80.0, N=minimum, K=8)
+    assert "tuning" not in ems.metadata and int(ems.metadata["v3_check_samples"]) >= 2
+    assert {d.nfe for d in ems.decisions} == set(tuning.TUNE_NFES)
+    # the check's references and runs stay within the estimation's own rows
+    estimation = int(ems.metadata["forward_rows"]) + int(ems.metadata["jvp_rows"])
+    assert sum(calls) - estimation <= estimation
+    x = torch.randn((3, 4, 1, 1), generator=torch.Generator().manual_seed(3), dtype=torch.float32) * 80.0
+    for nfe in (5, 10):
+        sigmas = tuning.sampling_sigmas(nfe, 0.002, 80.0, "eps").float()
+        out = sample_dpm_solver_v3(model, x, sigmas, ems=ems, disable=True)
+        if ems.decision_for(nfe).solver == "dpmpp_2m":
+            assert torch.equal(out, sample_dpmpp_2m(model, x, sigmas, disable=True)), nfe
+        else:
+            assert torch.equal(out, sample_dpm_solver_v3(model, x, sigmas, ems=ems, disable=True, fallback=False))
+    raw = estimate_ems(model, x0, 0.002, 80.0, N=20, K=8, tune=False)
+    assert not raw.decisions and "v3_check_samples" not in raw.metadata
