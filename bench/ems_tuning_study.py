@@ -168,7 +168,7 @@ def conv_case(cfg, cache):
 def unipc_bh2(model, x, sigmas):
     import diffusers
 
-    from .peers import SD_V1_CONFIG, diffusers_run
+    from ..peers import SD_V1_CONFIG, diffusers_run
 
     return diffusers_run(diffusers.UniPCMultistepScheduler(**SD_V1_CONFIG, solver_type="bh2"), model, x, sigmas, None)
 

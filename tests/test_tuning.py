@@ -148,6 +148,11 @@ def test_decisions_round_trip_and_are_validated(tmp_path):
         ems.replace(decisions=[(5, "v3", 0.5, "no")])
     with pytest.raises(ValueError, match="solver"):
         ems.replace(decisions=[(5, "unipc", 0.5)])
+    with pytest.raises(ValueError, match="order"):
+        ems.replace(decisions=[(5, "v3", 0.5, True, 4)])
+    third = ems.replace(decisions=[(5, "v3", 0.5, False, 3), (8, "v3", 0.7)])
+    third.save(path)
+    assert load_ems(str(path)).decisions == third.decisions and third.decision_for(5).order == 3
 
 
 def test_raw_fit_opt_out_and_explicit_corrector():
@@ -165,8 +170,8 @@ def test_raw_fit_opt_out_and_explicit_corrector():
 
 
 def test_sampler_follows_each_kind_of_decision_bit_for_bit(caplog):
-    """Hand-made decisions: 3M at 5 NFE, v3 without corrector at 8, 2M at 12 (a cheap, direct check of the sampler's
-    side, independent of what any tuning chose)."""
+    """Hand-made decisions: 3M at 5 NFE, v3 without corrector at 8, 2M at 12, v3 of order 3 at 16 (a cheap, direct
+    check of the sampler's side, independent of what any tuning chose)."""
     import logging
 
     from dpm_solver_nodes.stats.ems import EMS
@@ -177,9 +182,9 @@ def test_sampler_follows_each_kind_of_decision_bit_for_bit(caplog):
     shape = (41, 4, 1, 1)
     ems = EMS(lambdas, torch.full(shape, 0.9, dtype=torch.float64), torch.full(shape, 0.1, dtype=torch.float64),
               torch.zeros(shape, dtype=torch.float64), decisions=[(5, "dpmpp_3m", 0.8), (8, "v3", 0.5, False),
-                                                                  (12, "dpmpp_2m", 0.9)])
+                                                                  (12, "dpmpp_2m", 0.9), (16, "v3", 0.7, True, 3)])
     x = torch.randn((3, 4, 1, 1), generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    for nfe, expected in ((5, "3M"), (8, "v3-nc"), (12, "2M")):
+    for nfe, expected in ((5, "3M"), (8, "v3-nc"), (12, "2M"), (16, "v3-o3")):
         sigmas = tuning.sampling_sigmas(nfe, 0.002, 80.0, "eps")
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="dpm_solver_nodes"):
@@ -189,6 +194,10 @@ def test_sampler_follows_each_kind_of_decision_bit_for_bit(caplog):
             assert any("running DPM-Solver++(3M) instead" in r.getMessage() for r in caplog.records)
         elif expected == "2M":
             assert torch.equal(out, sample_dpmpp_2m(model, x * 80.0, sigmas, disable=True))
+        elif expected == "v3-o3":
+            third = sample_dpm_solver_v3(model, x * 80.0, sigmas, ems=ems, disable=True, order=3)
+            second = sample_dpm_solver_v3(model, x * 80.0, sigmas, ems=ems, disable=True, order=2)
+            assert torch.equal(out, third) and not torch.equal(out, second)
         else:
             plain = sample_dpm_solver_v3(model, x * 80.0, sigmas, ems=ems, disable=True, use_corrector=False)
             corrected = sample_dpm_solver_v3(model, x * 80.0, sigmas, ems=ems, disable=True, use_corrector=True)
