@@ -14,7 +14,7 @@ network's roughness in s, b but blurs the real structure of a smooth model, wher
    at every NFE, and the pack's own solvers v3 may fall back to (``pack_solvers``: DPM-Solver++(2M) and (3M), only
    2M for a guided model; their defaults, as v3's fallback runs them);
 3. the fit: the one with the smallest mean over NFEs of log(best policy's error / best of those solvers' error);
-   then (``ORDER3``, where the whole family ran) the chosen fit's order-3 predictor with both policies on the same
+   then (``ORDER3``, where the whole family ran on an unguided model) the chosen fit's order-3 predictor with both policies on the same
    samples.  Per NFE the decision: the better policy of order 2, or of order 3 where that is clearly better
    (``clearly_better``: by more than one standard error of the paired mean log error ratio); the pack's solver is
    2M unless the model is unguided (``pack_solvers``) and 3M is clearly better; v3 runs where it is clearly better
@@ -25,7 +25,7 @@ network's roughness in s, b but blurs the real structure of a smooth model, wher
    only veto v3, never choose it.
 
 Cost in model rows (one sample through the model): S x (steps + (|FITS| x |POLICIES| + |POLICIES| (order 3) + 2, or
-+ 1 guided) x sum(nfes)) for the selection and S x (steps + 3 x sum(nfes)) for the report; ``tuning_plan`` picks the
++ 1 and no order 3 guided) x sum(nfes)) for the selection and S x (steps + 3 x sum(nfes)) for the report; ``tuning_plan`` picks the
 largest S (at most ``MAX_SAMPLES``) whose cost does not exceed the estimation's own rows (a JVP row counted as one),
 and where even S = 2 does not fit, the two ends of the fit family (``FAMILY_ENDS``: per node, and the +-0.5 window) before giving
 up.  With ``batch_rows`` (a model whose rows are independent of each other, e.g. ComfyUI's), the runs of each stage
@@ -70,26 +70,28 @@ FITS = (
 )
 # (+-0.25 lambda, chosen only on the study's conv net, gave way to the order-3 runs at the same cost)
 POLICIES = (True, False)  # use_corrector
-# where the whole family runs, the chosen fit's predictor of order 3 (Algorithm 1 with n = 2 derivatives) with and
-# without corrector is measured too: it won at 15-20 NFE on unguided eps mixtures (0.45-0.65x the pack where order
-# 2 was 1.15-1.20x) and at 8-10 NFE on guided ones, lost on the embedded eps network (bench/results_ems_tuning.md)
+# on an unguided model where the whole family runs, the chosen fit's predictor of order 3 (Algorithm 1 with n = 2
+# derivatives) with and without corrector is measured too: on the study's unguided eps mixtures it won at 15-20 NFE
+# (0.45-0.65x the pack where order 2 was 1.02-1.15x); on guided flow mixtures six selection samples chose it where
+# it lost (1.1-1.8x the pack at 8 NFE, cfg 7.5, where order 2 was 0.56x), so guided models keep order 2, as the
+# paper recommends for guided sampling
 ORDER3 = True
 # where the budget cannot pay for every fit: the two kinds that issue 12 found to win on different models (per node on
 # smooth models, the +-0.5 window on trained networks)
 FAMILY_ENDS = ("node", "window_0.5")
 
 
-def order3_runs(fits, policies=len(POLICIES)) -> int:
+def order3_runs(fits, policies=len(POLICIES), pack=len(PACK_SOLVERS)) -> int:
     """Runs per NFE and selection sample of the order-3 pass: the chosen fit's policies, where the whole family
-    (``FITS``) runs."""
-    return policies if ORDER3 and fits == len(FITS) else 0
+    (``FITS``) runs on an unguided model (``pack``: the pack's solvers in the selection, one for a guided model)."""
+    return policies if ORDER3 and fits == len(FITS) and pack == len(PACK_SOLVERS) else 0
 
 
 def selection_rows(samples, nfes=TUNE_NFES, fits=len(FITS), policies=len(POLICIES), pack=len(PACK_SOLVERS)) -> int:
     """Rows of the references and the selection set; ``pack``: the pack's solvers run there (those v3 may fall back
     to, ``pack_solvers``: one for a guided model)."""
     steps = REFERENCE_FACTOR * max(nfes)
-    return samples * (steps + (fits * policies + order3_runs(fits, policies) + pack) * sum(nfes))
+    return samples * (steps + (fits * policies + order3_runs(fits, policies, pack) + pack) * sum(nfes))
 
 
 def tuning_rows(samples, nfes=TUNE_NFES, fits=len(FITS), policies=len(POLICIES), pack=len(PACK_SOLVERS)) -> int:
@@ -106,8 +108,8 @@ def tuning_calls(samples, nfes=TUNE_NFES, fits=len(FITS), policies=len(POLICIES)
     the report set's v3 run is counted at every NFE."""
     steps = REFERENCE_FACTOR * max(nfes)
     stages = ({nfe: pack + fits * policies for nfe in nfes}, {nfe: len(PACK_SOLVERS) + 1 for nfe in nfes})
-    if order3_runs(fits, policies):
-        stages += ({nfe: order3_runs(fits, policies) for nfe in nfes},)
+    if order3_runs(fits, policies, pack):
+        stages += ({nfe: order3_runs(fits, policies, pack) for nfe in nfes},)
     if batch_rows is None:
         return 2 * steps + sum(nfe * runs for stage in stages for nfe, runs in stage.items())
     calls = steps * -(-2 * samples // batch_rows)
@@ -406,7 +408,7 @@ def tune(model, state, lambdas, stat_shape, sigma_min, sigma_max, *, model_kind=
     ``references``: the output of ``reference_jobs`` on ``tuning_noise(latent shape, samples, seed)`` where it has
     been run already (alongside the estimation); their rows count in ``rows``, their calls do not.
     """
-    order3 = order3_runs(len(fits), len(policies))
+    order3 = order3_runs(len(fits), len(policies), len(pack_solvers(metadata)))
     fits = [f for f in fits if (lambdas.shape[0] - 1) % f.stride == 0]
     noise = tuning_noise(stat_shape_latent(state), samples, seed, dtype, device)
     counter = [0, 0]
