@@ -104,10 +104,9 @@ def test_default_path_beats_the_pack_or_runs_the_better_solver(case):
         ratio = _error(out, reference) / min(peers.values())
         report[nfe] = round(ratio, 3)
         assert ratio <= BOUND[cfg], (nfe, ratio, peers, report)
-    # v3 runs somewhere (twice unguided, once at cfg 7.5).  On the cfg-10 flow mixture every NFE goes to the 2M,
-    # checked bit for bit above: v3 with the decided corrector measures 3.28 / 1.00 / 0.63 / 0.55 against the 2M's
-    # 3.13 / 1.16 / 0.57 / 0.38 at 5 / 6 / 8 / 10 NFE on this evaluation noise (the 2M's second-order start in rho
-    # since issue 15); at 6 NFE v3 is 0.86x, a win the six selection samples did not show clearly
+    # v3 runs somewhere (twice unguided, once at cfg 7.5).  On the cfg-10 flow mixture the 2M runs at 5, 8 and 10 NFE
+    # (checked bit for bit above): v3 measures 3.28 / 0.63 / 0.55 there against the 2M's 3.13 / 0.57 / 0.38 on this
+    # evaluation noise (the 2M's second-order start in rho since issue 15); v3 runs at 6 NFE (1.00 vs 1.16)
     required = {1.0: 2, 7.5: 1, 10.0: 0}[cfg]
     assert sum(1 for v in report.values() if not isinstance(v, str)) >= required, report
 
