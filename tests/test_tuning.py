@@ -194,9 +194,12 @@ def test_sampler_follows_each_kind_of_decision_bit_for_bit(caplog):
         elif expected == "2M":
             assert torch.equal(out, sample_dpmpp_2m(model, x * 80.0, sigmas, disable=True))
         elif expected == "v3-o3":
-            third = sample_dpm_solver_v3(model, x * 80.0, sigmas, ems=ems, disable=True, order=3)
-            second = sample_dpm_solver_v3(model, x * 80.0, sigmas, ems=ems, disable=True, order=2)
+            # the decided order applies also where a host passes its order setting; fallback=False keeps the given one
+            third = sample_dpm_solver_v3(model, x * 80.0, sigmas, ems=ems, disable=True, order=3, fallback=False)
+            second = sample_dpm_solver_v3(model, x * 80.0, sigmas, ems=ems, disable=True, order=2, fallback=False)
             assert torch.equal(out, third) and not torch.equal(out, second)
+            assert torch.equal(sample_dpm_solver_v3(model, x * 80.0, sigmas, ems=ems, disable=True, order=2), third)
+            assert any("order-3 predictor" in r.getMessage() for r in caplog.records)
         else:
             plain = sample_dpm_solver_v3(model, x * 80.0, sigmas, ems=ems, disable=True, use_corrector=False)
             corrected = sample_dpm_solver_v3(model, x * 80.0, sigmas, ems=ems, disable=True, use_corrector=True)
