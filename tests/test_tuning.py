@@ -212,7 +212,7 @@ def test_sampler_follows_each_kind_of_decision_bit_for_bit(caplog):
 
 def test_default_path_on_the_embedded_model_costs_under_a_minute():
     """x0 (32 samples, 100 steps) + estimate_ems with no options (estimation and tuning) on the embedded eps model:
-    measured 11.5-17.1 s of CPU on one thread (bench/results_ems_tuning.md); the issue's bound is 60 s."""
+    measured 10.0-14.5 s of CPU on one thread (bench/results_ems_tuning.md); the issue's bound is 60 s."""
     import time
 
     from dpm_solver_nodes.embedded import load_model
