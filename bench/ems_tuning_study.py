@@ -168,7 +168,7 @@ def conv_case(cfg, cache):
 def unipc_bh2(model, x, sigmas):
     import diffusers
 
-    from .peers import SD_V1_CONFIG, diffusers_run
+    from ..peers import SD_V1_CONFIG, diffusers_run
 
     return diffusers_run(diffusers.UniPCMultistepScheduler(**SD_V1_CONFIG, solver_type="bh2"), model, x, sigmas, None)
 
@@ -213,6 +213,7 @@ def run_case(case, K=32, nfes=NFES):
         rows[nfe] = {"errors": errors, "vs_pack": errors["v3"] / pack, "vs_peers": errors["v3"] / peers,
                      "solver": decision.solver if decision else "v3",
                      "corrector": decision.corrector if decision else True,
+                     "order": decision.order if decision else 2,
                      "stored": decision.ratio if decision else None}
     return {"name": case["name"], "fit": summary.get("fit", "untuned"), "K": K, "x0_rows": x0_rows,
             "x0_seconds": x0_seconds, "estimation_rows": estimation_rows, "tuning_rows": summary.get("rows", 0),
@@ -223,7 +224,7 @@ def run_case(case, K=32, nfes=NFES):
 def _decision_text(row):
     if row["solver"] != "v3":
         return {"dpmpp_2m": "2M", "dpmpp_3m": "3M"}[row["solver"]]
-    return "v3" if row["corrector"] else "v3-nc"
+    return ("v3" if row["corrector"] else "v3-nc") + ("-o3" if row.get("order", 2) == 3 else "")
 
 
 def markdown(results, k_sweep, seconds):
@@ -234,7 +235,8 @@ def markdown(results, k_sweep, seconds):
              f"{seconds / 60:.1f} min in all.", "",
              "Cells: default-path v3 error / the best of our DPM-Solver++(2M) and (3M) at that NFE on held-out noise "
              "(< 1: v3 wins), then in brackets / the best of those and diffusers UniPC bh2 (eps only), then what the "
-             "EMS decided there (v3 with corrector, v3-nc without, 2M or 3M: v3 runs that solver, so the ratio is "
+             "EMS decided there (v3 with corrector, v3-nc without, -o3 with the order-3 predictor, 2M or 3M: v3 runs "
+             "that solver, so the ratio is "
              "that solver's) and the ratio stored in the file (measured by the tuning on its own held-out set).", ""]
     header = "| model | cfg | fit | " + " | ".join(str(n) for n in NFES) + " | cost |"
     lines += [header, "|" + "---|" * (len(NFES) + 4)]

@@ -43,12 +43,14 @@ class NFEDecision:
     """What the EMS check measured at ``nfe`` model calls: the ``solver`` to run there ("v3", "dpmpp_2m" or
     "dpmpp_3m"), ``ratio`` = that choice's error / the compared solver's error on the model's own reference
     trajectories (the EMS job's tuning: the best of DPM-Solver++(2M) and (3M), on samples the choice was not made
-    on; the plain check: DPM-Solver++(2M)), and for v3 whether the ``corrector`` runs."""
+    on; the plain check: DPM-Solver++(2M)), and for v3 whether the ``corrector`` runs and the predictor ``order``
+    (2 or 3: the tuning measures order 3 for its chosen fit)."""
 
     nfe: int
     solver: str
     ratio: float
     corrector: bool = True
+    order: int = 2
 
     def __post_init__(self):
         if isinstance(self.nfe, bool) or not isinstance(self.nfe, int) or not 1 <= self.nfe <= 10_000:
@@ -60,6 +62,8 @@ class NFEDecision:
             raise ValueError(f"decision ratio must be a finite number >= 0, got {self.ratio!r}")
         if not isinstance(self.corrector, bool):
             raise ValueError(f"decision corrector must be true or false, got {self.corrector!r}")
+        if isinstance(self.order, bool) or self.order not in (1, 2, 3):
+            raise ValueError(f"decision order must be 1, 2 or 3, got {self.order!r}")
 
 
 def validate_decisions(decisions) -> tuple:
@@ -72,10 +76,10 @@ def validate_decisions(decisions) -> tuple:
     for item in decisions:
         if isinstance(item, NFEDecision):
             out.append(item)
-        elif isinstance(item, (list, tuple)) and len(item) in (3, 4):
+        elif isinstance(item, (list, tuple)) and len(item) in (3, 4, 5):
             out.append(NFEDecision(*item))
         else:
-            raise ValueError(f"each decision must be (nfe, solver, ratio[, corrector]), got {item!r}")
+            raise ValueError(f"each decision must be (nfe, solver, ratio[, corrector[, order]]), got {item!r}")
     nfes = [d.nfe for d in out]
     if len(set(nfes)) != len(nfes):
         raise ValueError(f"decisions list an NFE twice: {sorted(nfes)}")

@@ -72,7 +72,8 @@ def tensor_digest(tensors) -> str:
 
 
 def encode_decisions(decisions) -> str:
-    return json.dumps([[d.nfe, d.solver, round(d.ratio, 6)] + ([] if d.corrector else [False]) for d in decisions],
+    return json.dumps([[d.nfe, d.solver, round(d.ratio, 6)] + ([d.corrector, d.order] if d.order != 2 else
+                                                               [] if d.corrector else [False]) for d in decisions],
                       separators=(",", ":"))
 
 

@@ -432,6 +432,47 @@ def _validate(x0, sigma_min, sigma_max, model_kind, N, K, reduction, jvp, fd_ste
                          "cap it, e.g. at 1 - 1e-3")
 
 
+
+CHECK_STEPS_FACTOR = 4  # the check's reference steps: 4 x the largest NFE it judges (EMSSettings.check_plan)
+MAX_CHECK_SAMPLES = 16
+
+
+def _rows_per_sample(jvp, n_probes, samples, substeps):
+    """Model rows per sample and grid node as the estimator counts them (forward_rows + jvp_rows): forward AD (and
+    "auto", which starts there) n_probes + 1 JVP rows, one-sided differences 2 + n_probes, central 3 + 2 n_probes;
+    plus the trajectory's substeps."""
+    per_node = {"finite_difference": 3 + 2 * n_probes, "one_sided_difference": 2 + n_probes}.get(jvp, n_probes + 1)
+    return per_node + (substeps if samples == "trajectory" else 0)
+
+
+def _check_samples(rows, K, nfes):
+    """Samples of the v3-vs-DPM-Solver++(2M) check within ``rows`` (as ``EMSSettings.check_plan``: at most 16 and
+    K, each costing its reference's steps + a v3 and a 2M run per NFE); 0 where fewer than 2 fit."""
+    per_sample = CHECK_STEPS_FACTOR * max(nfes) + 2 * sum(nfes)
+    samples = min(MAX_CHECK_SAMPLES, K, int(rows) // per_sample)
+    return samples if samples >= 2 else 0
+
+
+def _tuning_minimum(nfes, guided):
+    """(rows of the cheapest tuning: 2 samples per set, the family's two ends; rows of the cheapest check)."""
+    pack = 1 if guided else len(tuning.PACK_SOLVERS)
+    return (tuning.tuning_rows(tuning.MIN_SAMPLES, tuple(nfes), len(tuning.FAMILY_ENDS), pack=pack),
+            2 * (CHECK_STEPS_FACTOR * max(nfes) + 2 * sum(nfes)))
+
+
+def _minimum_N(needed_rows, K, per_row):
+    """The smallest N whose estimation, (N + 1) K per_row + 10 rows, reaches ``needed_rows``."""
+    return max(2, -(-(needed_rows - 10) // (K * per_row)) - 1)
+
+
+def _budget_message(N, K, rows, per_row, nfes, guided):
+    tuning_needed, check_needed = _tuning_minimum(nfes, guided)
+    return (f"estimate_ems(tune=True): N = {N}, K = {K} give the estimation {rows} model rows, too few both to tune "
+            f"the fit ({tuning_needed} rows: N >= {_minimum_N(tuning_needed, K, per_row)} at K = {K}) "
+            f"and to check v3 against DPM-Solver++(2M) ({check_needed} rows: N >= "
+            f"{_minimum_N(check_needed, K, per_row)} at K = {K}); unchecked EMS can make v3 far worse than "
+            "DPM-Solver++ (issue 12).  Raise N or K, or pass tune=False for the raw paper fit without any check")
+
 def estimate_ems(model, x0, sigma_min, sigma_max, *, model_kind="eps", N=DEFAULT_N, K=None,
                  reduction="per_channel", jvp="auto", fd_step=1e-3, n_probes=1, smooth=DEFAULT_SMOOTH, crn=True,
                  batch_size=DEFAULT_BATCH_SIZE, seed=0, extra_args=None, progress=None, should_stop=None,
@@ -451,8 +492,12 @@ def estimate_ems(model, x0, sigma_min, sigma_max, *, model_kind="eps", N=DEFAULT
       tune: choose the fit of s, b (window, l' smoothing, grid) and per NFE the corrector or a DPM-Solver++ solver
         by measured error on the model's own reference trajectories (``stats.tuning``; default).  The returned EMS
         carry the decisions (``sample_dpm_solver_v3`` applies them) and metadata ``tuning``; the tuning costs at
-        most the estimation's model rows and is skipped (logged) where those are too few.  False: the fit given
-        by ``smooth``, ``sb_window``, ``s_ridge`` (the paper's per-node fit with the defaults).
+        most the estimation's model rows.  Where those are too few to tune, the v3-vs-DPM-Solver++(2M) check
+        (``check_v3_against_dpmpp_2m``, at most 16 samples and the same rows) runs instead, logged, and its
+        decisions are stored; where even the check does not fit, ValueError naming the minimum N at that K (before
+        any model call): unchecked EMS from a small estimate made v3 ~1,700x worse than DPM-Solver++ on the
+        embedded flow model (N 20, K 8).  False: the fit given by ``smooth``, ``sb_window``, ``s_ridge`` (the
+        paper's per-node fit with the defaults), unchecked: the explicit opt-out.
       tune_nfes: the NFEs the tuning judges (5, 6, 8, 10, 15, 20).
       return_state: return (EMS, EstimationState) without tuning: the fit given by ``smooth``, ``sb_window``,
         ``s_ridge`` and the finished moments, for a caller that runs ``stats.tuning.tune`` itself (``stats.job``:
@@ -517,6 +562,13 @@ def estimate_ems(model, x0, sigma_min, sigma_max, *, model_kind="eps", N=DEFAULT
                        "%s)", groups, reduction, groups * moment_bytes / 1e9, fitting,
                        "coarser" if fitting > 1 else "off")
         groups = fitting
+    guided = len(tuning.pack_solvers(metadata)) == 1
+    per_row = _rows_per_sample(jvp, n_probes, samples, substeps)
+    if tune and not return_state:
+        forecast = (N + 1) * K * per_row + 10
+        if not tuning.tuning_plan(forecast, tuple(tune_nfes), guided=guided)[0] and \
+                not _check_samples(forecast, K, tune_nfes):
+            raise ValueError(_budget_message(N, K, forecast, per_row, tune_nfes, guided))
     settings = {"N": N, "K": K, "reduction": reduction, "sigma_min": float(sigma_min), "sigma_max": float(sigma_max),
                 "model_kind": model_kind, "n_probes": n_probes, "crn": bool(crn), "seed": int(seed),
                 "error_groups": groups, "latent_shape": latent_shape, "x0": _x0_digest(x0), "samples": samples,
@@ -637,11 +689,17 @@ def estimate_ems(model, x0, sigma_min, sigma_max, *, model_kind="eps", N=DEFAULT
     state.seconds += time.perf_counter() - started
 
     rows = state.forward_rows + state.jvp_rows
-    samples_per_set = tuning.tune_samples(rows, tune_nfes) if tune and not return_state else 0
-    if tune and not return_state and not samples_per_set:
-        logger.warning("DPM-Solver-v3 EMS: the estimation's %d model rows are too few to tune the fit (%d needed); "
-                       "returning the fit given by smooth, sb_window and s_ridge", rows,
-                       tuning.tuning_rows(tuning.MIN_SAMPLES, tune_nfes))
+    samples_per_set, fits, check_samples = 0, (), 0
+    if tune and not return_state:
+        samples_per_set, fits = tuning.tuning_plan(rows, tuple(tune_nfes), guided=guided)
+        if not samples_per_set:
+            check_samples = _check_samples(rows, K, tune_nfes)
+            if not check_samples:  # the forecast before the estimation should have caught this
+                raise ValueError(_budget_message(N, K, rows, per_row, tune_nfes, guided))
+            logger.warning("DPM-Solver-v3 EMS: the estimation's %d model rows are too few to tune the fit (%d needed: "
+                           "N >= %d at K = %d); running the v3-vs-DPM-Solver++(2M) check instead", rows,
+                           _tuning_minimum(tune_nfes, guided)[0], _minimum_N(_tuning_minimum(tune_nfes, guided)[0],
+                                                                                  K, per_row), K)
     (l, s, b), errors = _finish(state, lambdas, stat_shape, smooth, sb_window, s_ridge)
     estimator = "forward_ad" if state.backend == "forward" else f"{state.backend}(h={fd_step:g})"
     info = {"model_kind": model_kind, "reduction": reduction, "latent_shape": "x".join(map(str, latent_shape)),
@@ -656,10 +714,16 @@ def estimate_ems(model, x0, sigma_min, sigma_max, *, model_kind="eps", N=DEFAULT
     info.update({str(k): str(v) for k, v in (metadata or {}).items()})
     if samples_per_set:
         ems, _ = tuning.tune(model, state, lambdas, stat_shape, sigma_min, sigma_max, model_kind=model_kind,
-                             samples=samples_per_set, seed=seed, nfes=tuple(tune_nfes), extra_args=extra_args,
+                             samples=samples_per_set, seed=seed, nfes=tuple(tune_nfes), fits=fits,
+                             extra_args=extra_args,
                              dtype=dtype, device=device, metadata=info)
         return ems
     ems = EMS(lambdas, l, s, b, metadata=info, standard_errors=errors)
+    if check_samples:
+        steps = CHECK_STEPS_FACTOR * max(tune_nfes)
+        return check_v3_against_dpmpp_2m(model, ems, latent_shape, sigma_min, sigma_max, seed=seed, steps=steps,
+                                          samples=check_samples, nfes=tuple(tune_nfes), model_kind=model_kind,
+                                          extra_args=extra_args, batch_size=batch_size, dtype=dtype, device=device)
     return (ems, state) if return_state else ems
 
 

@@ -14,18 +14,20 @@ network's roughness in s, b but blurs the real structure of a smooth model, wher
    at every NFE, and the pack's own solvers v3 may fall back to (``pack_solvers``: DPM-Solver++(2M) and (3M), only
    2M for a guided model; their defaults, as v3's fallback runs them);
 3. the fit: the one with the smallest mean over NFEs of log(best policy's error / best of those solvers' error);
-   per NFE the decision: the pack's solver is 2M unless the model is unguided (``pack_solvers``) and 3M is clearly
-   better (``clearly_better``: by more than one standard error of the paired mean log error ratio), and v3 with the
-   better policy runs where it is clearly better than that solver;
+   then (``ORDER3``, where the whole family ran on an unguided model) the chosen fit's order-3 predictor with both policies on the same
+   samples.  Per NFE the decision: the better policy of order 2, or of order 3 where that is clearly better
+   (``clearly_better``: by more than one standard error of the paired mean log error ratio); the pack's solver is
+   2M unless the model is unguided (``pack_solvers``) and 3M is clearly better; v3 runs where it is clearly better
+   than that solver;
 4. on the other S ("report") samples: the decided runs and both pack solvers; the stored ``ratio`` of each decision
    is decided error / the better of 2M and 3M there (< 1: v3 wins), so the numbers in the file are held out.  A v3
    decision the report set contradicts (v3's mean error not below the solver's) goes to that solver: the set can
    only veto v3, never choose it.
 
-Cost in model rows (one sample through the model): S x (steps + (|FITS| x |POLICIES| + 2, or + 1 guided) x
-sum(nfes)) for the selection and S x (steps + 3 x sum(nfes)) for the report; ``tuning_plan`` picks the largest S (at most
-``MAX_SAMPLES``) whose cost does not exceed the estimation's own rows (a JVP row counted as one), and where even
-S = 2 does not fit, the two ends of the fit family (``FAMILY_ENDS``: per node, and the +-0.5 window) before giving
+Cost in model rows (one sample through the model): S x (steps + (|FITS| x |POLICIES| + |POLICIES| (order 3) + 2, or
++ 1 and no order 3 guided) x sum(nfes)) for the selection and S x (steps + 3 x sum(nfes)) for the report; ``tuning_plan`` picks the
+largest S (at most ``MAX_SAMPLES``) whose cost does not exceed the estimation's own rows (a JVP row counted as one),
+and where even S = 2 does not fit, the two ends of the fit family (``FAMILY_ENDS``: per node, and the +-0.5 window) before giving
 up.  With ``batch_rows`` (a model whose rows are independent of each other, e.g. ComfyUI's), the runs of each stage
 go through the model together (``Lockstep``): the rows are the same, the model calls far fewer and larger.
 """
@@ -64,20 +66,32 @@ class Fit:
 FITS = (
     Fit("node", 0.0, 1, 0.01),
     Fit("node_half_grid", 0.0, 1, 0.01, stride=2),
-    Fit("window_0.25", 0.25, 5, 0.01),
     Fit("window_0.5", 0.5, 5, 0.01),
 )
+# (+-0.25 lambda, chosen only on the study's conv net, gave way to the order-3 runs at the same cost)
 POLICIES = (True, False)  # use_corrector
+# on an unguided model where the whole family runs, the chosen fit's predictor of order 3 (Algorithm 1 with n = 2
+# derivatives) with and without corrector is measured too: on the study's unguided eps mixtures it won at 15-20 NFE
+# (0.45-0.65x the pack where order 2 was 1.02-1.15x); on guided flow mixtures six selection samples chose it where
+# it lost (1.1-1.8x the pack at 8 NFE, cfg 7.5, where order 2 was 0.56x), so guided models keep order 2, as the
+# paper recommends for guided sampling
+ORDER3 = True
 # where the budget cannot pay for every fit: the two kinds that issue 12 found to win on different models (per node on
 # smooth models, the +-0.5 window on trained networks)
 FAMILY_ENDS = ("node", "window_0.5")
+
+
+def order3_runs(fits, policies=len(POLICIES), pack=len(PACK_SOLVERS)) -> int:
+    """Runs per NFE and selection sample of the order-3 pass: the chosen fit's policies, where the whole family
+    (``FITS``) runs on an unguided model (``pack``: the pack's solvers in the selection, one for a guided model)."""
+    return policies if ORDER3 and fits == len(FITS) and pack == len(PACK_SOLVERS) else 0
 
 
 def selection_rows(samples, nfes=TUNE_NFES, fits=len(FITS), policies=len(POLICIES), pack=len(PACK_SOLVERS)) -> int:
     """Rows of the references and the selection set; ``pack``: the pack's solvers run there (those v3 may fall back
     to, ``pack_solvers``: one for a guided model)."""
     steps = REFERENCE_FACTOR * max(nfes)
-    return samples * (steps + (fits * policies + pack) * sum(nfes))
+    return samples * (steps + (fits * policies + order3_runs(fits, policies, pack) + pack) * sum(nfes))
 
 
 def tuning_rows(samples, nfes=TUNE_NFES, fits=len(FITS), policies=len(POLICIES), pack=len(PACK_SOLVERS)) -> int:
@@ -94,6 +108,8 @@ def tuning_calls(samples, nfes=TUNE_NFES, fits=len(FITS), policies=len(POLICIES)
     the report set's v3 run is counted at every NFE."""
     steps = REFERENCE_FACTOR * max(nfes)
     stages = ({nfe: pack + fits * policies for nfe in nfes}, {nfe: len(PACK_SOLVERS) + 1 for nfe in nfes})
+    if order3_runs(fits, policies, pack):
+        stages += ({nfe: order3_runs(fits, policies, pack) for nfe in nfes},)
     if batch_rows is None:
         return 2 * steps + sum(nfe * runs for stage in stages for nfe, runs in stage.items())
     calls = steps * -(-2 * samples // batch_rows)
@@ -307,7 +323,7 @@ class _Runner:
         """Per-sample errors of each run (rows, nfe, solver, ems, use_corrector); inf for a diverging run."""
         return self.stage([lambda model, run=run: self._errors(model, *run) for run in runs])
 
-    def _errors(self, model, rows, nfe, solver, ems=None, use_corrector=True):
+    def _errors(self, model, rows, nfe, solver, ems=None, use_corrector=True, order=2):
         from ..samplers.common import NonFiniteError
         from ..samplers.v3 import sample_dpm_solver_v3
 
@@ -316,7 +332,7 @@ class _Runner:
         x = self.noise[rows] * sigmas[0]
         try:
             if solver == "v3":
-                out = sample_dpm_solver_v3(model, x, sigmas, self.extra_args, disable=True, ems=ems,
+                out = sample_dpm_solver_v3(model, x, sigmas, self.extra_args, disable=True, ems=ems, order=order,
                                            use_corrector=use_corrector, model_kind=self.model_kind, fallback=False)
             else:
                 out = pack_solver(solver)(model, x, sigmas, self.extra_args, disable=True,
@@ -392,6 +408,7 @@ def tune(model, state, lambdas, stat_shape, sigma_min, sigma_max, *, model_kind=
     ``references``: the output of ``reference_jobs`` on ``tuning_noise(latent shape, samples, seed)`` where it has
     been run already (alongside the estimation); their rows count in ``rows``, their calls do not.
     """
+    order3 = order3_runs(len(fits), len(policies), len(pack_solvers(metadata)))
     fits = [f for f in fits if (lambdas.shape[0] - 1) % f.stride == 0]
     noise = tuning_noise(stat_shape_latent(state), samples, seed, dtype, device)
     counter = [0, 0]
@@ -434,21 +451,31 @@ def tune(model, state, lambdas, stat_shape, sigma_min, sigma_max, *, model_kind=
 
     chosen = min(candidates, key=score)
     ems = candidates[chosen]
+    third = {}  # (corrector, nfe) -> per-sample selection errors of the chosen fit's order-3 predictor
+    if order3:
+        runs = [(select, nfe, "v3", ems, corrector, 3) for corrector in policies for nfe in nfes]
+        third = dict(zip([(r[4], r[1]) for r in runs], runner.errors(runs)))
     plans = {}
     for nfe in nfes:
-        corrector = min(policies, key=lambda c: _mean(table[(chosen, c, nfe)]))
+        corrector, order = min(policies, key=lambda c: _mean(table[(chosen, c, nfe)])), 2
+        best = table[(chosen, corrector, nfe)]
+        if third:
+            # order 3 replaces order 2 only where clearly better on the selection set (paired, one standard error)
+            corrector3 = min(policies, key=lambda c: _mean(third[(c, nfe)]))
+            if clearly_better(third[(corrector3, nfe)], best):
+                corrector, order, best = corrector3, 3, third[(corrector3, nfe)]
         # the pack's fallback is 2M unless 3M is clearly better; v3 runs only where it is clearly better than that
         best_pack = "dpmpp_3m" if "dpmpp_3m" in allowed and clearly_better(pack[nfe]["dpmpp_3m"],
                                                                              pack[nfe]["dpmpp_2m"]) else "dpmpp_2m"
-        plans[nfe] = (corrector, best_pack, clearly_better(table[(chosen, corrector, nfe)], pack[nfe][best_pack]))
+        plans[nfe] = (corrector, order, best_pack, clearly_better(best, pack[nfe][best_pack]))
     runs = [(held_out, nfe, p, None, True) for nfe in nfes for p in PACK_SOLVERS]
-    runs += [(held_out, nfe, "v3", ems, plans[nfe][0]) for nfe in nfes if plans[nfe][2]]
+    runs += [(held_out, nfe, "v3", ems, plans[nfe][0], plans[nfe][1]) for nfe in nfes if plans[nfe][3]]
     measured = iter(runner.errors(runs))
     held_pack = {nfe: {p: _mean(next(measured)) for p in PACK_SOLVERS} for nfe in nfes}
-    held_v3s = {nfe: _mean(next(measured)) for nfe in nfes if plans[nfe][2]}
+    held_v3s = {nfe: _mean(next(measured)) for nfe in nfes if plans[nfe][3]}
     decisions, per_nfe = [], {}
     for nfe in nfes:
-        corrector, best_pack, v3_wins = plans[nfe]
+        corrector, order, best_pack, v3_wins = plans[nfe]
         held = held_pack[nfe]
         held_v3 = held_v3s.get(nfe)
         # confirmation: v3 is never stored where the held-out set sees it lose to that solver (six heavy-tailed
@@ -459,17 +486,20 @@ def tune(model, state, lambdas, stat_shape, sigma_min, sigma_max, *, model_kind=
         ratio = decided / min(held.values())
         if not math.isfinite(ratio):
             ratio = 1e6
-        decisions.append((nfe, solver, ratio, corrector))
-        per_nfe[nfe] = {"solver": solver, "corrector": corrector, "ratio": ratio, "held_out": held,
-                        "held_out_decided": decided, "held_out_v3": held_v3, "selection_pack": {p: _mean(e) for p, e in pack[nfe].items()},
-                        "selection": {f"{n}/{'corr' if c else 'nocorr'}": _mean(table[(n, c, nfe)])
-                                      for n in candidates for c in policies}}
+        decisions.append((nfe, solver, ratio, corrector, order))
+        selection = {f"{n}/{'corr' if c else 'nocorr'}": _mean(table[(n, c, nfe)]) for n in candidates for c in policies}
+        selection.update({f"{chosen}/order3/{'corr' if c else 'nocorr'}": _mean(third[(c, nfe)]) for c in policies
+                          if (c, nfe) in third})
+        per_nfe[nfe] = {"solver": solver, "corrector": corrector, "order": order, "ratio": ratio, "held_out": held,
+                        "held_out_decided": decided, "held_out_v3": held_v3,
+                        "selection_pack": {p: _mean(e) for p, e in pack[nfe].items()}, "selection": selection}
     report = {"fit": chosen, "samples": samples, "reference_steps": steps, "rows": counter[0], "calls": counter[1],
               "scores": {n: score(n) for n in candidates}, "nfes": per_nfe}
     summary = {"fit": chosen, "samples_per_set": samples, "reference_steps": steps, "rows": counter[0],
                "calls": counter[1], "scores": {n: round(v, 3) for n, v in report["scores"].items()}}
     logger.info("DPM-Solver-v3 EMS tuning: fit %s; %s", chosen, ", ".join(
-        f"{d[0]}: {d[1]}{'' if d[1] != 'v3' else (' corrector' if d[3] else ' no corrector')} {d[2]:.2f}"
+        f"{d[0]}: {d[1]}{'' if d[1] != 'v3' else (' corrector' if d[3] else ' no corrector')}"
+        f"{' order 3' if d[1] == 'v3' and d[4] == 3 else ''} {d[2]:.2f}"
         for d in decisions))
     ems = ems.replace(metadata={"tuning": json.dumps(summary, separators=(",", ":"))}, decisions=decisions)
     return ems, report
@@ -480,6 +510,6 @@ def stat_shape_latent(state):
     return tuple(state.settings["latent_shape"])
 
 
-__all__ = ["tune", "Fit", "FITS", "POLICIES", "TUNE_NFES", "tuning_rows", "tune_samples", "tuning_plan", "tuning_calls", "fit_ems",
+__all__ = ["tune", "Fit", "FITS", "POLICIES", "ORDER3", "order3_runs", "TUNE_NFES", "tuning_rows", "tune_samples", "tuning_plan", "tuning_calls", "fit_ems",
            "fit_statistics", "sampling_sigmas", "PACK_SOLVERS", "FAMILY_ENDS", "Lockstep", "LockstepAborted",
            "tuning_noise", "reference_jobs"]
