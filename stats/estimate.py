@@ -495,8 +495,8 @@ def estimate_ems(model, x0, sigma_min, sigma_max, *, model_kind="eps", N=DEFAULT
         most the estimation's model rows.  Where those are too few to tune, the v3-vs-DPM-Solver++(2M) check
         (``check_v3_against_dpmpp_2m``, at most 16 samples and the same rows) runs instead, logged, and its
         decisions are stored; where even the check does not fit, ValueError naming the minimum N at that K (before
-        any model call): unchecked EMS from a small estimate made v3 ~1,700x worse than DPM-Solver++ on the
-        embedded flow model (N 20, K 8).  False: the fit given by ``smooth``, ``sb_window``, ``s_ridge`` (the
+        any model call): unchecked EMS from a small estimate ran v3 at up to 1.5x DPM-Solver++(2M)'s error on
+        the embedded models (bench/results_unchecked_ems.md).  False: the fit given by ``smooth``, ``sb_window``, ``s_ridge`` (the
         paper's per-node fit with the defaults), unchecked: the explicit opt-out.
       tune_nfes: the NFEs the tuning judges (5, 6, 8, 10, 15, 20).
       return_state: return (EMS, EstimationState) without tuning: the fit given by ``smooth``, ``sb_window``,
