@@ -349,13 +349,63 @@ def dumps(data):
     return f'{{"steps": {json.dumps(data["steps"])}, "rows": [\n{rows}\n]{extra}}}\n'
 
 
+def free_schedule_bound(n, maxfev=6000):
+    """How far any n-step flow schedule can go for our 2M on the selection mixtures: the n - 1 lambdas after sigma = 1
+    (lambda_1, then log step sizes) optimised by Powell's method for the worst ratio to k-diffusion's 2M on shift 3
+    over the selection mixtures, from ``recommended_sigmas``; prints the schedule and its ratios on both mixture
+    sets and on the embedded model (selection noise).  Minutes per n at one thread; not part of the tables."""
+    import numpy as np
+    from scipy.optimize import minimize
+
+    from ..samplers import sample_dpmpp_2m
+    from ..samplers.sigmas import recommended_sigmas, shifted, with_zero
+    from ..peers import load_kdiffusion
+
+    torch.set_num_threads(1)
+    kd = load_kdiffusion()
+    problems = list(mixture_problems("flow", SELECTION, "mixtures (selection)"))
+    problems += list(mixture_problems("flow", HELD_OUT, "mixtures (held-out)"))
+    problems.append(embedded_problem("flow", "embedded (selection)", EMBEDDED_NOISE_SEEDS["selection"]))
+    for p in problems:
+        p.peer = p.error(lambda m, x, s, **kw: kd.sample_dpmpp_2m(m, x, s, **kw), shifted(n, 3.0))
+
+    def ours(p, sigmas):
+        return p.error(lambda m, x, s, **kw: sample_dpmpp_2m(m, x, s, model_kind="flow", **kw), sigmas) / p.peer
+
+    def sigmas_of(v):
+        lam = np.concatenate([v[:1], v[0] + np.cumsum(np.exp(v[1:]))])
+        return with_zero(torch.cat([torch.ones(1, dtype=torch.float64),
+                                    torch.sigmoid(-torch.tensor(lam, dtype=torch.float64))]))
+
+    def worst(v):
+        try:
+            return max(ours(p, sigmas_of(v)) for p in problems if p.group == "mixtures (selection)")
+        except ValueError:  # sigmas no longer strictly decreasing in float64
+            return math.inf
+
+    lam = (-torch.logit(recommended_sigmas(n, FLOW_SIGMA_MIN, 1.0, "flow")[1:-1])).numpy()
+    start = np.concatenate([lam[:1], np.log(np.diff(lam))])
+    result = minimize(worst, start, method="Powell", options=dict(maxfev=maxfev, xtol=1e-3, ftol=1e-4))
+    sigmas = sigmas_of(result.x)
+    print(f"{n} steps, lambdas:", " ".join(f"{v:.2f}" for v in (-torch.logit(sigmas[1:-1])).tolist()))
+    for group in GROUPS[:3]:
+        for label, build in (("recommended", lambda: recommended_sigmas(n, FLOW_SIGMA_MIN, 1.0, "flow")),
+                             ("optimised", lambda: sigmas)):
+            values = [ours(p, build()) for p in problems if p.group == group]
+            print(f"  {group}, {label}: worst {max(values):.2f}, median {_median(values):.2f}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--candidates", action="store_true")
     parser.add_argument("--kind", choices=("flow", "eps"), help="only this model kind (default: both)")
     parser.add_argument("--out", default=str(HERE / "results" / "schedules.json"))
+    parser.add_argument("--bound", type=int, metavar="N", help="only free_schedule_bound(N) (prints)")
     args = parser.parse_args(argv)
+    if args.bound:
+        free_schedule_bound(args.bound)
+        return
     data = run(args.quick, args.candidates, (args.kind,) if args.kind else ("flow", "eps"))
     if args.candidates and args.kind != "eps":
         data["contributions"] = error_contributions()
