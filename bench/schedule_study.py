@@ -248,19 +248,21 @@ def error_contributions(configurations=CONTRIBUTION_MODELS, n=CONTRIBUTION_STEPS
                         d["denoised"].copy_(model(states[d["i"]], sigmas[d["i"]] * x.new_ones(len(x))))
                 return sampler(model, x.clone(), sigmas, reset)
 
-            outs = [run(k) for k in range(1, n + 1)]  # run(0) is the plain run: reset nothing
-            total = sampler(model, x.clone(), sigmas, None) - reference
+            # run(k) resets the states 0 .. k - 1 (run(1) is the plain run: state 0 is the start), so
+            # run(k) - run(k + 1) is step k - 1's error (from lam[k - 1]); run(n) - reference the step into sigma = 0
+            outs = {k: run(k) for k in range(1, n + 1)}
+            total = outs[1] - reference
             lam = (-torch.logit(sigmas[:-1])).tolist()
-            # step k - 1 (from lam[k - 1]) for k = 1 .. n - 1, then the step into sigma = 0 (from lam[n - 1])
-            steps = [(lam[0], (total + reference) - outs[0])]
-            steps += [(lam[k - 1], outs[k - 1] - outs[k]) for k in range(2, n)]
-            final = outs[n - 1] - reference
+            steps = [(lam[k - 1], outs[k] - outs[k + 1]) for k in range(1, n)]
+            final = outs[n] - reference
             bands = {}
             for start, c in steps:
                 label = band_label(start)
                 bands[label] = bands.get(label, 0) + c
             bands["into sigma = 0"] = final
             norm = float(total.pow(2).sum())
+            # the contributions telescope to the total error
+            assert abs(sum(float((c * total).sum()) for c in bands.values()) / norm - 1) < 1e-6
             rows.append(dict(model=f"mixture seed {seed} d {dim} k {components}", run=name,
                              total=float(total.pow(2).mean(1).sqrt().median()),
                              bands={b: [float(c.pow(2).mean(1).sqrt().median()), float((c * total).sum()) / norm]
@@ -402,9 +404,10 @@ def main(argv=None):
     parser.add_argument("--kind", choices=("flow", "eps"), help="only this model kind (default: both)")
     parser.add_argument("--out", default=str(HERE / "results" / "schedules.json"))
     parser.add_argument("--bound", type=int, metavar="N", help="only free_schedule_bound(N) (prints)")
+    parser.add_argument("--bound-evals", type=int, default=6000, help="Powell's evaluation budget for --bound")
     args = parser.parse_args(argv)
     if args.bound:
-        free_schedule_bound(args.bound)
+        free_schedule_bound(args.bound, args.bound_evals)
         return
     data = run(args.quick, args.candidates, (args.kind,) if args.kind else ("flow", "eps"))
     if args.candidates and args.kind != "eps":
