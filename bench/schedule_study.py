@@ -16,7 +16,8 @@ The ratio tables give, per model, our 2M on ``recommended_sigmas`` against k-dif
 shift-3 schedule (flow) and against our 2M on Karras' rho = 7 (eps, where our 2M is k-diffusion's), as the worst
 and the median over each set.  ``--candidates`` adds the flow variants the recommendation was chosen among (the
 rule before this one, and the recommended rule with one of its parts changed) and the eps Karras rho values.
-``--kind`` runs one model kind.
+``--kind`` runs one model kind.  ``--candidates`` also measures where the 2M's error comes from, per band of lambda
+(``error_contributions``) on the three selection mixtures worst at 20 steps.
 """
 from __future__ import annotations
 
@@ -205,6 +206,94 @@ def _median(values):
     return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
 
 
+CONTRIBUTION_MODELS = ((2, 8, 5), (10, 4, 3), (13, 64, 20))  # the selection mixtures worst at 20 steps / in order
+CONTRIBUTION_STEPS = 20
+BANDS = (-2.0, -1.0, 0.0, 1.0, 2.0, 3.0)  # lambda band edges of a step's start
+
+
+def error_contributions(configurations=CONTRIBUTION_MODELS, n=CONTRIBUTION_STEPS):
+    """Where the 2M's error comes from, per band of lambda: step k's local error carried to the end is
+    c_k = out(states before k reset to the exact ODE solution) - out(states up to k reset), where a reset sets x and
+    the denoised output (the multistep history) at a step to their exact-trajectory values (DOP853).  The c_k sum to
+    the final error; per band, the median over samples of the per-sample RMS of the band's summed c_k, and its share
+    (projection on the total error, summed over samples; shares add up to 1, opposite signs cancel)."""
+    from ..analytic.gaussian_mixture import GaussianMixture, reference_solution, sample_noise
+    from ..samplers import sample_dpmpp_2m
+    from ..samplers.sigmas import recommended_sigmas, shifted
+    from ..peers import load_kdiffusion
+
+    kd = load_kdiffusion()
+    runs = {"recommended, ours 2M": (lambda: recommended_sigmas(n, FLOW_SIGMA_MIN, 1.0, "flow"),
+                                     lambda m, x, s, cb: sample_dpmpp_2m(m, x, s, disable=True, callback=cb,
+                                                                         model_kind="flow")),
+            "shift3 (hosts), k-diffusion 2M": (lambda: shifted(n, 3.0),
+                                               lambda m, x, s, cb: kd.sample_dpmpp_2m(m, x, s, disable=True,
+                                                                                      callback=cb))}
+    rows = []
+    for seed, dim, components in configurations:
+        model = GaussianMixture.random(dim=dim, components=components, seed=seed).denoiser("flow")
+        x = sample_noise(SAMPLES, (dim,), seed=100 + seed)
+        reference = reference_solution(model, x, 1.0, 0.0, "flow")
+        for name, (build, sampler) in runs.items():
+            sigmas = build()
+            states, prev = [x], 1.0
+            for s in sigmas[1:-1].tolist():
+                states.append(reference_solution(model, states[-1], prev, s, "flow"))
+                prev = s
+
+            def run(k):
+                def reset(d):
+                    if d["i"] < k:
+                        d["x"].copy_(states[d["i"]])
+                        d["denoised"].copy_(model(states[d["i"]], sigmas[d["i"]] * x.new_ones(len(x))))
+                return sampler(model, x.clone(), sigmas, reset)
+
+            # run(k) resets the states 0 .. k - 1 (run(1) is the plain run: state 0 is the start), so
+            # run(k) - run(k + 1) is step k - 1's error (from lam[k - 1]); run(n) - reference the step into sigma = 0
+            outs = {k: run(k) for k in range(1, n + 1)}
+            total = outs[1] - reference
+            lam = (-torch.logit(sigmas[:-1])).tolist()
+            steps = [(lam[k - 1], outs[k] - outs[k + 1]) for k in range(1, n)]
+            final = outs[n] - reference
+            bands = {}
+            for start, c in steps:
+                label = band_label(start)
+                bands[label] = bands.get(label, 0) + c
+            bands["into sigma = 0"] = final
+            norm = float(total.pow(2).sum())
+            # the contributions telescope to the total error
+            assert abs(sum(float((c * total).sum()) for c in bands.values()) / norm - 1) < 1e-6
+            rows.append(dict(model=f"mixture seed {seed} d {dim} k {components}", run=name,
+                             total=float(total.pow(2).mean(1).sqrt().median()),
+                             bands={b: [float(c.pow(2).mean(1).sqrt().median()), float((c * total).sum()) / norm]
+                                    for b, c in bands.items()}))
+    return rows
+
+
+def band_label(start):
+    if start < BANDS[0]:
+        return f"< {BANDS[0]:g}"
+    for lo, hi in zip(BANDS, BANDS[1:]):
+        if start < hi:
+            return f"{lo:g} to {hi:g}"
+    return f">= {BANDS[-1]:g}"
+
+
+def contributions_markdown(rows):
+    labels = [band_label(b - 0.5) for b in BANDS] + [band_label(BANDS[-1]), "into sigma = 0"]
+    lines = ["## flow: where the 2M's error comes from", "",
+             f"`error_contributions`: {CONTRIBUTION_STEPS} steps; step k's local error carried to the end (the "
+             "run with the states before k reset to the exact solution minus the run with those up to k reset), "
+             "summed per band of the step's starting lambda: median per-sample RMS, then its share of the total "
+             "error (opposite signs cancel; the shares add up to 1).  Total: the run's error (median per-sample RMS).",
+             "", "| model | run | total | " + " | ".join(f"lambda {b}" if b != "into sigma = 0" else b for b in labels) + " |",
+             "|---|---|---|" + "---|" * len(labels)]
+    for r in rows:
+        cells = [f"{r['bands'][b][0]:.1e} ({r['bands'][b][1]:+.2f})" if b in r["bands"] else "-" for b in labels]
+        lines.append(f"| {r['model']} | {r['run']} | {r['total']:.2e} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def markdown(data):
     steps = data["steps"]
     ratio_steps = [n for n in RATIO_STEPS if n in steps]
@@ -249,13 +338,63 @@ def markdown(data):
             lines.append(f"| {group} | {schedule} | {solver} | " + " | ".join(f"{e:.2e}" for e in mean) +
                          f" | {measured_order(mean, steps):.2f} |")
         lines.append("")
+        if kind == "flow" and data.get("contributions"):
+            lines += contributions_markdown(data["contributions"])
     return "\n".join(lines)
 
 
 def dumps(data):
     """JSON with one row per line (diffable, a third of indent=1's size)."""
     rows = ",\n".join(json.dumps(row) for row in data["rows"])
-    return f'{{"steps": {json.dumps(data["steps"])}, "rows": [\n{rows}\n]}}\n'
+    extra = "".join(f', "{k}": [\n' + ",\n".join(json.dumps(r) for r in v) + "\n]"
+                    for k, v in data.items() if k not in ("steps", "rows"))
+    return f'{{"steps": {json.dumps(data["steps"])}, "rows": [\n{rows}\n]{extra}}}\n'
+
+
+def free_schedule_bound(n, maxfev=6000):
+    """How far any n-step flow schedule can go for our 2M on the selection mixtures: the n - 1 lambdas after sigma = 1
+    (lambda_1, then log step sizes) optimised by Powell's method for the worst ratio to k-diffusion's 2M on shift 3
+    over the selection mixtures, from ``recommended_sigmas``; prints the schedule and its ratios on both mixture
+    sets and on the embedded model (selection noise).  Minutes per n at one thread; not part of the tables."""
+    import numpy as np
+    from scipy.optimize import minimize
+
+    from ..samplers import sample_dpmpp_2m
+    from ..samplers.sigmas import recommended_sigmas, shifted, with_zero
+    from ..peers import load_kdiffusion
+
+    torch.set_num_threads(1)
+    kd = load_kdiffusion()
+    problems = list(mixture_problems("flow", SELECTION, "mixtures (selection)"))
+    problems += list(mixture_problems("flow", HELD_OUT, "mixtures (held-out)"))
+    problems.append(embedded_problem("flow", "embedded (selection)", EMBEDDED_NOISE_SEEDS["selection"]))
+    for p in problems:
+        p.peer = p.error(lambda m, x, s, **kw: kd.sample_dpmpp_2m(m, x, s, **kw), shifted(n, 3.0))
+
+    def ours(p, sigmas):
+        return p.error(lambda m, x, s, **kw: sample_dpmpp_2m(m, x, s, model_kind="flow", **kw), sigmas) / p.peer
+
+    def sigmas_of(v):
+        lam = np.concatenate([v[:1], v[0] + np.cumsum(np.exp(v[1:]))])
+        return with_zero(torch.cat([torch.ones(1, dtype=torch.float64),
+                                    torch.sigmoid(-torch.tensor(lam, dtype=torch.float64))]))
+
+    def worst(v):
+        try:
+            return max(ours(p, sigmas_of(v)) for p in problems if p.group == "mixtures (selection)")
+        except ValueError:  # sigmas no longer strictly decreasing in float64
+            return math.inf
+
+    lam = (-torch.logit(recommended_sigmas(n, FLOW_SIGMA_MIN, 1.0, "flow")[1:-1])).numpy()
+    start = np.concatenate([lam[:1], np.log(np.diff(lam))])
+    result = minimize(worst, start, method="Powell", options=dict(maxfev=maxfev, xtol=1e-3, ftol=1e-4))
+    sigmas = sigmas_of(result.x)
+    print(f"{n} steps, lambdas:", " ".join(f"{v:.2f}" for v in (-torch.logit(sigmas[1:-1])).tolist()))
+    for group in GROUPS[:3]:
+        for label, build in (("recommended", lambda: recommended_sigmas(n, FLOW_SIGMA_MIN, 1.0, "flow")),
+                             ("optimised", lambda: sigmas)):
+            values = [ours(p, build()) for p in problems if p.group == group]
+            print(f"  {group}, {label}: worst {max(values):.2f}, median {_median(values):.2f}")
 
 
 def main(argv=None):
@@ -264,8 +403,15 @@ def main(argv=None):
     parser.add_argument("--candidates", action="store_true")
     parser.add_argument("--kind", choices=("flow", "eps"), help="only this model kind (default: both)")
     parser.add_argument("--out", default=str(HERE / "results" / "schedules.json"))
+    parser.add_argument("--bound", type=int, metavar="N", help="only free_schedule_bound(N) (prints)")
+    parser.add_argument("--bound-evals", type=int, default=6000, help="Powell's evaluation budget for --bound")
     args = parser.parse_args(argv)
+    if args.bound:
+        free_schedule_bound(args.bound, args.bound_evals)
+        return
     data = run(args.quick, args.candidates, (args.kind,) if args.kind else ("flow", "eps"))
+    if args.candidates and args.kind != "eps":
+        data["contributions"] = error_contributions()
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(dumps(data))

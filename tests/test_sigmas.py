@@ -363,7 +363,8 @@ def test_flow_mixtures_recommended_against_the_hosts_default(seed, dim, componen
 
 @pytest.mark.xfail(strict=True, reason="measured 0.50x at 15 and 0.61x at 20 steps on this mixture: k-diffusion's "
                    "error on the shift-3 schedule falls 7x from 10 to 20 steps there, then 1.4x to 40 (its steps "
-                   "crowd where this mixture's modes separate), see README, Schedules")
+                   "crowd where this mixture's modes separate); the schedule families tried trade this ratio "
+                   "against the 20 -> 40-step order asserted above, see README, Schedules")
 def test_flow_mixture_issue_target_at_15_and_20_steps():
     """The issue's <= 0.5x k-diffusion-on-shift-3 at 15 and 20 steps, on the held-out mixture where it fails most
     (seed 22, d = 4, 2 components)."""
