@@ -21,7 +21,7 @@ from .schedule import check_model_kind
 logger = logging.getLogger("dpm_solver_nodes")
 
 STAT_NAMES = ("l", "s", "b")
-DECISION_SOLVERS = ("v3", "dpmpp_2m", "dpmpp_3m")
+DECISION_SOLVERS = ("v3", "dpmpp_2m", "dpmpp_3m", "unipc")
 # Bounds on statistics.  |l|, |s| of real EMS are O(1) (the sampler clamps beyond 10; an ill-conditioned per-node
 # fit has given s ~ -800); b carries the data scale (b = E f' - s E f, Eq. 11).  Beyond these a file is corrupt, not
 # unusual: b = 1e30 would put 1e35 into the samples.
@@ -40,8 +40,8 @@ def reduction_of(stat_shape) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class NFEDecision:
-    """What the EMS check measured at ``nfe`` model calls: the ``solver`` to run there ("v3", "dpmpp_2m" or
-    "dpmpp_3m"), ``ratio`` = that choice's error / the compared solver's error on the model's own reference
+    """What the EMS check measured at ``nfe`` model calls: the ``solver`` to run there ("v3", "dpmpp_2m",
+    "dpmpp_3m" or "unipc": UniPC bh2, ``samplers.unipc``), ``ratio`` = that choice's error / the compared solver's error on the model's own reference
     trajectories (the EMS job's tuning: the best of DPM-Solver++(2M) and (3M), on samples the choice was not made
     on; the plain check: DPM-Solver++(2M)), and for v3 whether the ``corrector`` runs and the predictor ``order``
     (2 or 3: the tuning measures order 3 for its chosen fit)."""
@@ -86,7 +86,7 @@ def validate_decisions(decisions) -> tuple:
     return tuple(sorted(out, key=lambda d: d.nfe))
 
 
-SOLVER_NAMES = {"v3": "v3", "dpmpp_2m": "DPM-Solver++(2M)", "dpmpp_3m": "DPM-Solver++(3M)"}
+SOLVER_NAMES = {"v3": "v3", "dpmpp_2m": "DPM-Solver++(2M)", "dpmpp_3m": "DPM-Solver++(3M)", "unipc": "UniPC"}
 
 
 def summarize_decisions(decisions) -> str:

@@ -195,7 +195,7 @@ def v3_outcome(ems, steps, options, description="none"):
             f"{decision.ratio:.2f}); this {steps}-step run uses {solver}")
 
 
-SOLVER_NAMES = {"v3": "DPM-Solver-v3", "dpmpp_2m": "DPM-Solver++(2M)", "dpmpp_3m": "DPM-Solver++(3M)"}
+SOLVER_NAMES = {"v3": "DPM-Solver-v3", "dpmpp_2m": "DPM-Solver++(2M)", "dpmpp_3m": "DPM-Solver++(3M)", "unipc": "UniPC"}
 _WARNED = set()
 
 
