@@ -275,3 +275,23 @@ def test_too_small_a_budget_runs_the_check_or_refuses():
             assert torch.equal(out, sample_dpm_solver_v3(model, x, sigmas, ems=ems, disable=True, fallback=False))
     raw = estimate_ems(model, x0, 0.002, 80.0, N=20, K=8, tune=False)
     assert not raw.decisions and "v3_check_samples" not in raw.metadata
+
+
+def test_the_pack_candidates_and_what_each_tuning_stored():
+    """The pack per model: 2M + UniPC (eps, and guided flow), 2M + 3M (unguided flow); a guided selection runs one
+    solver per NFE.  Every stored fallback of the test mixtures' tunings is a solver that tuning measured there, and
+    the hosts' one-line summary names UniPC."""
+    from dpm_solver_nodes.samplers.ems_data import summarize_decisions
+
+    assert tuning.pack_candidates({"cfg": "1.0"}, "eps") == ("dpmpp_2m", "unipc")
+    assert tuning.pack_candidates({"cfg": "1.0"}, "flow") == ("dpmpp_2m", "dpmpp_3m")
+    assert tuning.pack_candidates({"cfg": "7.5"}, "flow") == ("dpmpp_2m", "unipc")
+    assert [tuning.pack_solvers({"cfg": "7.5"}, "eps", n) for n in (8, 10)] == [("dpmpp_2m",), ("unipc",)]
+    assert [tuning.pack_solvers({"cfg": "5"}, "flow", n) for n in (10, 15)] == [("dpmpp_2m",), ("unipc",)]
+    for case in CASES:
+        _, ems, *_ = _setup(*case)
+        metadata = {"cfg": repr(case[4])}
+        for decision in ems.decisions:
+            if decision.solver != "v3":
+                assert decision.solver in tuning.pack_solvers(metadata, case[3], decision.nfe), (case, decision)
+    assert "UniPC at 10 steps" in summarize_decisions([(5, "v3", 0.5), (10, "unipc", 0.8)])
