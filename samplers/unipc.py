@@ -47,7 +47,8 @@ def _b_of_h(h, variant):
 
 
 def _unipc_weights(h, rks, variant):
-    """The a of Eq. 8 (Theorem 3.1): R a = g / B(h) with R[n][k] = r_k^n, g_n = n! psi_{n+1}(h) / h^n, n = 0..p-1.
+    """The a of Eq. 8 (Theorem 3.1): R a = g / B(h) with R[m-1][k] = r_k^(m-1) and g_m = m! psi_{m+1}(h) / h^m,
+    m = 1..p (p = len(rks)).
 
     ``rks``: the ratios r_k of the history outputs (k = 1..p-1), and for the corrector also r_p = 1 (the new output).
     UniP-2 and UniC-1 take 1/2 (the authors' and diffusers' simplification).
