@@ -6,7 +6,7 @@ For every model and guidance: x0 = 32 of the model's own samples (``generate_x0`
 ``estimate_ems(model, x0, sigma_min, sigma_max, model_kind=...)`` with no other argument (tuned: N = 100, K = 32,
 fit and per-NFE decisions by ``stats.tuning``), then on ``EVAL`` samples of noise that neither the estimation nor the
 tuning saw, ``sample_dpm_solver_v3(model, x, sigmas, ems=ems)`` with default options against the pack's own
-DPM-Solver++(2M) and (3M) (their defaults) and, for eps, diffusers' UniPC bh2, on the tuning's spacing (uniform in
+DPM-Solver++(2M), (3M) and UniPC bh2 (their defaults) and, for eps, diffusers' UniPC bh2, on the tuning's spacing (uniform in
 lambda for eps, uniform in sigma from 1 for flow) plus a final denoise.  Errors: mean per-sample RMS against
 the exact ODE solution (mixtures: DOP853, rtol 1e-12) or our DPM-Solver++(3M) Taylor form at 500 steps (embedded
 networks).  Models: six random Gaussian mixtures (seeds, dims, class counts drawn here; eps and flow), with
@@ -175,6 +175,7 @@ def unipc_bh2(model, x, sigmas):
 
 def run_case(case, K=32, nfes=NFES):
     from ..samplers.dpmpp import sample_dpmpp_2m, sample_dpmpp_3m
+    from ..samplers.unipc import sample_unipc
     from ..samplers.v3 import sample_dpm_solver_v3
     from ..stats.estimate import estimate_ems, generate_x0
     from ..stats.tuning import sampling_sigmas
@@ -204,11 +205,12 @@ def run_case(case, K=32, nfes=NFES):
             errors = {"v3": _error(sample_dpm_solver_v3(model, x, sigmas, ems=ems, model_kind=kind, disable=True),
                                    reference),
                       "dpmpp_2m": _error(sample_dpmpp_2m(model, x, sigmas, model_kind=kind, disable=True), reference),
-                      "dpmpp_3m": _error(sample_dpmpp_3m(model, x, sigmas, model_kind=kind, disable=True), reference)}
+                      "dpmpp_3m": _error(sample_dpmpp_3m(model, x, sigmas, model_kind=kind, disable=True), reference),
+                      "unipc": _error(sample_unipc(model, x, sigmas, model_kind=kind, disable=True), reference)}
             if kind == "eps":
                 errors["unipc_bh2"] = _error(unipc_bh2(model, x, sigmas), reference)
         decision = ems.decision_for(nfe)
-        pack = min(errors["dpmpp_2m"], errors["dpmpp_3m"])
+        pack = min(errors["dpmpp_2m"], errors["dpmpp_3m"], errors["unipc"])
         peers = min(v for k, v in errors.items() if k != "v3")
         rows[nfe] = {"errors": errors, "vs_pack": errors["v3"] / pack, "vs_peers": errors["v3"] / peers,
                      "solver": decision.solver if decision else "v3",
@@ -223,7 +225,7 @@ def run_case(case, K=32, nfes=NFES):
 
 def _decision_text(row):
     if row["solver"] != "v3":
-        return {"dpmpp_2m": "2M", "dpmpp_3m": "3M"}[row["solver"]]
+        return {"dpmpp_2m": "2M", "dpmpp_3m": "3M", "unipc": "UniPC"}[row["solver"]]
     return ("v3" if row["corrector"] else "v3-nc") + ("-o3" if row.get("order", 2) == 3 else "")
 
 
@@ -233,11 +235,12 @@ def markdown(results, k_sweep, seconds):
              f"(bench/ems_tuning_study.py; method in its docstring). torch {torch.__version__}, 1 thread, "
              f"{platform.machine()}, shared 2-core machine, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
              f"{seconds / 60:.1f} min in all.", "",
-             "Cells: default-path v3 error / the best of our DPM-Solver++(2M) and (3M) at that NFE on held-out noise "
-             "(< 1: v3 wins), then in brackets / the best of those and diffusers UniPC bh2 (eps only), then what the "
-             "EMS decided there (v3 with corrector, v3-nc without, -o3 with the order-3 predictor, 2M or 3M: v3 runs "
-             "that solver, so the ratio is "
-             "that solver's) and the ratio stored in the file (measured by the tuning on its own held-out set).", ""]
+             "Cells: default-path v3 error / the best of our DPM-Solver++(2M), (3M) and UniPC bh2 (samplers.unipc) at "
+             "that NFE on held-out noise (< 1: v3 wins), then in brackets / the best of those and diffusers UniPC bh2 "
+             "(eps only; it equals ours to float32 rounding), then what the EMS decided there (v3 with corrector, "
+             "v3-nc without, -o3 with the order-3 predictor, 2M, 3M or UniPC: v3 runs that solver, so the ratio is "
+             "that solver's) and the ratio stored in the file (measured by the tuning on its own held-out set: "
+             "decided / the better of the model's two pack candidates, stats.tuning.pack_candidates).", ""]
     header = "| model | cfg | fit | " + " | ".join(str(n) for n in NFES) + " | cost |"
     lines += [header, "|" + "---|" * (len(NFES) + 4)]
     for r in results:

@@ -96,7 +96,7 @@ def _check_ems_model(model, ems):
 def what_v3_runs(ems, steps, fallback=True):
     """(text, warn): which solver ``samplers.sample_dpm_solver_v3`` runs at ``steps`` steps with ``ems`` (its
     fallback rule: the stored decision for the nearest NFE), and whether that deserves a warning (no EMS, or a
-    decision that sends this step count to DPM-Solver++)."""
+    decision that sends this step count to another solver: DPM-Solver++(2M)/(3M) or UniPC)."""
     from ..samplers.ems_data import SOLVER_NAMES
 
     if ems is None:
@@ -106,7 +106,7 @@ def what_v3_runs(ems, steps, fallback=True):
     if decision is not None and decision.solver != "v3":
         return (f"DPM-Solver-v3 ran {SOLVER_NAMES[decision.solver]} at {steps} steps: the EMS tuning measured it "
                 f"better than v3 at {decision.nfe} steps (EMS: {ems.decision_summary()})", True)
-    measured = f" (measured at {decision.nfe} steps: {decision.ratio:.2f}x the error of DPM-Solver++)" \
+    measured = f" (measured at {decision.nfe} steps: {decision.ratio:.2f}x the error of DPM-Solver++/UniPC)" \
         if decision is not None else ""
     return f"DPM-Solver-v3 with EMS at {steps} steps{measured}", False
 

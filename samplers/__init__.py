@@ -10,6 +10,7 @@ from .dpm_solver import sample_dpm_solver, sample_dpm_solver_adaptive
 from .sde import (sample_dpm_solver_sde_1, sample_dpm_solver_sde_2m, sample_dpmpp_2m_sde, sample_dpmpp_3m_sde,
                   sample_dpmpp_sde_1)
 from .baselines import sample_consistency, sample_ddim, sample_ddpm, sample_pndm
+from .unipc import sample_unipc
 from .v3 import sample_dpm_solver_v3
 from .sigmas import SCHEDULES, make_sigmas, recommended_sigmas
 from .noise import NOISE_TYPES
@@ -30,6 +31,7 @@ SAMPLERS = {
     "pndm": sample_pndm,
     "consistency": sample_consistency,
     "dpm_solver_v3": sample_dpm_solver_v3,
+    "unipc": sample_unipc,
 }
 
 __all__ = ["SAMPLERS", "MODEL_KINDS", "NoiseSchedule", "VarianceExplodingSchedule", "FlowSchedule",

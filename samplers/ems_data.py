@@ -21,7 +21,7 @@ from .schedule import check_model_kind
 logger = logging.getLogger("dpm_solver_nodes")
 
 STAT_NAMES = ("l", "s", "b")
-DECISION_SOLVERS = ("v3", "dpmpp_2m", "dpmpp_3m")
+DECISION_SOLVERS = ("v3", "dpmpp_2m", "dpmpp_3m", "unipc")
 # Bounds on statistics.  |l|, |s| of real EMS are O(1) (the sampler clamps beyond 10; an ill-conditioned per-node
 # fit has given s ~ -800); b carries the data scale (b = E f' - s E f, Eq. 11).  Beyond these a file is corrupt, not
 # unusual: b = 1e30 would put 1e35 into the samples.
@@ -40,10 +40,11 @@ def reduction_of(stat_shape) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class NFEDecision:
-    """What the EMS check measured at ``nfe`` model calls: the ``solver`` to run there ("v3", "dpmpp_2m" or
-    "dpmpp_3m"), ``ratio`` = that choice's error / the compared solver's error on the model's own reference
-    trajectories (the EMS job's tuning: the best of DPM-Solver++(2M) and (3M), on samples the choice was not made
-    on; the plain check: DPM-Solver++(2M)), and for v3 whether the ``corrector`` runs and the predictor ``order``
+    """What the EMS check measured at ``nfe`` model calls: the ``solver`` to run there ("v3", "dpmpp_2m",
+    "dpmpp_3m" or "unipc": UniPC bh2, ``samplers.unipc``), ``ratio`` = that choice's error / the compared solver's error on the model's own reference
+    trajectories (the EMS job's tuning: the better of the model's two pack solvers, ``stats.tuning.pack_candidates``:
+    DPM-Solver++(2M) and UniPC, or 2M and (3M) on unguided flow models, on samples the choice was not made on; the
+    plain check: DPM-Solver++(2M)), and for v3 whether the ``corrector`` runs and the predictor ``order``
     (2 or 3: the tuning measures order 3 for its chosen fit)."""
 
     nfe: int
@@ -86,7 +87,7 @@ def validate_decisions(decisions) -> tuple:
     return tuple(sorted(out, key=lambda d: d.nfe))
 
 
-SOLVER_NAMES = {"v3": "v3", "dpmpp_2m": "DPM-Solver++(2M)", "dpmpp_3m": "DPM-Solver++(3M)"}
+SOLVER_NAMES = {"v3": "v3", "dpmpp_2m": "DPM-Solver++(2M)", "dpmpp_3m": "DPM-Solver++(3M)", "unipc": "UniPC"}
 
 
 def summarize_decisions(decisions) -> str:
@@ -103,7 +104,7 @@ def summarize_decisions(decisions) -> str:
         if solver == "v3":
             low, high = min(d.ratio for d in chosen), max(d.ratio for d in chosen)
             span = f"{low:.2f}x" if f"{low:.2f}" == f"{high:.2f}" else f"{low:.2f}-{high:.2f}x"
-            text += f" ({span} the error of DPM-Solver++)"
+            text += f" ({span} the error of DPM-Solver++/UniPC)"
             if not all(d.corrector for d in chosen):
                 text += f", corrector off at {', '.join(str(d.nfe) for d in chosen if not d.corrector)}"
         parts.append(text)
@@ -194,7 +195,7 @@ class EMSData:
 
     def decision_summary(self) -> str:
         """One line for people: which solver DPM-Solver-v3 runs at which step count, from ``decisions``, e.g.
-        "v3 at 6, 8, 10 steps (0.61-0.77x the error of DPM-Solver++); DPM-Solver++(2M) at 5 steps; other step counts
+        "v3 at 6, 8, 10 steps (0.61-0.77x the error of DPM-Solver++/UniPC); DPM-Solver++(2M) at 5 steps; other step counts
         follow the nearest".  Without decisions: v3 runs at every step count."""
         return summarize_decisions(self.decisions)
 

@@ -429,7 +429,7 @@ def _snap_sigmas(sigmas, ems, schedule):
 
 def _decided(ems, steps):
     """The EMS's stored decision for ``steps`` model calls (nearest checked NFE) and, where it sends the run to a
-    DPM-Solver++ solver, why (else None)."""
+    pack solver (DPM-Solver++(2M), (3M) or UniPC), why (else None)."""
     decision = ems.decision_for(steps)
     if decision is None or decision.solver == "v3":
         return decision, None
@@ -490,8 +490,8 @@ def sample_dpm_solver_v3(model, x, sigmas, extra_args=None, callback=None, disab
       refine: split every EMS grid cell into this many trapezoid cells (l, s, b interpolated linearly), cutting
         the O(dlambda^2) quadrature error of the coefficients by refine^2 at refine times the (small) setup cost.
       fallback: where the EMS carry a decision (``ems.decisions``, from the EMS job's tuning or check) that sends the
-        NFE nearest to this run's (in log NFE) to DPM-Solver++(2M) or (3M), run ``sample_dpmpp_2m`` /
-        ``sample_dpmpp_3m`` (their defaults) instead and log why.  Without EMS and without corrector (order 2 or
+        NFE nearest to this run's (in log NFE) to DPM-Solver++(2M), (3M) or UniPC, run ``sample_dpmpp_2m`` /
+        ``sample_dpmpp_3m`` / ``sample_unipc`` (their defaults) instead and log why.  Without EMS and without corrector (order 2 or
         3) v3 is DPM-Solver++ in its Taylor form; the paper's DPM-Solver++(2M) / the official 3M then run instead
         (logged; the 2M measured 0.54-0.91x the Taylor form's error at 5-20 NFE on the embedded models and the
         test mixtures, 1.04-1.09x at 5 NFE on flow logSNR-uniform steps).  False always runs v3.
@@ -538,10 +538,11 @@ def sample_dpm_solver_v3(model, x, sigmas, extra_args=None, callback=None, disab
     decision, reason = _decided(ems, len(sigmas) - 1)
     if reason and fallback:
         from .dpmpp import sample_dpmpp_2m, sample_dpmpp_3m
+        from .ems_data import SOLVER_NAMES
+        from .unipc import sample_unipc
 
-        logger.info("DPM-Solver-v3: %s; running %s instead", reason,
-                    "DPM-Solver++(3M)" if decision.solver == "dpmpp_3m" else "DPM-Solver++(2M)")
-        solver = sample_dpmpp_3m if decision.solver == "dpmpp_3m" else sample_dpmpp_2m
+        logger.info("DPM-Solver-v3: %s; running %s instead", reason, SOLVER_NAMES[decision.solver])
+        solver = {"dpmpp_2m": sample_dpmpp_2m, "dpmpp_3m": sample_dpmpp_3m, "unipc": sample_unipc}[decision.solver]
         # the solver as the tuning measured it: its own final step for the model kind (flow: extrapolated D)
         return solver(model, x, sigmas, extra_args, callback, disable, model_kind=model_kind,
                       final_step="stop" if final_step == "stop" else None)

@@ -562,7 +562,7 @@ def estimate_ems(model, x0, sigma_min, sigma_max, *, model_kind="eps", N=DEFAULT
                        "%s)", groups, reduction, groups * moment_bytes / 1e9, fitting,
                        "coarser" if fitting > 1 else "off")
         groups = fitting
-    guided = len(tuning.pack_solvers(metadata)) == 1
+    guided = tuning.is_guided(metadata)
     per_row = _rows_per_sample(jvp, n_probes, samples, substeps)
     if tune and not return_state:
         forecast = (N + 1) * K * per_row + 10

@@ -11,17 +11,18 @@ network's roughness in s, b but blurs the real structure of a smooth model, wher
    third-order Taylor form at ``5 x max(nfes)`` steps on the spacing the check has always used (uniform in lambda for
    eps from sigma_max, in sigma from 1 for flow), ending in a final denoise;
 2. on the first S ("selection") samples: every candidate fit (``FITS``) x policy (``POLICIES``: corrector on/off)
-   at every NFE, and the pack's own solvers v3 may fall back to (``pack_solvers``: DPM-Solver++(2M) and (3M), only
-   2M for a guided model; their defaults, as v3's fallback runs them);
+   at every NFE, and the pack's own solvers v3 may fall back to (``pack_solvers``: DPM-Solver++(2M) and UniPC bh2
+   for eps models, 2M and (3M) for unguided flow models; for a guided model one per NFE, 2M at few steps and UniPC
+   from ``GUIDED_UNIPC_FROM`` on; their defaults, as v3's fallback runs them);
 3. the fit: the one with the smallest mean over NFEs of log(best policy's error / best of those solvers' error);
    then (``ORDER3``, where the whole family ran on an unguided model) the chosen fit's order-3 predictor with both policies on the same
    samples.  Per NFE the decision: the better policy of order 2, or of order 3 where that is clearly better
    (``clearly_better``: by more than one standard error of the paired mean log error ratio); the pack's solver is
-   2M unless the model is unguided (``pack_solvers``) and 3M is clearly better; v3 runs where it is clearly better
-   than that solver;
-4. on the other S ("report") samples: the decided runs and both pack solvers; the stored ``ratio`` of each decision
-   is decided error / the better of 2M and 3M there (< 1: v3 wins), so the numbers in the file are held out.  A v3
-   decision the report set contradicts (v3's mean error not below the solver's) goes to that solver: the set can
+   2M unless the selection ran a second one (unguided) and it is clearly better (a guided model: the one it ran);
+   v3 runs where it is clearly better than that solver;
+4. on the other S ("report") samples: the decided runs and both ``pack_candidates``; the stored ``ratio`` of each
+   decision is decided error / the better of those two there (< 1: v3 wins), so the numbers in the file are held
+   out.  A v3 decision the report set contradicts (v3's mean error not below the solver's) goes to that solver: the set can
    only veto v3, never choose it.
 
 Cost in model rows (one sample through the model): S x (steps + (|FITS| x |POLICIES| + |POLICIES| (order 3) + 2, or
@@ -48,7 +49,13 @@ TUNE_NFES = (5, 6, 8, 10, 15, 20)
 MAX_SAMPLES = 16  # per set (selection, report)
 MIN_SAMPLES = 2
 REFERENCE_FACTOR = 5  # reference steps = 5 x the largest NFE judged
-PACK_SOLVERS = ("dpmpp_2m", "dpmpp_3m")
+# the pack's solvers v3 may fall back to, per model kind (``pack_candidates``): two for every model, so the tuning's
+# cost is the same whichever two they are
+PACK_SOLVERS = ("dpmpp_2m", "unipc")
+PACK_BY_KIND = {"eps": ("dpmpp_2m", "unipc"), "flow": ("dpmpp_2m", "dpmpp_3m")}
+GUIDED_PACK = ("dpmpp_2m", "unipc")
+# a guided model's selection runs one of the pack per NFE: UniPC from this NFE on, DPM-Solver++(2M) below
+GUIDED_UNIPC_FROM = {"eps": 10, "flow": 15}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -262,8 +269,9 @@ def sampling_sigmas(nfe, sigma_min, sigma_max, model_kind):
 
 def pack_solver(name):
     from ..samplers.dpmpp import sample_dpmpp_2m, sample_dpmpp_3m
+    from ..samplers.unipc import sample_unipc
 
-    return {"dpmpp_2m": sample_dpmpp_2m, "dpmpp_3m": sample_dpmpp_3m}[name]
+    return {"dpmpp_2m": sample_dpmpp_2m, "dpmpp_3m": sample_dpmpp_3m, "unipc": sample_unipc}[name]
 
 
 def fit_statistics(state, lambdas, stat_shape, fit):
@@ -359,16 +367,36 @@ def clearly_better(errors, baseline):
     return float(logs.mean()) + spread < 0
 
 
-def pack_solvers(metadata):
-    """The pack's solvers v3 may fall back to: 2M and 3M, or only 2M for a guided model (metadata cfg != 1), as the
-    DPM-Solver++ paper recommends for guided sampling: on a cfg-7.5 mixture 3M beat 2M on most samples at 10-15 NFE
-    but overshot on a few, 2.3-5.7x 2M's mean error, which six selection samples cannot see
-    (bench/results_ems_tuning.md)."""
+def is_guided(metadata):
+    """Whether the metadata's cfg (as the EMS job records it) is not 1 (unreadable: guided)."""
     try:
-        guided = float((metadata or {}).get("cfg", "1")) != 1.0
+        return float((metadata or {}).get("cfg", "1")) != 1.0
     except ValueError:
-        guided = True
-    return ("dpmpp_2m",) if guided else PACK_SOLVERS
+        return True
+
+
+def pack_candidates(metadata, model_kind="eps"):
+    """The two pack solvers v3 may fall back to and the report set measures (the stored ratios' denominator):
+    DPM-Solver++(2M) and UniPC bh2 (``samplers.unipc``) for eps models and guided flow models, 2M and (3M) for
+    unguided flow models.  Measured on the study's models on noise of their own (bench/ems_pack_study.py,
+    bench/results_ems_pack.md): on eps models UniPC is 0.40-0.77x the 2M's error at 10-20 NFE unguided (3M 0.91-1.14,
+    better than UniPC only on one mixture at 8-10 NFE) and 0.11-0.88x at 15-20 NFE guided; on unguided flow models
+    3M is 0.46-0.87x at 15-20 NFE where UniPC is 0.87-1.01x; with guidance 3M overshot on a few eps samples (2.3-5.7x
+    2M's mean error, which six selection samples cannot see) and UniPC is 0.44-1.00x the 2M at 15-20 flow NFE."""
+    return GUIDED_PACK if is_guided(metadata) else PACK_BY_KIND[model_kind]
+
+
+def pack_solvers(metadata, model_kind="eps", nfe=None):
+    """The pack's solvers the selection set runs at ``nfe``: both ``pack_candidates`` for an unguided model; one for a
+    guided model (cfg != 1, whose rows cost twice): UniPC from ``GUIDED_UNIPC_FROM`` NFE on, else DPM-Solver++(2M)
+    (measured: guided UniPC was 1.1-2.3x the 2M's error at 8 eps NFE on two mixtures and 1.1-6.4x at 5-10 flow NFE,
+    0.11-1.05x at 10-20 eps NFE and 0.44-1.00x at 15-20 flow NFE; bench/results_ems_pack.md)."""
+    candidates = pack_candidates(metadata, model_kind)
+    if not is_guided(metadata):
+        return candidates
+    if nfe is None:
+        return candidates[:1]
+    return ("unipc",) if nfe >= GUIDED_UNIPC_FROM[model_kind] else ("dpmpp_2m",)
 
 
 def tuning_noise(latent_shape, samples, seed, dtype=torch.float32, device="cpu"):
@@ -408,7 +436,7 @@ def tune(model, state, lambdas, stat_shape, sigma_min, sigma_max, *, model_kind=
     ``references``: the output of ``reference_jobs`` on ``tuning_noise(latent shape, samples, seed)`` where it has
     been run already (alongside the estimation); their rows count in ``rows``, their calls do not.
     """
-    order3 = order3_runs(len(fits), len(policies), len(pack_solvers(metadata)))
+    order3 = order3_runs(len(fits), len(policies), len(pack_solvers(metadata, model_kind)))
     fits = [f for f in fits if (lambdas.shape[0] - 1) % f.stride == 0]
     noise = tuning_noise(stat_shape_latent(state), samples, seed, dtype, device)
     counter = [0, 0]
@@ -430,15 +458,16 @@ def tune(model, state, lambdas, stat_shape, sigma_min, sigma_max, *, model_kind=
         runner.reference = references.to(noise.device, noise.dtype)
         counter[0] += 2 * samples * steps
     base = dict(metadata or {})
-    allowed = pack_solvers(base)
+    allowed = {nfe: pack_solvers(base, model_kind, nfe) for nfe in nfes}
+    candidates_pack = pack_candidates(base, model_kind)
     candidates = {f.name: fit_ems(state, lambdas, stat_shape, f, base) for f in fits}
     # the selection runs only the solvers v3 may fall back to: the best fit against them is the best fit against any
     # (the score's denominators are the same for every candidate) and the decisions compare with them alone
-    runs = [(select, nfe, name, None, True) for nfe in nfes for name in allowed]
+    runs = [(select, nfe, name, None, True) for nfe in nfes for name in allowed[nfe]]
     runs += [(select, nfe, "v3", ems, corrector) for ems in candidates.values() for corrector in policies
              for nfe in nfes]
     measured = iter(runner.errors(runs))
-    pack = {nfe: {name: next(measured) for name in allowed} for nfe in nfes}
+    pack = {nfe: {name: next(measured) for name in allowed[nfe]} for nfe in nfes}
     table = {}  # (fit, corrector, nfe) -> per-sample selection errors
     for name in candidates:
         for corrector in policies:
@@ -464,14 +493,15 @@ def tune(model, state, lambdas, stat_shape, sigma_min, sigma_max, *, model_kind=
             corrector3 = min(policies, key=lambda c: _mean(third[(c, nfe)]))
             if clearly_better(third[(corrector3, nfe)], best):
                 corrector, order, best = corrector3, 3, third[(corrector3, nfe)]
-        # the pack's fallback is 2M unless 3M is clearly better; v3 runs only where it is clearly better than that
-        best_pack = "dpmpp_3m" if "dpmpp_3m" in allowed and clearly_better(pack[nfe]["dpmpp_3m"],
-                                                                             pack[nfe]["dpmpp_2m"]) else "dpmpp_2m"
+        # the pack's fallback is the first it ran (2M, or a guided model's one) unless the second is clearly better;
+        # v3 runs only where it is clearly better than that
+        first, *others = allowed[nfe]
+        best_pack = others[0] if others and clearly_better(pack[nfe][others[0]], pack[nfe][first]) else first
         plans[nfe] = (corrector, order, best_pack, clearly_better(best, pack[nfe][best_pack]))
-    runs = [(held_out, nfe, p, None, True) for nfe in nfes for p in PACK_SOLVERS]
+    runs = [(held_out, nfe, p, None, True) for nfe in nfes for p in candidates_pack]
     runs += [(held_out, nfe, "v3", ems, plans[nfe][0], plans[nfe][1]) for nfe in nfes if plans[nfe][3]]
     measured = iter(runner.errors(runs))
-    held_pack = {nfe: {p: _mean(next(measured)) for p in PACK_SOLVERS} for nfe in nfes}
+    held_pack = {nfe: {p: _mean(next(measured)) for p in candidates_pack} for nfe in nfes}
     held_v3s = {nfe: _mean(next(measured)) for nfe in nfes if plans[nfe][3]}
     decisions, per_nfe = [], {}
     for nfe in nfes:

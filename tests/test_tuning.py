@@ -9,6 +9,7 @@ import torch
 
 from dpm_solver_nodes.analytic import GaussianMixture, GuidedGaussianMixture, reference_solution
 from dpm_solver_nodes.samplers.dpmpp import sample_dpmpp_2m, sample_dpmpp_3m
+from dpm_solver_nodes.samplers.unipc import sample_unipc
 from dpm_solver_nodes.samplers.v3 import sample_dpm_solver_v3
 from dpm_solver_nodes.stats import tuning
 from dpm_solver_nodes.stats.estimate import estimate_ems, generate_x0
@@ -92,7 +93,8 @@ def test_default_path_beats_the_pack_or_runs_the_better_solver(case):
         out = sample_dpm_solver_v3(model, x, sigmas, ems=ems, model_kind=kind, disable=True)
         assert torch.isfinite(out).all() and out.abs().max() < 100, (nfe, "v3 blew up")
         pack = {"dpmpp_2m": sample_dpmpp_2m(model, x, sigmas, model_kind=kind, disable=True),
-                "dpmpp_3m": sample_dpmpp_3m(model, x, sigmas, model_kind=kind, disable=True)}
+                "dpmpp_3m": sample_dpmpp_3m(model, x, sigmas, model_kind=kind, disable=True),
+                "unipc": sample_unipc(model, x, sigmas, model_kind=kind, disable=True)}
         decision = ems.decision_for(nfe)
         if decision.solver != "v3":  # the stored decision: the pack's solver, bit for bit
             assert torch.equal(out, pack[decision.solver]), nfe
@@ -146,7 +148,7 @@ def test_decisions_round_trip_and_are_validated(tmp_path):
     with pytest.raises(ValueError, match="corrector"):
         ems.replace(decisions=[(5, "v3", 0.5, "no")])
     with pytest.raises(ValueError, match="solver"):
-        ems.replace(decisions=[(5, "unipc", 0.5)])
+        ems.replace(decisions=[(5, "euler", 0.5)])
     with pytest.raises(ValueError, match="order"):
         ems.replace(decisions=[(5, "v3", 0.5, True, 4)])
     third = ems.replace(decisions=[(5, "v3", 0.5, False, 3), (8, "v3", 0.7)])
@@ -169,7 +171,7 @@ def test_raw_fit_opt_out_and_explicit_corrector():
 
 
 def test_sampler_follows_each_kind_of_decision_bit_for_bit(caplog):
-    """Hand-made decisions: 3M at 5 NFE, v3 without corrector at 8, 2M at 12, v3 of order 3 at 16 (a cheap, direct
+    """Hand-made decisions: 3M at 5 NFE, v3 without corrector at 8, UniPC at 10, 2M at 12, v3 of order 3 at 16 (a cheap, direct
     check of the sampler's side, independent of what any tuning chose)."""
     import logging
 
@@ -181,9 +183,10 @@ def test_sampler_follows_each_kind_of_decision_bit_for_bit(caplog):
     shape = (41, 4, 1, 1)
     ems = EMS(lambdas, torch.full(shape, 0.9, dtype=torch.float64), torch.full(shape, 0.1, dtype=torch.float64),
               torch.zeros(shape, dtype=torch.float64), decisions=[(5, "dpmpp_3m", 0.8), (8, "v3", 0.5, False),
-                                                                  (12, "dpmpp_2m", 0.9), (16, "v3", 0.7, True, 3)])
+                                                                  (10, "unipc", 0.6), (12, "dpmpp_2m", 0.9),
+                                                                  (16, "v3", 0.7, True, 3)])
     x = torch.randn((3, 4, 1, 1), generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    for nfe, expected in ((5, "3M"), (8, "v3-nc"), (12, "2M"), (16, "v3-o3")):
+    for nfe, expected in ((5, "3M"), (8, "v3-nc"), (10, "UniPC"), (12, "2M"), (16, "v3-o3")):
         sigmas = tuning.sampling_sigmas(nfe, 0.002, 80.0, "eps")
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="dpm_solver_nodes"):
@@ -191,6 +194,10 @@ def test_sampler_follows_each_kind_of_decision_bit_for_bit(caplog):
         if expected == "3M":
             assert torch.equal(out, sample_dpmpp_3m(model, x * 80.0, sigmas, disable=True))
             assert any("running DPM-Solver++(3M) instead" in r.getMessage() for r in caplog.records)
+        elif expected == "UniPC":
+            assert torch.equal(out, sample_unipc(model, x * 80.0, sigmas, disable=True))
+            assert not torch.equal(out, sample_dpmpp_2m(model, x * 80.0, sigmas, disable=True))
+            assert any("running UniPC instead" in r.getMessage() for r in caplog.records)
         elif expected == "2M":
             assert torch.equal(out, sample_dpmpp_2m(model, x * 80.0, sigmas, disable=True))
         elif expected == "v3-o3":
@@ -268,3 +275,23 @@ def test_too_small_a_budget_runs_the_check_or_refuses():
             assert torch.equal(out, sample_dpm_solver_v3(model, x, sigmas, ems=ems, disable=True, fallback=False))
     raw = estimate_ems(model, x0, 0.002, 80.0, N=20, K=8, tune=False)
     assert not raw.decisions and "v3_check_samples" not in raw.metadata
+
+
+def test_the_pack_candidates_and_what_each_tuning_stored():
+    """The pack per model: 2M + UniPC (eps, and guided flow), 2M + 3M (unguided flow); a guided selection runs one
+    solver per NFE.  Every stored fallback of the test mixtures' tunings is a solver that tuning measured there, and
+    the hosts' one-line summary names UniPC."""
+    from dpm_solver_nodes.samplers.ems_data import summarize_decisions
+
+    assert tuning.pack_candidates({"cfg": "1.0"}, "eps") == ("dpmpp_2m", "unipc")
+    assert tuning.pack_candidates({"cfg": "1.0"}, "flow") == ("dpmpp_2m", "dpmpp_3m")
+    assert tuning.pack_candidates({"cfg": "7.5"}, "flow") == ("dpmpp_2m", "unipc")
+    assert [tuning.pack_solvers({"cfg": "7.5"}, "eps", n) for n in (8, 10)] == [("dpmpp_2m",), ("unipc",)]
+    assert [tuning.pack_solvers({"cfg": "5"}, "flow", n) for n in (10, 15)] == [("dpmpp_2m",), ("unipc",)]
+    for case in CASES:
+        _, ems, *_ = _setup(*case)
+        metadata = {"cfg": repr(case[4])}
+        for decision in ems.decisions:
+            if decision.solver != "v3":
+                assert decision.solver in tuning.pack_solvers(metadata, case[3], decision.nfe), (case, decision)
+    assert "UniPC at 10 steps" in summarize_decisions([(5, "v3", 0.5), (10, "unipc", 0.8)])

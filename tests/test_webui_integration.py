@@ -772,7 +772,7 @@ def test_what_v3_ran_is_in_the_infotext_and_a_fallback_is_not_silent():
     if solver == "v3":
         assert ems["with_ems_ran"].startswith("v3 with EMS") and f"at {nfe} NFE" in ems["with_ems_ran"]
     else:
-        name = {"dpmpp_2m": "DPM-Solver++(2M)", "dpmpp_3m": "DPM-Solver++(3M)"}[solver]
+        name = {"dpmpp_2m": "DPM-Solver++(2M)", "dpmpp_3m": "DPM-Solver++(3M)", "unipc": "UniPC"}[solver]
         assert ems["with_ems_ran"].startswith(name) and f"at {nfe} NFE" in ems["with_ems_ran"], ems["with_ems_ran"]
         assert any(m.startswith(f"DPM-Solver-v3: the EMS check chose {name} over v3 at {nfe} NFE")
                    for m in report["warnings"]), report["warnings"]

@@ -168,7 +168,7 @@ def v3_outcome(ems, steps, options, description="none"):
 
     The sampler's own rule (``samplers.v3.sample_dpm_solver_v3`` with ``fallback=True``), read from the EMS's public
     per-NFE decisions (``EMSData.decision_for``): with EMS, the decision at the checked NFE nearest ``steps`` picks
-    v3 or DPM-Solver++(2M)/(3M); without EMS, v3 is DPM-Solver++ with the v3 corrector, or the paper's
+    v3, DPM-Solver++(2M)/(3M) or UniPC; without EMS, v3 is DPM-Solver++ with the v3 corrector, or the paper's
     DPM-Solver++(2M)/(3M) when the corrector is off.  The warning says why a run is not v3 with EMS: that is
     logged at WARNING, the level the WebUI shows by default."""
     order, use_corrector = options["order"], options["use_corrector"]
@@ -195,7 +195,7 @@ def v3_outcome(ems, steps, options, description="none"):
             f"{decision.ratio:.2f}); this {steps}-step run uses {solver}")
 
 
-SOLVER_NAMES = {"v3": "DPM-Solver-v3", "dpmpp_2m": "DPM-Solver++(2M)", "dpmpp_3m": "DPM-Solver++(3M)"}
+SOLVER_NAMES = {"v3": "DPM-Solver-v3", "dpmpp_2m": "DPM-Solver++(2M)", "dpmpp_3m": "DPM-Solver++(3M)", "unipc": "UniPC"}
 _WARNED = set()
 
 
