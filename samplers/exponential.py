@@ -22,6 +22,7 @@ Everything here is scalar float64 math on Python floats; the tensor work is a ha
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -111,12 +112,18 @@ def taylor_weights(lams):
     """T with D^{(p)}(l0) = sum_j T[p][j] * value_j for the polynomial through the points ``lams`` (newest first).
 
     The scalar form of ``taylor_derivatives``: the multistep steps fold T into one weight per history output, so a
-    k-step update costs k tensor operations.
+    k-step update costs k tensor operations.  Cached (a tuple of tuples): a sampler asks for the same points in
+    each run on a schedule, and the 3M guard twice in a step.
     """
+    return _taylor_weights(tuple(map(float, lams)))
+
+
+@functools.lru_cache(maxsize=1024)
+def _taylor_weights(lams):
     import numpy as np
 
     basis = list(np.eye(len(lams)))
-    return [list(map(float, row)) for row in taylor_derivatives(lams, basis)]
+    return tuple(tuple(map(float, row)) for row in taylor_derivatives(lams, basis))
 
 
 def _weighted_terms(coefficients, derivatives, history):
@@ -175,12 +182,10 @@ def data_prediction_step(x, table, i, derivatives=None, eta=0.0, midpoint=None, 
     if table.sigma[i + 1] == 0:
         return (derivatives[0] if history is None else history[1][0]) * alpha_t
     h, kappa = table.h[i], 1.0 + eta
-    out = x * _x_scale(table, i, eta)
     if history is not None:
-        for output, weight in zip(history[1], data_prediction_weights(table, i, history[0], eta, scales)):
-            if weight is not None:
-                out.add_(output, alpha=weight)
-        return out
+        weights = data_prediction_weights(table, i, history[0], eta, scales)
+        return _combine(x * _x_scale(table, i, eta), history[1], weights)
+    out = x * _x_scale(table, i, eta)
     coefficients = [alpha_t * psi(k + 1, kappa * h) / kappa ** k for k in range(len(derivatives))]
     if scales is not None:
         coefficients = [c * scale for c, scale in zip(coefficients, scales)]
@@ -189,6 +194,14 @@ def data_prediction_step(x, table, i, derivatives=None, eta=0.0, midpoint=None, 
     if midpoint is not None:
         difference, factor = midpoint
         out.add_(difference, alpha=alpha_t * 0.5 * psi(1, kappa * h) * factor)
+    return out
+
+
+def _combine(out, outputs, weights):
+    """out + sum_j weights_j outputs_j, in place, in order j (a weight None: that output is left out)."""
+    for output, weight in zip(outputs, weights):
+        if weight is not None:
+            out.add_(output, alpha=weight)
     return out
 
 
@@ -364,14 +377,16 @@ def guarded_step(x, table, i, history, eta=0.0, scales=None, guard=True, second_
     otherwise than from the difference of the two rounded results.
     """
     lams, outputs = history
-
-    def third():
+    if table.sigma[i + 1] == 0:  # the step into sigma = 0 returns D
         return data_prediction_step(x, table, i, history=(lams[:3], outputs[:3]), eta=eta, scales=scales)
-
-    if not guard or table.sigma[i + 1] == 0 or GUARD_RATIO is None or table.h[i] < GUARD_MIN_STEP:
-        return third()
-    # The candidates' weights on outputs_j (none on x: it cancels in every difference)
+    # The candidates' weights on outputs_j (the x term is the same in all, and cancels in every difference)
     w3 = data_prediction_weights(table, i, lams[:3], eta, scales)  # x3: the step itself
+
+    def third():  # data_prediction_step(x, table, i, history=(lams[:3], outputs[:3]), eta=eta, scales=scales)
+        return _combine(x * _x_scale(table, i, eta), outputs, w3)
+
+    if not guard or GUARD_RATIO is None or table.h[i] < GUARD_MIN_STEP:
+        return third()
     if second_outputs is None:  # x2: the step it falls back to
         w2 = _midpoint_2m_weights(table, i, lams, eta)
     else:
