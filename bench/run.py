@@ -15,7 +15,8 @@ numbers):
 - overhead: sampler time per NFE with a trivial denoiser (D = x / 2) at 4x64x64 and 4x128x128 (eps) and 16x64x64
   (flow; peers run it as eps, their arithmetic is the same), batch 1, 20 steps, best of ``--repeats``; overhead =
   (run time - bare model calls) / NFE, reported as a ratio to k-diffusion's ``sample_dpmpp_2m`` from the same run.
-  Includes DPM-Solver-v3's one-off setup (its coefficient plan) with per-element and per-channel synthetic EMS.
+  Includes DPM-Solver-v3's one-off setup (its coefficient plan) with per-element and per-channel synthetic EMS, the
+  SDE noise sources at batch 4 and the guarded 3M samplers at batch 1 and 4 (``overhead_3m.measure``).
 - ems: EMS estimation cost on the embedded model (``stats.estimate.estimate_ems``): seconds and JVP rows.
 """
 from __future__ import annotations
@@ -216,7 +217,28 @@ def overhead_part(args):
         base = reference.get((r["kind"], r["shape"]))
         r["ratio_to_kdiff_dpmpp_2m"] = r["overhead_ms_per_nfe"] / base if base else math.nan
     return {"rows": rows, "v3_setup": setup, "steps": steps, "repeats": repeats, "batch": 1,
-            "sde_noise": sde_noise_overhead(steps, repeats, quick=args.quick)}
+            "sde_noise": sde_noise_overhead(steps, repeats, quick=args.quick),
+            "guard_3m": guard_overhead(steps, repeats, quick=args.quick)}
+
+
+def guard_overhead(steps, repeats, quick=False):
+    """The guarded 3M samplers (ODE official and Taylor, SDE) at batch 1 and 4 (``overhead_3m.measure``): the
+    price of ``exponential.guarded_step`` next to k-diffusion's 2M and our 2M / 2M SDE."""
+    from .overhead_3m import measure
+
+    try:
+        return measure(repeats=repeats, steps=steps, batches=(1,) if quick else (1, 4))
+    except Unavailable:
+        return None
+
+
+def guard_table(guard):
+    from .overhead_3m import table_lines
+
+    return [f"The guarded 3M (`exponential.guarded_step`) at 4x64x64, batch 1 and 4, {guard['steps']} Karras steps, "
+            f"trivial model, best of {guard['repeats']} interleaved runs; overhead = (run - bare model calls) / NFE, "
+            "ms and ratio to k-diffusion's `sample_dpmpp_2m` in the same run (the SDE rows include the noise):",
+            ""] + table_lines(guard)
 
 
 def sde_noise_overhead(steps, repeats, quick=False, shape=(4, 4, 64, 64)):
@@ -407,6 +429,8 @@ def report(out: pathlib.Path):
         lines.append("")
         if "sde_noise" in o:
             lines += sde_noise_table(o["sde_noise"]) + [""]
+        if o.get("guard_3m"):
+            lines += guard_table(o["guard_3m"]) + [""]
     if "ems" in parts:
         m = parts["ems"]
         env = m["environment"]
@@ -469,6 +493,8 @@ def update_readme(parts, readme: pathlib.Path):
         lines.append("")
         if "sde_noise" in o:
             lines += sde_noise_table(o["sde_noise"]) + [""]
+        if o.get("guard_3m"):
+            lines += guard_table(o["guard_3m"]) + [""]
     lines.append(README_END)
     head, rest = text.split(README_START, 1)
     tail = rest.split(README_END, 1)[1]

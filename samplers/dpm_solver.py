@@ -208,8 +208,7 @@ def _run_multistep(run, x, order, lower_order_final):
         noises = [_noise_prediction(x, denoised, _table_point(t, i))] + noises[:order - 1]
         step_order = run.order(i, order, lower_order_final, len(lams))
         if step_order == 3 and not math.isfinite(lams[2]):  # the data form in rho, guarded as the 3M's steps
-            x = guarded_step(x, t, i, (lams[:3], outputs[:3]),
-                             lambda: data_prediction_step(x, t, i, history=(lams[:2], outputs[:2])))
+            x = guarded_step(x, t, i, (lams[:3], outputs[:3]), second_outputs=2)
         elif not math.isfinite(lams[step_order - 1]):  # history at sigma = 1: the data form, D interpolated in rho
             x = data_prediction_step(x, t, i, history=(lams[:step_order], outputs[:step_order]))
         else:

@@ -11,7 +11,7 @@ import math
 
 from .common import SamplerRun, check_choice
 from .exponential import (data_prediction_step, extrapolated_denoised, first_order_data_step, guarded_step,
-                          step_out_of_sigma_one)
+                          midpoint_2m_step, step_out_of_sigma_one)
 
 SOLVER_TYPES_2M = ("midpoint", "taylor")
 SOLVER_TYPES_3M = ("official", "taylor")
@@ -42,9 +42,9 @@ OFFICIAL_3M_SCALES = (1.0, 1.0, 0.5)
 
 
 def _midpoint_2m_step(x, table, i, denoised, lam_prev, denoised_prev):
-    """The paper's DPM-Solver++(2M) step (Algorithm 2): D_s + (D_s - D_prev) / (2r) with weight 1 - e^{-h}."""
-    return data_prediction_step(x, table, i, [denoised],
-                                midpoint=(denoised - denoised_prev, table.h[i] / (table.lam[i] - lam_prev)))
+    """The paper's DPM-Solver++(2M) step (Algorithm 2): D_s + (D_s - D_prev) / (2r) with weight 1 - e^{-h}
+    (``exponential.midpoint_2m_step``; lam_prev finite)."""
+    return midpoint_2m_step(x, table, i, [table.lam[i], lam_prev], [denoised, denoised_prev])
 
 
 def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=None, *, model_kind="eps",
@@ -130,11 +130,6 @@ def sample_dpmpp_3m(model, x, sigmas, extra_args=None, callback=None, disable=No
     final_step = _resolve_final_step(final_step, t, model_kind)
     x = run.start(x)
 
-    def second_order(x, i, lams, outputs):
-        if math.isfinite(lams[1]):  # the paper's 2M (midpoint) for warm-up, final and guarded steps, as diffusers
-            return _midpoint_2m_step(x, t, i, outputs[0], lams[1], outputs[1])
-        return data_prediction_step(x, t, i, history=(lams[:2], outputs[:2]))
-
     # newest first, four outputs (the fourth feeds the guard only); lambda = -inf at a flow model's sigma = 1
     lams, outputs = [], []
     for i in run.range():
@@ -146,11 +141,10 @@ def sample_dpmpp_3m(model, x, sigmas, extra_args=None, callback=None, disable=No
             x = extrapolated_denoised(lams, outputs)
         elif order == 1:
             x = data_prediction_step(x, t, i, [denoised])
-        elif order == 2:
-            x = second_order(x, i, lams, outputs)
+        elif order == 2:  # the paper's 2M (midpoint) for warm-up, final and guarded steps, as diffusers
+            x = midpoint_2m_step(x, t, i, lams, outputs)
         else:  # order 3, or 2 per sample where the guard finds the D'' extrapolation unreliable
-            x = guarded_step(x, t, i, (lams, outputs), lambda: second_order(x, i, lams, outputs), scales=scales,
-                             guard=guard)
+            x = guarded_step(x, t, i, (lams, outputs), scales=scales, guard=guard)
     return run.finish(x)
 
 

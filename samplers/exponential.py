@@ -22,6 +22,7 @@ Everything here is scalar float64 math on Python floats; the tensor work is a ha
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -111,12 +112,18 @@ def taylor_weights(lams):
     """T with D^{(p)}(l0) = sum_j T[p][j] * value_j for the polynomial through the points ``lams`` (newest first).
 
     The scalar form of ``taylor_derivatives``: the multistep steps fold T into one weight per history output, so a
-    k-step update costs k tensor operations.
+    k-step update costs k tensor operations.  Cached (a tuple of tuples): a sampler asks for the same points in
+    each run on a schedule, and the 3M guard twice in a step.
     """
+    return _taylor_weights(tuple(map(float, lams)))
+
+
+@functools.lru_cache(maxsize=1024)
+def _taylor_weights(lams):
     import numpy as np
 
     basis = list(np.eye(len(lams)))
-    return [list(map(float, row)) for row in taylor_derivatives(lams, basis)]
+    return tuple(tuple(map(float, row)) for row in taylor_derivatives(lams, basis))
 
 
 def _weighted_terms(coefficients, derivatives, history):
@@ -124,8 +131,38 @@ def _weighted_terms(coefficients, derivatives, history):
     if history is None:
         return list(zip(derivatives, coefficients))
     lams, outputs = history
+    return list(zip(outputs, _taylor_folded(coefficients, lams)))
+
+
+def _taylor_folded(coefficients, lams):
+    """One weight per history output for sum_p coefficients[p] D^{(p)} with the Taylor derivatives through ``lams``."""
     table = taylor_weights(lams)
-    return [(output, sum(coefficients[p] * table[p][j] for p in range(len(lams)))) for j, output in enumerate(outputs)]
+    return [sum(coefficients[p] * table[p][j] for p in range(len(lams))) for j in range(len(lams))]
+
+
+def data_prediction_weights(table, i, lams, eta=0.0, scales=None):
+    """The weights w_j of a multistep data-prediction step with sigma_{i+1} > 0: ``data_prediction_step(x, table, i,
+    history=(lams, outputs), eta=eta, scales=scales)`` is (sigma_t/sigma_s) e^{-eta h} x + sum_j w_j outputs_j, added
+    in order j (the same floats, so bit-identical).  None marks an output the step leaves out (``_near_sigma_one``)."""
+    kept = _near_sigma_one(table, i, (lams, list(range(len(lams)))))  # the indices of the outputs it keeps
+    weights = [None] * len(lams)
+    if _reaches_sigma_one(table, i, kept):
+        # D interpolated in rho through the history (``rho_weights``): the drift
+        # alpha_t int_{lambda_s}^{lambda_t} kappa e^{-kappa (lambda_t - lambda)} D dlambda of DPM-Solver++ Eq. 9-10
+        import numpy as np
+
+        kappa, lam_t = 1.0 + eta, table.lam[i + 1]
+        rho = rho_weights(kept[0], table.lam[i], lam_t, lambda lam: kappa * np.exp(-kappa * (lam_t - lam)))
+        for j, weight in zip(kept[1], rho):
+            weights[j] = table.alpha[i + 1] * weight
+        return weights
+    h, kappa = table.h[i], 1.0 + eta
+    coefficients = [table.alpha[i + 1] * psi(k + 1, kappa * h) / kappa ** k for k in range(len(kept[0]))]
+    if scales is not None:
+        coefficients = [c * scale for c, scale in zip(coefficients, scales)]
+    for j, weight in zip(kept[1], _taylor_folded(coefficients, kept[0])):
+        weights[j] = weight
+    return weights
 
 
 def data_prediction_step(x, table, i, derivatives=None, eta=0.0, midpoint=None, history=None, scales=None):
@@ -136,29 +173,62 @@ def data_prediction_step(x, table, i, derivatives=None, eta=0.0, midpoint=None, 
     lambda_i.  ``midpoint`` = (difference, factor), with factor * difference ~ h D', adds it with the weight
     alpha_t psi_1(kappa h) / 2 instead of the Taylor weight: the paper's (2M) form, k-diffusion's "midpoint".  A step
     into sigma = 0 returns D.  ``history`` = (lams, outputs), newest first, replaces ``derivatives`` by the Taylor
-    derivatives of the polynomial through those outputs (multistep), folded into one weight per output.
-    ``scales`` multiplies the weight of each derivative (the official DPM-Solver++ third-order step puts half the
-    Taylor weight on D'': scales (1, 1, 0.5)).  The SDE noise term is the caller's (``data_prediction_noise_scale``).
+    derivatives of the polynomial through those outputs (multistep), folded into one weight per output
+    (``data_prediction_weights``).  ``scales`` multiplies the weight of each derivative (the official DPM-Solver++
+    third-order step puts half the Taylor weight on D'': scales (1, 1, 0.5)).  The SDE noise term is the caller's
+    (``data_prediction_noise_scale``).
     """
     alpha_t = table.alpha[i + 1]
     if table.sigma[i + 1] == 0:
         return (derivatives[0] if history is None else history[1][0]) * alpha_t
-    history = _near_sigma_one(table, i, history)
-    if _reaches_sigma_one(table, i, history):
-        return _data_step_in_rho(x, table, i, history, eta)
     h, kappa = table.h[i], 1.0 + eta
-    decay = math.exp(-eta * h) if eta > 0 else 1.0  # eta = 0 with h = inf (flow sigma = 1) gives 1, not nan
-    out = x * (table.sigma[i + 1] / table.sigma[i] * decay)
-    terms = len(derivatives) if history is None else len(history[0])
-    coefficients = [alpha_t * psi(k + 1, kappa * h) / kappa ** k for k in range(terms)]
+    if history is not None:
+        weights = data_prediction_weights(table, i, history[0], eta, scales)
+        return _combine(x * _x_scale(table, i, eta), history[1], weights)
+    out = x * _x_scale(table, i, eta)
+    coefficients = [alpha_t * psi(k + 1, kappa * h) / kappa ** k for k in range(len(derivatives))]
     if scales is not None:
         coefficients = [c * scale for c, scale in zip(coefficients, scales)]
-    for d, weight in _weighted_terms(coefficients, derivatives, history):
+    for d, weight in zip(derivatives, coefficients):
         out.add_(d, alpha=weight)
     if midpoint is not None:
         difference, factor = midpoint
         out.add_(difference, alpha=alpha_t * 0.5 * psi(1, kappa * h) * factor)
     return out
+
+
+def _combine(out, outputs, weights):
+    """out + sum_j weights_j outputs_j, in place, in order j (a weight None: that output is left out)."""
+    for output, weight in zip(outputs, weights):
+        if weight is not None:
+            out.add_(output, alpha=weight)
+    return out
+
+
+def _x_scale(table, i, eta):
+    """The weight (sigma_t / sigma_s) e^{-eta h} of x_s in every data-prediction step from s = i to t = i + 1."""
+    decay = math.exp(-eta * table.h[i]) if eta > 0 else 1.0  # eta = 0 with h = inf (flow sigma = 1) gives 1, not nan
+    return table.sigma[i + 1] / table.sigma[i] * decay
+
+
+def midpoint_2m_step(x, table, i, lams, outputs, eta=0.0):
+    """The paper's DPM-Solver++(2M) step (Algorithm 2; its SDE drift, Sec. 5, for eta > 0): D_s + (D_s - D_prev)/(2r)
+    with weight alpha_t psi_1(kappa h), r = h_prev / h; the history step (``rho_weights``) where lams[1] is a flow
+    model's sigma = 1.  The second-order step of the 3M samplers and the one their guard falls back to."""
+    if not math.isfinite(lams[1]):
+        return data_prediction_step(x, table, i, history=(lams[:2], outputs[:2]), eta=eta)
+    return data_prediction_step(x, table, i, [outputs[0]], eta=eta,
+                                midpoint=(outputs[0] - outputs[1], table.h[i] / (table.lam[i] - lams[1])))
+
+
+def _midpoint_2m_weights(table, i, lams, eta):
+    """The weights of ``midpoint_2m_step`` on outputs[0], outputs[1] (the x term as in every step)."""
+    if not math.isfinite(lams[1]):
+        return data_prediction_weights(table, i, lams[:2], eta)
+    kappa = 1.0 + eta
+    first = table.alpha[i + 1] * psi(1, kappa * table.h[i])
+    half = table.alpha[i + 1] * 0.5 * psi(1, kappa * table.h[i]) * (table.h[i] / (table.lam[i] - lams[1]))
+    return [first + half, -half]
 
 
 def extrapolated_denoised(lams, outputs):
@@ -244,21 +314,6 @@ def _reaches_sigma_one(table, i, history):
         not math.isfinite(table.lam[i]) or not all(map(math.isfinite, history[0])))
 
 
-def _data_step_in_rho(x, table, i, history, eta):
-    """The data-prediction step with D interpolated in rho through the history (``rho_weights``): the drift
-    alpha_t int_{lambda_s}^{lambda_t} kappa e^{-kappa (lambda_t - lambda)} D dlambda of DPM-Solver++ Eq. 9-10."""
-    import numpy as np
-
-    lams, outputs = history
-    kappa, lam_t = 1.0 + eta, table.lam[i + 1]
-    weights = rho_weights(lams, table.lam[i], lam_t, lambda lam: kappa * np.exp(-kappa * (lam_t - lam)))
-    decay = math.exp(-eta * table.h[i]) if eta > 0 else 1.0
-    out = x * (table.sigma[i + 1] / table.sigma[i] * decay)
-    for output, weight in zip(outputs, weights):
-        out.add_(output, alpha=table.alpha[i + 1] * weight)
-    return out
-
-
 def step_out_of_sigma_one(x, table, i, denoised, fractions, denoise_at):
     """x_{i+1} from a flow model's sigma = 1 (lambda = -inf, step i) by a singlestep method whose stages sit at
     rho = r rho_{i+1}, r in ``fractions``, in rho = -log sigma (finite there) instead of lambda: DPM-Solver-2 (r = 1/2)
@@ -295,10 +350,11 @@ GUARD_NEXT_TERM = 1.5
 GUARD_NEXT_SMALL = 0.005
 
 
-def guarded_step(x, table, i, history, second, eta=0.0, scales=None, guard=True):
+def guarded_step(x, table, i, history, eta=0.0, scales=None, guard=True, second_outputs=None):
     """The multistep step of order 3 through the first three outputs of ``history`` (newest first), falling back per
-    sample to ``second()`` (a callable giving that step's second-order result, computed only when the guard acts)
-    where the extrapolation is unreliable.  A fourth output in ``history`` only feeds the guard.
+    sample to a second-order step (computed only when a sample may fall back) where the extrapolation is
+    unreliable: the paper's 2M (``midpoint_2m_step``), or with ``second_outputs`` = k the history step through the
+    first k outputs (``data_prediction_step``).  A fourth output in ``history`` only feeds the guard.
 
     The Taylor series of the step (DPM-Solver++ Eq. 9) converges when each term is smaller than the one before:
     with x1, x2, x3 the first-, second- and third-order results (norms per sample), a sample keeps x3 if
@@ -312,26 +368,68 @@ def guarded_step(x, table, i, history, second, eta=0.0, scales=None, guard=True)
     series, and the quadratic extrapolation of D'' then amplifies the error instead of cancelling it.  A hard
     switch: bounding the correction continuously measured far worse, so a sample near a threshold can flip with
     rounding (fp16).
+
+    Cost: every candidate is (sigma_t/sigma_s) e^{-eta h} x + sum_j w_j outputs_j (Eq. 9 with the derivatives
+    folded into one weight per output) with the same x term, so x3 - x2 is sum_j (w3_j - w2_j) outputs_j: the
+    scalar weights first, then one product of the weight differences with the stacked outputs for all the
+    differences, x2 only where the first test does not keep every sample and x3 only where some sample keeps it.
+    The differences carry no rounding of the shared x term, so a sample within rounding of a threshold may decide
+    otherwise than from the difference of the two rounded results.
     """
     lams, outputs = history
-    third = data_prediction_step(x, table, i, history=(lams[:3], outputs[:3]), eta=eta, scales=scales)
-    if not guard or table.sigma[i + 1] == 0 or GUARD_RATIO is None or table.h[i] < GUARD_MIN_STEP:
-        return third
-    second = second()
-    first = data_prediction_step(x, table, i, [outputs[0]], eta=eta)
-    dims = tuple(range(1, x.ndim))
+    if table.sigma[i + 1] == 0:  # the step into sigma = 0 returns D
+        return data_prediction_step(x, table, i, history=(lams[:3], outputs[:3]), eta=eta, scales=scales)
+    # The candidates' weights on outputs_j (the x term is the same in all, and cancels in every difference)
+    w3 = data_prediction_weights(table, i, lams[:3], eta, scales)  # x3: the step itself
 
-    def squared(value):
-        return value.square().sum(dims)
+    def third():  # data_prediction_step(x, table, i, history=(lams[:3], outputs[:3]), eta=eta, scales=scales)
+        return _combine(x * _x_scale(table, i, eta), outputs, w3)
 
-    correction, size = squared(third - second), squared(second)
-    keep = (correction <= GUARD_RATIO ** 2 * squared(second - first)) | (correction <= GUARD_NEGLIGIBLE ** 2 * size)
-    if scales is not None and eta == 0 and len(lams) > 3 and all(map(math.isfinite, lams)):
-        taylor = data_prediction_step(x, table, i, history=(lams[:3], outputs[:3]), eta=eta)
-        cubic = data_prediction_step(x, table, i, history=(lams[:4], outputs[:4]), eta=eta)
-        keep |= (correction <= GUARD_NEXT_SMALL ** 2 * size) & (
-            squared(cubic - taylor) <= GUARD_NEXT_TERM ** 2 * squared(taylor - second))
-    return torch.where(keep.reshape(-1, *[1] * (x.ndim - 1)), third, second)
+    if not guard or GUARD_RATIO is None or table.h[i] < GUARD_MIN_STEP:
+        return third()
+    if second_outputs is None:  # x2: the step it falls back to
+        w2 = _midpoint_2m_weights(table, i, lams, eta)
+    else:
+        w2 = data_prediction_weights(table, i, lams[:second_outputs], eta)
+    w1 = [table.alpha[i + 1] * psi(1, (1.0 + eta) * table.h[i])]  # x1: DDIM / DPM-Solver++(1)
+
+    def weight(w, j):
+        return w[j] if j < len(w) and w[j] is not None else 0.0  # None: an output the step leaves out
+
+    def norm(a, b):
+        """|xa - xb| = |sum_j (a_j - b_j) outputs_j| per sample."""
+        total = None
+        for j, output in enumerate(outputs[:max(len(a), len(b))]):
+            difference = weight(a, j) - weight(b, j)
+            if difference == 0.0:
+                continue
+            if total is None:
+                total = output * difference
+            else:
+                total.add_(output, alpha=difference)
+        if total is None:  # the same step
+            return x.new_zeros(x.shape[0])
+        return torch.linalg.vector_norm(total.reshape(x.shape[0], -1), dim=1)
+
+    correction = norm(w3, w2)  # |x3 - x2|
+    keep = correction <= GUARD_RATIO * norm(w2, w1)  # |x3 - x2| <= GUARD_RATIO |x2 - x1|
+    if bool(keep.all()):
+        return third()
+    if second_outputs is None:
+        second = midpoint_2m_step(x, table, i, lams, outputs, eta)
+    else:
+        second = data_prediction_step(x, table, i, history=(lams[:second_outputs], outputs[:second_outputs]), eta=eta)
+    size = torch.linalg.vector_norm(second.reshape(x.shape[0], -1), dim=1)  # |x2|
+    keep |= correction <= GUARD_NEGLIGIBLE * size
+    official_ode = scales is not None and eta == 0 and len(lams) > 3 and all(map(math.isfinite, lams))
+    if official_ode and not bool(keep.all()):
+        taylor = data_prediction_weights(table, i, lams[:3], eta)  # x3t: the Taylor step through three outputs
+        cubic = data_prediction_weights(table, i, lams[:4], eta)  # x4t: through four
+        # |x3 - x2| <= GUARD_NEXT_SMALL |x2| and |x4t - x3t| <= GUARD_NEXT_TERM |x3t - x2|
+        keep |= (correction <= GUARD_NEXT_SMALL * size) & (norm(cubic, taylor) <= GUARD_NEXT_TERM * norm(taylor, w2))
+    if not bool(keep.any()):
+        return second
+    return torch.where(keep.reshape(-1, *[1] * (x.ndim - 1)), third(), second)
 
 
 def data_prediction_noise_scale(table, i, eta):

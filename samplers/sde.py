@@ -38,7 +38,8 @@ import math
 from .common import SamplerRun, check_choice, check_nonnegative
 from .dpmpp import OFFICIAL_3M_SCALES, SOLVER_TYPES_3M
 from .exponential import (NOISE_TYPES, batch_seeds, data_prediction_noise_scale, data_prediction_step,
-                          guarded_step, make_noise, noise_prediction_noise_scale, noise_prediction_step)
+                          guarded_step, make_noise, midpoint_2m_step, noise_prediction_noise_scale,
+                          noise_prediction_step)
 
 SOLVER_TYPES_2M_SDE = ("midpoint", "heun")
 NOISE_DEVICES = ("latent", "cpu")
@@ -313,11 +314,9 @@ def sample_dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, disabl
         """The drift of a second-order step: the paper's 2M (midpoint, ``sample_dpmpp_2m_sde``'s default), except the
         official form's warm-up step, which keeps k-diffusion's Taylor weight (so with guard=False and
         lower_order_final=False the official form is k-diffusion's sampler)."""
-        warm_up = len(lams) == 2
-        if math.isfinite(lams[1]) and not (warm_up and solver_type == "official"):
-            return data_prediction_step(x, t, i, [outputs[0]], eta=eta, midpoint=(
-                outputs[0] - outputs[1], t.h[i] / (t.lam[i] - lams[1])))
-        return data_prediction_step(x, t, i, history=(lams[:2], outputs[:2]), eta=eta)
+        if len(lams) == 2 and solver_type == "official":  # warm-up
+            return data_prediction_step(x, t, i, history=(lams[:2], outputs[:2]), eta=eta)
+        return midpoint_2m_step(x, t, i, lams, outputs, eta)
 
     # newest first, four outputs (the fourth feeds the guard only); lambda = -inf at a flow model's sigma = 1
     lams, outputs = [], []
@@ -330,8 +329,7 @@ def sample_dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, disabl
             drift = second_order(x, i, lams, outputs) if order == 2 and t.sigma[i + 1] > 0 else None
             x = _data_sde_step(x, run, i, [denoised], eta, s_noise, noise, drift=drift)
             continue
-        drift = guarded_step(x, t, i, (lams, outputs), lambda: second_order(x, i, lams, outputs), eta=eta,
-                             scales=scales, guard=guard)
+        drift = guarded_step(x, t, i, (lams, outputs), eta=eta, scales=scales, guard=guard)
         x = _data_sde_step(x, run, i, None, eta, s_noise, noise, drift=drift)
     return run.finish(x)
 

@@ -591,7 +591,7 @@ def sample_dpm_solver_v3(model, x, sigmas, extra_args=None, callback=None, disab
         elif plan.rho_predictor[i] >= 3:  # a flow start: guarded as the 3M's third-order steps
             count = plan.rho_predictor[i]
             x = guarded_step(x, t, i, ([t.lam[j] for j in range(i, i - count, -1)], [outputs[j] for j in range(
-                i, i - count, -1)]), lambda: _step_in_rho(x, t, i, i, count - 1, outputs))
+                i, i - count, -1)]), second_outputs=count - 1)  # second order: _step_in_rho(x, t, i, i, count - 1)
         else:  # a flow start: the steps whose points reach sigma = 1 (the first one: DDIM)
             x = _step_in_rho(x, t, i, i, plan.rho_predictor[i], outputs)
     return run.finish(x)

@@ -366,3 +366,51 @@ def test_thresholding_bounds_predictions(sampler):
     assert out.abs().max().item() <= 1 + 1e-12
     plain = sampler(pixels.denoiser(), sample_noise(4, (8,), seed=13) * 14.6, karras_sigmas(10), disable=True)
     assert plain.abs().max().item() > 1.5  # without thresholding the data's scale (+-2.5) comes back
+
+
+def _guard_by_full_candidates(x, table, i, lams, outputs, eta, scales):
+    """The 3M guard's rule (``exponential.guarded_step``) evaluated the direct way: every candidate step in full."""
+    from dpm_solver_nodes.samplers.exponential import (GUARD_NEGLIGIBLE, GUARD_NEXT_SMALL, GUARD_NEXT_TERM,
+                                                       GUARD_RATIO, data_prediction_step, midpoint_2m_step)
+
+    def norm(value):
+        return value.flatten(1).norm(dim=1)
+
+    x3 = data_prediction_step(x, table, i, history=(lams[:3], outputs[:3]), eta=eta, scales=scales)
+    x2 = midpoint_2m_step(x, table, i, lams, outputs, eta)
+    x1 = data_prediction_step(x, table, i, [outputs[0]], eta=eta)
+    keep = (norm(x3 - x2) <= GUARD_RATIO * norm(x2 - x1)) | (norm(x3 - x2) <= GUARD_NEGLIGIBLE * norm(x2))
+    if scales is not None and eta == 0 and len(lams) > 3 and all(map(math.isfinite, lams)):
+        x3t = data_prediction_step(x, table, i, history=(lams[:3], outputs[:3]))
+        x4t = data_prediction_step(x, table, i, history=(lams[:4], outputs[:4]))
+        keep |= (norm(x3 - x2) <= GUARD_NEXT_SMALL * norm(x2)) & (norm(x4t - x3t) <= GUARD_NEXT_TERM * norm(x3t - x2))
+    return torch.where(keep[:, None], x3, x2), keep
+
+
+@pytest.mark.parametrize("model_kind,sigmas,i", [("eps", [14.6, 8.0, 4.0, 2.0, 0.9], 3),
+                                                 ("flow", [0.95, 0.85, 0.7, 0.5, 0.3], 3),
+                                                 ("flow", [1.0, 0.9, 0.7, 0.5, 0.3], 3),  # a fourth output at sigma 1
+                                                 ("flow", [1.0, 0.8, 0.6, 0.3], 2)])  # the third one: rho
+@pytest.mark.parametrize("eta,scales", [(0.0, (1.0, 1.0, 0.5)), (0.0, None), (1.0, (1.0, 1.0, 0.5)), (0.5, None)])
+def test_guarded_step_is_its_rule_on_the_full_candidate_steps(model_kind, sigmas, i, eta, scales):
+    """The guard forms its differences from the outputs' weights (x cancels) and the second-order step only where a
+    sample may fall back; on samples whose D'' and D' terms span 1e-5 to 10 and 3e-3 to 3 it decides as the rule
+    on the full candidates does and returns the same tensor, bit for bit (float64)."""
+    from dpm_solver_nodes.samplers.exponential import guarded_step
+    from dpm_solver_nodes.samplers.schedule import StepTable
+
+    table = StepTable.build(torch.tensor(sigmas, dtype=torch.float64), noise_schedule(model_kind))
+    lams = [table.lam[j] for j in range(i, -1, -1)]
+    generator = torch.Generator().manual_seed(5)
+    base, slope, bend = (torch.randn(64, 8, generator=generator, dtype=torch.float64) for _ in range(3))
+    size = torch.logspace(-5, 1, 64, dtype=torch.float64)  # of D'' (bend) next to D' (slope), over the samples
+    curvature, ramp = size[:, None], size[torch.randperm(64, generator=generator)][:, None].sqrt()
+    outputs = [base + j * 0.1 * ramp * slope + j ** 2 * 0.1 * curvature * bend for j in range(len(lams))]
+    x = torch.randn(64, 8, generator=generator, dtype=torch.float64) * table.sigma[i] + base * table.alpha[i]
+    expected, keep = _guard_by_full_candidates(x, table, i, lams, outputs, eta, scales)
+    assert 0 < int(keep.sum()) < 64  # both branches taken
+    assert torch.equal(guarded_step(x, table, i, (lams, outputs), eta=eta, scales=scales), expected)
+    for kept in (keep.all(), ~keep.any()):  # the shortcuts: every sample keeps x3, or none does
+        rows = keep if kept else ~keep
+        subset = [output[rows] for output in outputs]
+        assert torch.equal(guarded_step(x[rows], table, i, (lams, subset), eta=eta, scales=scales), expected[rows])
