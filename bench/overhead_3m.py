@@ -11,22 +11,14 @@ Gaussian mixtures (``equality``).
 import argparse
 import importlib
 import math
-import time
 
 import torch
+
+from .run import time_call
 
 
 def trivial_model(x, sigma, **_):
     return x * 0.5
-
-
-def best_of(fn, repeats):
-    best = math.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def runs(package, label):
@@ -124,13 +116,13 @@ def measure(baseline=None, repeats=15, steps=20, batches=(1, 4)):
     rows = []
     for batch in batches:
         x = torch.randn((batch, 4, 64, 64), generator=torch.Generator().manual_seed(0)) * 14.6
-        bare = best_of(lambda: [trivial_model(x, None) for _ in range(100)], repeats) / 100
+        bare = time_call(lambda: [trivial_model(x, None) for _ in range(100)], repeats) / 100
         for fn in table.values():
             fn(trivial_model, x, sigmas)  # warm-up
         best = dict.fromkeys(table, math.inf)
         for _ in range(repeats):  # interleaved, so that a slow spell of the machine hits every sampler
             for name, fn in table.items():
-                best[name] = min(best[name], best_of(lambda: fn(trivial_model, x, sigmas), 1))
+                best[name] = min(best[name], time_call(lambda: fn(trivial_model, x, sigmas), 1))
         overhead = {name: max(seconds - steps * bare, 0.0) / steps * 1e3 for name, seconds in best.items()}
         rows += [dict(sampler=name, shape=f"{batch}x4x64x64", overhead_ms_per_nfe=value,
                       ratio_to_kdiff_dpmpp_2m=value / overhead["kdiff 2M"]) for name, value in overhead.items()]
