@@ -62,7 +62,8 @@ from ..samplers.common import NonFiniteError
 from ..samplers.schedule import check_model_kind
 from . import tuning
 from .ems import EMS
-from .settings import CHECK_NFES, ESTIMATOR_VERSION, JVP_BACKENDS, REDUCTIONS, SAMPLE_SOURCES
+from .settings import (CHECK_NFES, CHECK_STEPS_FACTOR, ESTIMATOR_VERSION, JVP_BACKENDS, MAX_CHECK_SAMPLES,
+                       REDUCTIONS, SAMPLE_SOURCES, check_rows_per_sample, least_N)
 
 logger = logging.getLogger("dpm_solver_nodes")
 
@@ -433,9 +434,6 @@ def _validate(x0, sigma_min, sigma_max, model_kind, N, K, reduction, jvp, fd_ste
 
 
 
-CHECK_STEPS_FACTOR = 4  # the check's reference steps: 4 x the largest NFE it judges (EMSSettings.check_plan)
-MAX_CHECK_SAMPLES = 16
-
 
 def _rows_per_sample(jvp, n_probes, samples, substeps):
     """Model rows per sample and grid node as the estimator counts them (forward_rows + jvp_rows): forward AD (and
@@ -448,7 +446,7 @@ def _rows_per_sample(jvp, n_probes, samples, substeps):
 def _check_samples(rows, K, nfes):
     """Samples of the v3-vs-DPM-Solver++(2M) check within ``rows`` (as ``EMSSettings.check_plan``: at most 16 and
     K, each costing its reference's steps + a v3 and a 2M run per NFE); 0 where fewer than 2 fit."""
-    per_sample = CHECK_STEPS_FACTOR * max(nfes) + 2 * sum(nfes)
+    per_sample = check_rows_per_sample(CHECK_STEPS_FACTOR * max(nfes), nfes)
     samples = min(MAX_CHECK_SAMPLES, K, int(rows) // per_sample)
     return samples if samples >= 2 else 0
 
@@ -457,20 +455,15 @@ def _tuning_minimum(nfes, guided):
     """(rows of the cheapest tuning: 2 samples per set, the family's two ends; rows of the cheapest check)."""
     pack = 1 if guided else len(tuning.PACK_SOLVERS)
     return (tuning.tuning_rows(tuning.MIN_SAMPLES, tuple(nfes), len(tuning.FAMILY_ENDS), pack=pack),
-            2 * (CHECK_STEPS_FACTOR * max(nfes) + 2 * sum(nfes)))
-
-
-def _minimum_N(needed_rows, K, per_row):
-    """The smallest N whose estimation, (N + 1) K per_row + 10 rows, reaches ``needed_rows``."""
-    return max(2, -(-(needed_rows - 10) // (K * per_row)) - 1)
+            2 * check_rows_per_sample(CHECK_STEPS_FACTOR * max(nfes), nfes))
 
 
 def _budget_message(N, K, rows, per_row, nfes, guided):
     tuning_needed, check_needed = _tuning_minimum(nfes, guided)
     return (f"estimate_ems(tune=True): N = {N}, K = {K} give the estimation {rows} model rows, too few both to tune "
-            f"the fit ({tuning_needed} rows: N >= {_minimum_N(tuning_needed, K, per_row)} at K = {K}) "
+            f"the fit ({tuning_needed} rows: N >= {least_N(tuning_needed, K, per_row)} at K = {K}) "
             f"and to check v3 against DPM-Solver++(2M) ({check_needed} rows: N >= "
-            f"{_minimum_N(check_needed, K, per_row)} at K = {K}); unchecked EMS can make v3 far worse than "
+            f"{least_N(check_needed, K, per_row)} at K = {K}); unchecked EMS can make v3 far worse than "
             "DPM-Solver++ (issue 12).  Raise N or K, or pass tune=False for the raw paper fit without any check")
 
 def estimate_ems(model, x0, sigma_min, sigma_max, *, model_kind="eps", N=DEFAULT_N, K=None,
@@ -698,7 +691,7 @@ def estimate_ems(model, x0, sigma_min, sigma_max, *, model_kind="eps", N=DEFAULT
                 raise ValueError(_budget_message(N, K, rows, per_row, tune_nfes, guided))
             logger.warning("DPM-Solver-v3 EMS: the estimation's %d model rows are too few to tune the fit (%d needed: "
                            "N >= %d at K = %d); running the v3-vs-DPM-Solver++(2M) check instead", rows,
-                           _tuning_minimum(tune_nfes, guided)[0], _minimum_N(_tuning_minimum(tune_nfes, guided)[0],
+                           _tuning_minimum(tune_nfes, guided)[0], least_N(_tuning_minimum(tune_nfes, guided)[0],
                                                                                   K, per_row), K)
     (l, s, b), errors = _finish(state, lambdas, stat_shape, smooth, sb_window, s_ridge)
     estimator = "forward_ad" if state.backend == "forward" else f"{state.backend}(h={fd_step:g})"

@@ -27,7 +27,18 @@ SAMPLE_SOURCES = ("diffused", "trajectory")
 GUIDANCE_MODES = ("guided", "uncond")
 CHECK_NFES = (5, 6, 8, 10, 15, 20)
 MAX_CHECK_SAMPLES = 16
+CHECK_STEPS_FACTOR = 4  # the check's reference steps: 4 x the largest NFE it judges (a coarser one judges itself)
 JVP_ROW_COST = 2  # a JVP row costs about 2-3 forward rows; the check budget counts it as 2
+
+
+def check_rows_per_sample(steps, nfes) -> int:
+    """Model rows of one sample of the v3-vs-DPM-Solver++(2M) check: its reference, then a v3 and a 2M run per NFE."""
+    return steps + 2 * sum(nfes)
+
+
+def least_N(needed_rows, K, rows_per_node) -> int:
+    """The smallest grid N whose estimation, (N + 1) K rows_per_node + 10 model rows, reaches ``needed_rows``."""
+    return max(2, -(-(needed_rows - 10) // (K * rows_per_node)) - 1)
 
 
 def _integer(name, value, minimum, maximum=None):
@@ -122,18 +133,15 @@ class EMSSettings:
     def unverified_reason(self):
         """None where the EMS job will tune or check v3 (or ``check_samples=0`` opts out on purpose); else why these
         settings leave no budget for the v3 check, so v3 would run unverified at every NFE (the job refuses them)."""
-        if self.check_samples is not None or self.check_plan()[0] > 0:
+        _, steps, nfes = plan = self.check_plan()
+        if self.check_samples is not None or plan[0] > 0:
             return None
-        steps = self.check_steps if self.check_steps is not None else 4 * max(self.check_nfes, default=1)
-        nfes = tuple(n for n in self.check_nfes if 4 * n <= steps)
         if not nfes:
             return (f"check_nfes {self.check_nfes} with check_steps {steps}: no NFE can be checked (each needs "
-                    f"check_steps >= 4 x NFE), so v3 would run unverified; raise check_steps, or set "
-                    f"check_samples=0 to store unchecked EMS on purpose")
-        needed = 2 * (steps + 2 * sum(nfes))
-        per_row = self.tuning_budget() - 10
-        per_n = per_row // (self.N + 1)
-        n_min = max(self.N, -(-(needed - 10) // per_n) - 1)
+                    f"check_steps >= {CHECK_STEPS_FACTOR} x NFE), so v3 would run unverified; raise check_steps, or "
+                    f"set check_samples=0 to store unchecked EMS on purpose")
+        needed = 2 * check_rows_per_sample(steps, nfes)
+        n_min = least_N(needed, self.K, (self.tuning_budget() - 10) // ((self.N + 1) * self.K))
         return (f"N = {self.N}, K = {self.K} are too small to check DPM-Solver-v3 against DPM-Solver++ on this model "
                 f"({self.tuning_budget()} model rows; the check needs {needed}), so v3 would run unverified at every "
                 f"NFE: use N >= {n_min} at K = {self.K} (or a larger K), or set check_samples=0 to store unchecked "
@@ -153,11 +161,12 @@ class EMSSettings:
     def check_plan(self):
         """(samples, reference steps, NFEs) of the check; samples 0 means no check.  Only NFEs with 4 x NFE <=
         steps are judged (a coarser reference would judge itself)."""
-        steps = self.check_steps if self.check_steps is not None else 4 * max(self.check_nfes, default=1)
-        nfes = tuple(n for n in self.check_nfes if 4 * n <= steps)
+        steps = self.check_steps if self.check_steps is not None else CHECK_STEPS_FACTOR * max(self.check_nfes,
+                                                                                                default=1)
+        nfes = tuple(n for n in self.check_nfes if CHECK_STEPS_FACTOR * n <= steps)
         if not nfes:
             return 0, steps, ()
-        per_sample = steps + 2 * sum(nfes)
+        per_sample = check_rows_per_sample(steps, nfes)
         if self.check_samples is not None:
             return min(self.check_samples, self.K) if self.check_samples >= 2 else 0, steps, nfes
         samples = min(MAX_CHECK_SAMPLES, self.K, self.tuning_budget() // per_sample)
