@@ -371,8 +371,8 @@ def guarded_step(x, table, i, history, eta=0.0, scales=None, guard=True, second_
 
     Cost: every candidate is (sigma_t/sigma_s) e^{-eta h} x + sum_j w_j outputs_j (Eq. 9 with the derivatives
     folded into one weight per output) with the same x term, so x3 - x2 is sum_j (w3_j - w2_j) outputs_j: the
-    scalar weights first, then one product of the weight differences with the stacked outputs for all the
-    differences, x2 only where the first test does not keep every sample and x3 only where some sample keeps it.
+    scalar weights first, then one weighted sum of the outputs per difference tested, x2 only where the first test
+    does not keep every sample and x3 only where some sample keeps it.
     The differences carry no rounding of the shared x term, so a sample within rounding of a threshold may decide
     otherwise than from the difference of the two rounded results.
     """
