@@ -537,12 +537,11 @@ def sample_dpm_solver_v3(model, x, sigmas, extra_args=None, callback=None, disab
         sigmas = _snap_sigmas(sigmas, ems, noise_schedule(model_kind))
     decision, reason = _decided(ems, len(sigmas) - 1)
     if reason and fallback:
-        from .dpmpp import sample_dpmpp_2m, sample_dpmpp_3m
+        from . import SAMPLERS  # the decision solvers' names are its keys
         from .ems_data import SOLVER_NAMES
-        from .unipc import sample_unipc
 
         logger.info("DPM-Solver-v3: %s; running %s instead", reason, SOLVER_NAMES[decision.solver])
-        solver = {"dpmpp_2m": sample_dpmpp_2m, "dpmpp_3m": sample_dpmpp_3m, "unipc": sample_unipc}[decision.solver]
+        solver = SAMPLERS[decision.solver]
         # the solver as the tuning measured it: its own final step for the model kind (flow: extrapolated D)
         return solver(model, x, sigmas, extra_args, callback, disable, model_kind=model_kind,
                       final_step="stop" if final_step == "stop" else None)

@@ -268,10 +268,10 @@ def sampling_sigmas(nfe, sigma_min, sigma_max, model_kind):
 
 
 def pack_solver(name):
-    from ..samplers.dpmpp import sample_dpmpp_2m, sample_dpmpp_3m
-    from ..samplers.unipc import sample_unipc
+    """The sampler of a decision solver name (``samplers.ems_data.DECISION_SOLVERS`` are ``samplers.SAMPLERS`` keys)."""
+    from ..samplers import SAMPLERS
 
-    return {"dpmpp_2m": sample_dpmpp_2m, "dpmpp_3m": sample_dpmpp_3m, "unipc": sample_unipc}[name]
+    return SAMPLERS[name]
 
 
 def fit_statistics(state, lambdas, stat_shape, fit):
