@@ -106,7 +106,7 @@ def what_v3_runs(ems, steps, fallback=True):
     if decision is not None and decision.solver != "v3":
         return (f"DPM-Solver-v3 ran {SOLVER_NAMES[decision.solver]} at {steps} steps: the EMS tuning measured it "
                 f"better than v3 at {decision.nfe} steps (EMS: {ems.decision_summary()})", True)
-    measured = f" (measured at {decision.nfe} steps: {decision.ratio:.2f}x the error of DPM-Solver++/UniPC)" \
+    measured = f" (measured at {decision.nfe} steps: {decision.ratio:.2f}x the error of the best other solver measured)" \
         if decision is not None else ""
     return f"DPM-Solver-v3 with EMS at {steps} steps{measured}", False
 

@@ -104,7 +104,7 @@ def summarize_decisions(decisions) -> str:
         if solver == "v3":
             low, high = min(d.ratio for d in chosen), max(d.ratio for d in chosen)
             span = f"{low:.2f}x" if f"{low:.2f}" == f"{high:.2f}" else f"{low:.2f}-{high:.2f}x"
-            text += f" ({span} the error of DPM-Solver++/UniPC)"
+            text += f" ({span} the error of the best other solver measured)"
             if not all(d.corrector for d in chosen):
                 text += f", corrector off at {', '.join(str(d.nfe) for d in chosen if not d.corrector)}"
         parts.append(text)
@@ -195,7 +195,7 @@ class EMSData:
 
     def decision_summary(self) -> str:
         """One line for people: which solver DPM-Solver-v3 runs at which step count, from ``decisions``, e.g.
-        "v3 at 6, 8, 10 steps (0.61-0.77x the error of DPM-Solver++/UniPC); DPM-Solver++(2M) at 5 steps; other step counts
+        "v3 at 6, 8, 10 steps (0.61-0.77x the error of the best other solver measured); DPM-Solver++(2M) at 5 steps; other step counts
         follow the nearest".  Without decisions: v3 runs at every step count."""
         return summarize_decisions(self.decisions)
 

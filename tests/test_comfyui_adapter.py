@@ -691,7 +691,7 @@ def test_v3_says_when_it_runs_without_ems_or_falls_back(fake_comfy_model_samplin
         comfy_sampling.sample_dpm_solver_v3(Wrapper(), sample_noise(2, (4, 1, 1), seed=5) * 14.0, eight,
                                             disable=True, ems=ems)
     assert not caplog.records
-    assert shown[-1] == "DPM-Solver-v3 with EMS at 8 steps (measured at 8 steps: 0.70x the error of DPM-Solver++/UniPC)"
+    assert shown[-1] == "DPM-Solver-v3 with EMS at 8 steps (measured at 8 steps: 0.70x the error of the best other solver measured)"
 
 
 def test_ems_node_outcome_text_names_the_file_the_cost_and_the_decisions():
@@ -705,7 +705,7 @@ def test_ems_node_outcome_text_names_the_file_the_cost_and_the_decisions():
                          phases={"x0": {"rows": 160, "seconds": 5.0}, "estimate": {"rows": 2434, "seconds": 40.1},
                                  "tune": {"rows": 1482, "seconds": 30.0}})
     assert comfy_ems.outcome_text(computed) == (
-        "DPM-Solver-v3 with these EMS: v3 at 6, 8 steps (0.61-0.69x the error of DPM-Solver++/UniPC); DPM-Solver++(2M) "
+        "DPM-Solver-v3 with these EMS: v3 at 6, 8 steps (0.61-0.69x the error of the best other solver measured); DPM-Solver++(2M) "
         "at 5 steps; other step counts follow the nearest.\n"
         "EMS computed in 1 min 15 s (4,076 model rows: samples 5 s, statistics 40 s, tuning 30 s); saved as "
         "sd15_cfg7.5_ab12.safetensors. Tuned on 3 + 3 fresh samples: fit window_0.5.")

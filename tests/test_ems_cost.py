@@ -236,7 +236,7 @@ def test_decision_summary_says_which_solver_runs_at_which_step_count():
     decisions = [NFEDecision(5, "dpmpp_2m", 1.0), NFEDecision(6, "v3", 0.69), NFEDecision(8, "v3", 0.61, False),
                  NFEDecision(10, "v3", 0.77), NFEDecision(15, "dpmpp_3m", 1.0)]
     assert summarize_decisions(decisions) == (
-        "v3 at 6, 8, 10 steps (0.61-0.77x the error of DPM-Solver++/UniPC), corrector off at 8; DPM-Solver++(2M) at 5 "
+        "v3 at 6, 8, 10 steps (0.61-0.77x the error of the best other solver measured), corrector off at 8; DPM-Solver++(2M) at 5 "
         "steps; DPM-Solver++(3M) at 15 steps; other step counts follow the nearest")
     assert summarize_decisions([]) == "v3 at every step count (these EMS carry no per-step decisions)"
     assert summarize_decisions([(8, "dpmpp_2m", 1.0)]).startswith("v3 at no step count; DPM-Solver++(2M) at 8")
