@@ -93,22 +93,25 @@ def _check_ems_model(model, ems):
                  expected[:16], actual[:16])
 
 
-def what_v3_runs(ems, steps, fallback=True):
+def what_v3_runs(ems, steps, fallback=True, sigmas=None, model_kind=None):
     """(text, warn): which solver ``samplers.sample_dpm_solver_v3`` runs at ``steps`` steps with ``ems`` (its
-    fallback rule: the stored decision for the nearest NFE), and whether that deserves a warning (no EMS, or a
-    decision that sends this step count to another solver: DPM-Solver++(2M)/(3M) or UniPC)."""
-    from ..samplers.ems_data import SOLVER_NAMES
+    fallback rule: the stored decision for the nearest NFE), and whether that deserves a warning (no EMS, a
+    decision that sends this step count to another solver: DPM-Solver++(2M)/(3M) or UniPC, or ``sigmas`` that are
+    not the spacing the decision was measured on: ``ems_data.spacing_note``)."""
+    from ..samplers.ems_data import SOLVER_NAMES, spacing_note
 
     if ems is None:
         return ("DPM-Solver-v3 without EMS: l = 1, s = b = 0 (DPM-Solver++ with the v3 corrector); compute EMS for this "
                 "model with the 'DPM-Solver-v3 EMS compute' node", True)
     decision = ems.decision_for(steps) if fallback else None
+    note = spacing_note(sigmas, model_kind) if decision is not None and sigmas is not None and model_kind else None
+    note = f"; {note}" if note else ""
     if decision is not None and decision.solver != "v3":
         return (f"DPM-Solver-v3 ran {SOLVER_NAMES[decision.solver]} at {steps} steps: the EMS tuning measured it "
-                f"better than v3 at {decision.nfe} steps (EMS: {ems.decision_summary()})", True)
+                f"better than v3 at {decision.nfe} steps (EMS: {ems.decision_summary()}){note}", True)
     measured = f" (measured at {decision.nfe} steps: {decision.ratio:.2f}x the error of the best other solver measured)" \
         if decision is not None else ""
-    return f"DPM-Solver-v3 with EMS at {steps} steps{measured}", False
+    return f"DPM-Solver-v3 with EMS at {steps} steps{measured}{note}", bool(note)
 
 
 def sample_dpm_solver_v3(model, x, sigmas, extra_args=None, callback=None, disable=None, ems=None, **options):
@@ -124,7 +127,7 @@ def sample_dpm_solver_v3(model, x, sigmas, extra_args=None, callback=None, disab
     else:
         _check_ems_model(model, ems)
     steps = len(sigmas) - 1
-    text, warn = what_v3_runs(ems, steps, options.get("fallback", True))
+    text, warn = what_v3_runs(ems, steps, options.get("fallback", True), sigmas, kind)
     if warn:
         log_once(("v3-runs", id(ems), steps), logging.WARNING, "%s", text)
     show_text(text)

@@ -89,6 +89,42 @@ def validate_decisions(decisions) -> tuple:
 
 SOLVER_NAMES = {"v3": "v3", "dpmpp_2m": "DPM-Solver++(2M)", "dpmpp_3m": "DPM-Solver++(3M)", "unipc": "UniPC"}
 
+# The steps the EMS job's tuning and check measure their decisions on (``stats.tuning.sampling_sigmas``): uniform in
+# lambda = -log sigma from sigma_max (eps), uniform in sigma from 1 (flow).  Which of v3 and the pack's solvers wins
+# at an NFE depends on the schedule (bench/results_ems_schedule_transfer.md), so a stored ratio describes runs on
+# these steps only.
+DECISION_SPACING = {"eps": "uniform in log sigma", "flow": "uniform in sigma"}
+SPACING_TOLERANCE = 0.05
+
+
+def spacing_deviation(sigmas, model_kind) -> float:
+    """How far a run's positive sigmas are from the decisions' spacing (``DECISION_SPACING``): the largest distance
+    of a point from the uniform spacing between the first and the last positive sigma, as a fraction of that span
+    (eps: in log sigma; flow: in sigma).  0 for fewer than three positive sigmas."""
+    check_model_kind(model_kind)
+    values = torch.as_tensor(sigmas, dtype=torch.float64).flatten()
+    values = values[values > 0]
+    if values.numel() < 3:
+        return 0.0
+    if model_kind == "eps":
+        values = values.log()
+    span = (values[-1] - values[0]).abs().item()
+    if span == 0:
+        return 0.0
+    uniform = torch.linspace(values[0].item(), values[-1].item(), values.numel(), dtype=torch.float64)
+    return (values - uniform).abs().max().item() / span
+
+
+def spacing_note(sigmas, model_kind):
+    """None where ``sigmas`` are the decisions' spacing (within ``SPACING_TOLERANCE``), else one sentence saying
+    that the stored decisions and ratios were measured on other steps."""
+    deviation = spacing_deviation(sigmas, model_kind)
+    if deviation <= SPACING_TOLERANCE:
+        return None
+    return (f"the EMS decisions were measured on steps {DECISION_SPACING[model_kind]}; this schedule is "
+            f"{deviation:.0%} of its span away from that, so whether v3 or the solver a decision names is better "
+            f"on it was not measured")
+
 
 def summarize_decisions(decisions) -> str:
     """``EMSData.decision_summary`` for a sequence of ``NFEDecision`` (validated here)."""

@@ -437,6 +437,22 @@ def _decided(ems, steps):
                       f"(stored error ratio {decision.ratio:.2f}; this run: {steps} steps)")
 
 
+_spacing_noted = weakref.WeakKeyDictionary()  # EMS -> step counts whose off-spacing run was logged
+
+
+def _note_spacing(ems, sigmas, model_kind):
+    """Log once per EMS and step count where a run's sigmas are not the spacing the EMS's decisions were measured
+    on (``ems_data.spacing_note``): the decision still applies, its ratio does not describe this run."""
+    from .ems_data import spacing_note
+
+    note = spacing_note(sigmas, model_kind)
+    steps = len(sigmas) - 1
+    if note is None or steps in _spacing_noted.setdefault(ems, set()):
+        return
+    _spacing_noted[ems].add(steps)
+    logger.info("DPM-Solver-v3 at %d steps: %s (bench/results_ems_schedule_transfer.md)", steps, note)
+
+
 def _check_v3_options(ems, flags):
     """``ems`` must be EMS data (or None) and the on/off options real bools: a file name or "no" is a mistake."""
     if ems is not None and not isinstance(ems, EMSData):
@@ -536,6 +552,8 @@ def sample_dpm_solver_v3(model, x, sigmas, extra_args=None, callback=None, disab
 
         sigmas = _snap_sigmas(sigmas, ems, noise_schedule(model_kind))
     decision, reason = _decided(ems, len(sigmas) - 1)
+    if decision is not None and fallback:
+        _note_spacing(ems, sigmas, model_kind)
     if reason and fallback:
         from . import SAMPLERS  # the decision solvers' names are its keys
         from .ems_data import SOLVER_NAMES

@@ -685,13 +685,25 @@ def test_v3_says_when_it_runs_without_ems_or_falls_back(fake_comfy_model_samplin
     warnings = [r.getMessage() for r in caplog.records if "ran DPM-Solver++(2M) at 4 steps" in r.getMessage()]
     assert len(warnings) == 1 and "v3 at 8 steps" in warnings[0]  # once, with the EMS's whole summary
     assert shown[-1].startswith("DPM-Solver-v3 ran DPM-Solver++(2M) at 4 steps")
-    eight = torch.tensor([14.0, 8.0, 5.0, 3.0, 1.5, 0.8, 0.3, 0.1, 0.0], dtype=torch.float64)
+    # on the spacing the decisions were measured on (uniform in log sigma): the stored ratio, no warning
+    eight = torch.cat([torch.linspace(math.log(14.0), math.log(0.1), 8, dtype=torch.float64).exp(),
+                       torch.zeros(1, dtype=torch.float64)])
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="dpm_solver_nodes"):
         comfy_sampling.sample_dpm_solver_v3(Wrapper(), sample_noise(2, (4, 1, 1), seed=5) * 14.0, eight,
                                             disable=True, ems=ems)
     assert not caplog.records
     assert shown[-1] == "DPM-Solver-v3 with EMS at 8 steps (measured at 8 steps: 0.70x the error of the best other solver measured)"
+    # on another schedule the node says that the ratio was not measured there, and warns once
+    other = torch.tensor([14.0, 8.0, 5.0, 3.0, 1.5, 0.8, 0.3, 0.1, 0.0], dtype=torch.float64)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="dpm_solver_nodes"):
+        for _ in range(2):
+            comfy_sampling.sample_dpm_solver_v3(Wrapper(), sample_noise(2, (4, 1, 1), seed=5) * 14.0, other,
+                                                disable=True, ems=ems)
+    assert shown[-1].startswith("DPM-Solver-v3 with EMS at 8 steps (measured at 8 steps: 0.70x")
+    assert "measured on steps uniform in log sigma; this schedule is 14% of its span away" in shown[-1]
+    assert [r.levelno for r in caplog.records if "measured on steps" in r.getMessage()] == [logging.WARNING]
 
 
 def test_ems_node_outcome_text_names_the_file_the_cost_and_the_decisions():

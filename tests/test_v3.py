@@ -526,3 +526,36 @@ def test_parity_with_official_code(tmp_path):
                                         disable=True, **options)
             # the official code keeps times in float32; measured 6e-7 .. 2e-5 absolute on values of 8 .. 25
             assert (ours - theirs).abs().max().item() < 1e-4 * theirs.abs().max().item(), (steps, options)
+
+
+def test_decisions_say_which_schedule_they_were_measured_on(mixture_case, caplog):
+    """The EMS job measures its per-NFE decisions on ``stats.tuning.sampling_sigmas`` (uniform in log sigma for eps,
+    in sigma for flow); which of v3 and the pack's solvers wins depends on the schedule
+    (bench/results_ems_schedule_transfer.md), so a run on other sigmas is told so, once per EMS and step count."""
+    from dpm_solver_nodes.embedded.model import DiscreteVPSchedule
+    from dpm_solver_nodes.samplers.ems_data import SPACING_TOLERANCE, spacing_deviation, spacing_note
+    from dpm_solver_nodes.samplers.sigmas import karras, make_sigmas, shifted, with_zero
+    from dpm_solver_nodes.stats.tuning import sampling_sigmas
+
+    for n in (2, 5, 10, 20):
+        assert spacing_deviation(sampling_sigmas(n, 0.0292, 14.6, "eps"), "eps") < 1e-12
+        assert spacing_deviation(sampling_sigmas(n, 0.002, 0.999, "flow"), "flow") < 1e-12
+        # an img2img tail of the spacing is the spacing
+        assert spacing_deviation(sampling_sigmas(2 * n, 0.0292, 14.6, "eps")[n:], "eps") < 1e-12
+    for n in (5, 10, 20):
+        assert spacing_deviation(with_zero(karras(n, 0.0292, 14.6)), "eps") > 2 * SPACING_TOLERANCE
+        discrete = DiscreteVPSchedule()
+        assert spacing_deviation(make_sigmas("time_uniform", n, "eps", discrete=discrete), "eps") > 0.2
+        assert spacing_deviation(shifted(n, 3.0), "flow") > 0.15
+        assert spacing_deviation(shifted(n, 1.0), "flow") < 1e-12  # shift 1 is uniform in sigma
+    assert spacing_note(sampling_sigmas(8, 0.0292, 14.6, "eps"), "eps") is None
+    assert "measured on steps uniform in sigma" in spacing_note(shifted(8, 3.0), "flow")
+    _, model, x = mixture_case
+    ems = EMS.degenerate(torch.linspace(-3.0, 6.0, 21)).replace(decisions=[(6, "v3", 0.8)])
+    on = sampling_sigmas(6, 0.002, SIGMA_MAX, "eps")
+    off = with_zero(karras(6, 0.002, SIGMA_MAX))
+    with caplog.at_level(logging.INFO, logger="dpm_solver_nodes"):
+        for sigmas in (on, off, off):
+            sample_dpm_solver_v3(model, x, sigmas, ems=ems, disable=True)
+    noted = [r.getMessage() for r in caplog.records if "measured on steps" in r.getMessage()]
+    assert len(noted) == 1 and noted[0].startswith("DPM-Solver-v3 at 6 steps: the EMS decisions were measured")

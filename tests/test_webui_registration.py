@@ -400,20 +400,25 @@ def test_v3_runs_what_the_ems_decision_says_records_it_and_warns_on_a_fallback(c
                        p.extra_generation_params["DPM-Solver-v3 ran"])
     out, ran = runs[5]
     assert torch.equal(out, sample_dpmpp_2m(MIXTURE.denoiser(), x, karras(5), disable=True))
-    assert ran == "DPM-Solver++(2M) (the EMS check chose it over v3 at 5 NFE; stored error ratio 1.30)"
+    # Karras sigmas are not the spacing the decisions were measured on: said in the infotext and the warning
+    assert ran == ("DPM-Solver++(2M) (the EMS check chose it over v3 at 5 NFE; stored error ratio 1.30; not on this "
+                   "schedule)")
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
-    assert warnings == ["DPM-Solver-v3: the EMS check chose DPM-Solver++(2M) over v3 at 5 NFE (stored error ratio "
-                        "1.30); this 5-step run uses DPM-Solver++(2M)"]
+    assert len(warnings) == 2, warnings
+    assert warnings[0].startswith("DPM-Solver-v3: the EMS check chose DPM-Solver++(2M) over v3 at 5 NFE (stored "
+                                  "error ratio 1.30); this 5-step run uses DPM-Solver++(2M); the EMS decisions were "
+                                  "measured on steps uniform in log sigma")
+    assert warnings[1].startswith("DPM-Solver-v3 at 11 steps: the EMS decisions were measured on steps uniform")
     out, ran = runs[11]
     assert torch.equal(out, sample_dpm_solver_v3(MIXTURE.denoiser(), x, karras(11), disable=True, ems=ems,
                                                  use_corrector=False))
     assert not torch.equal(out, sample_dpm_solver_v3(MIXTURE.denoiser(), x, karras(11), disable=True, ems=ems,
                                                      use_corrector=True))
-    assert ran == "v3 with EMS, corrector off (checked at 10 NFE: error ratio 0.80)"
+    assert ran == "v3 with EMS, corrector off (checked at 10 NFE: error ratio 0.80; not on this schedule)"
     registration.forget_warnings()            # a checkpoint change: the next fallback warns again
     function(WebUIModel(p=types.SimpleNamespace(cfg_scale=3.0, extra_generation_params={})), x, sigmas=karras(5),
              extra_args={}, disable=True)
-    assert len([r for r in caplog.records if r.levelno >= logging.WARNING]) == 2
+    assert len([r for r in caplog.records if r.levelno >= logging.WARNING]) == 3
 
 
 def test_adaptive_records_the_model_calls_it_made_whatever_steps_says():
@@ -805,3 +810,27 @@ def test_recommended_schedule_registration_is_idempotent():
     entry = listed[-1]
     assert entry.need_inner_model and entry.default_rho == -1 and entry.function is schedulers.recommended_scheduler
     assert module.schedulers_map["dpm_solver_recommended"] is entry is module.schedulers_map["DPM-Solver recommended"]
+
+
+def test_v3_outcome_says_when_the_schedule_is_not_the_one_the_decision_was_measured_on():
+    """Infotext "DPM-Solver-v3 ran" and the console warning: a stored ratio describes runs on the spacing the EMS job
+    measured it on (``stats.tuning.sampling_sigmas``); on Karras sigmas the user is told it was not measured."""
+    from dpm_solver_nodes.samplers.sigmas import karras, with_zero
+    from dpm_solver_nodes.stats import EMS
+    from dpm_solver_nodes.stats.tuning import sampling_sigmas
+
+    ems = EMS.degenerate(torch.linspace(-2.6, 3.5, 11), channels=4).replace(
+        decisions=[(5, "dpmpp_2m", 1.0), (10, "v3", 0.7)])
+    options = {"order": 2, "use_corrector": None}
+    on = sampling_sigmas(10, 0.0292, 14.6, "eps")
+    ran, warning = registration.v3_outcome(ems, 10, options, "file", on, "eps")
+    assert ran == "v3 with EMS, corrector on (checked at 10 NFE: error ratio 0.70)" and warning is None
+    off = with_zero(karras(10, 0.0292, 14.6))
+    ran, warning = registration.v3_outcome(ems, 10, options, "file", off, "eps")
+    assert ran.endswith("error ratio 0.70; not on this schedule)")
+    assert warning.startswith("DPM-Solver-v3 at 10 steps: the EMS decisions were measured on steps uniform in log")
+    ran, warning = registration.v3_outcome(ems, 5, options, "file", with_zero(karras(5, 0.0292, 14.6)), "eps")
+    assert ran.startswith("DPM-Solver++(2M) (the EMS check chose it") and "not on this schedule" in ran
+    assert "this 5-step run uses DPM-Solver++(2M); the EMS decisions were measured" in warning
+    # without sigmas (older callers) nothing changes
+    assert registration.v3_outcome(ems, 10, options, "file")[1] is None

@@ -136,9 +136,9 @@ class Host:
 DEFAULT_HOST = Host()   # the WebUI's; the entry script points its find_ems at the EMS store
 
 
-def v3_options(model, x, model_kind, p, host, steps=None):
+def v3_options(model, x, model_kind, p, host, steps=None, sigmas=None):
     """DPM-Solver-v3 keyword options from the settings and the EMS, and the infotext fields that reproduce them and
-    say what ran (``v3_outcome``; ``steps``: the run's step count).  Corrector "Automatic" follows the EMS's
+    say what ran (``v3_outcome``; ``steps``: the run's step count, ``sigmas``: its schedule).  Corrector "Automatic" follows the EMS's
     per-NFE decision where the EMS carry one, else the official rule (on below CFG 5)."""
     opts = host.opts
     order = settings.get(opts, "dpm_solver_v3_order")
@@ -156,21 +156,22 @@ def v3_options(model, x, model_kind, p, host, steps=None):
     infotext = {"DPM-Solver-v3 order": order, "DPM-Solver-v3 corrector": corrector,
                 "DPM-Solver-v3 use EMS": use_ems, "DPM-Solver-v3 EMS": description}
     if steps is not None:
-        ran, warning = v3_outcome(ems, steps, options, description)
+        ran, warning = v3_outcome(ems, steps, options, description, sigmas, model_kind)
         infotext[V3_RAN_INFOTEXT] = ran
         if warning:
             warn_once(warning)
     return options, infotext
 
 
-def v3_outcome(ems, steps, options, description="none"):
+def v3_outcome(ems, steps, options, description="none", sigmas=None, model_kind=None):
     """(what DPM-Solver-v3 runs for ``steps`` model calls with ``options``, a warning or None).
 
     The sampler's own rule (``samplers.v3.sample_dpm_solver_v3`` with ``fallback=True``), read from the EMS's public
     per-NFE decisions (``EMSData.decision_for``): with EMS, the decision at the checked NFE nearest ``steps`` picks
     v3, DPM-Solver++(2M)/(3M) or UniPC; without EMS, v3 is DPM-Solver++ with the v3 corrector, or the paper's
-    DPM-Solver++(2M)/(3M) when the corrector is off.  The warning says why a run is not v3 with EMS: that is
-    logged at WARNING, the level the WebUI shows by default."""
+    DPM-Solver++(2M)/(3M) when the corrector is off.  The warning says why a run is not v3 with EMS, or that
+    ``sigmas`` are not the spacing the decision was measured on (``ems_data.spacing_note``): that is logged at
+    WARNING, the level the WebUI shows by default."""
     order, use_corrector = options["order"], options["use_corrector"]
     if ems is None:
         why = ("EMS are off in Settings -> DPM-Solver" if description == "off" else
@@ -181,18 +182,22 @@ def v3_outcome(ems, steps, options, description="none"):
                     f"DPM-Solver-v3: {why}; without EMS and corrector it runs {solver}")
         return ("DPM-Solver++ with the v3 corrector (no EMS)",
                 f"DPM-Solver-v3: {why}; running DPM-Solver++ with the v3 corrector")
+    from ...samplers.ems_data import spacing_note
+
     decision = ems.decision_for(steps)
     if decision is None:
         return "v3 with EMS (no per-NFE check stored)", None
+    note = spacing_note(sigmas, model_kind) if sigmas is not None and model_kind else None
     if decision.solver == "v3":
         corrector = decision.corrector if use_corrector is None else use_corrector
-        return (f"v3 with EMS, corrector {'on' if corrector else 'off'} (checked at {decision.nfe} NFE: error "
-                f"ratio {decision.ratio:.2f})"), None
+        ran = (f"v3 with EMS, corrector {'on' if corrector else 'off'} (checked at {decision.nfe} NFE: error "
+               f"ratio {decision.ratio:.2f}{'; not on this schedule' if note else ''})")
+        return ran, (f"DPM-Solver-v3 at {steps} steps: {note}" if note else None)
     solver = SOLVER_NAMES[decision.solver]
     return (f"{solver} (the EMS check chose it over v3 at {decision.nfe} NFE; stored error ratio "
-            f"{decision.ratio:.2f})",
+            f"{decision.ratio:.2f}{'; not on this schedule' if note else ''})",
             f"DPM-Solver-v3: the EMS check chose {solver} over v3 at {decision.nfe} NFE (stored error ratio "
-            f"{decision.ratio:.2f}); this {steps}-step run uses {solver}")
+            f"{decision.ratio:.2f}); this {steps}-step run uses {solver}" + (f"; {note}" if note else ""))
 
 
 SOLVER_NAMES = {"v3": "DPM-Solver-v3", "dpmpp_2m": "DPM-Solver++(2M)", "dpmpp_3m": "DPM-Solver++(3M)", "unipc": "UniPC"}
@@ -254,7 +259,7 @@ def run_entry(entry, model, x, sigmas, extra_args, callback, disable, injected, 
             if name in injected:
                 kwargs[name] = float(injected[name])
     if entry.uses_ems:
-        options, infotext = v3_options(model, x, kind, p, host, steps=len(sigmas) - 1)
+        options, infotext = v3_options(model, x, kind, p, host, steps=len(sigmas) - 1, sigmas=sigmas)
         kwargs.update(options)
     if p is not None and infotext and hasattr(p, "extra_generation_params"):
         p.extra_generation_params.update(infotext)
