@@ -32,7 +32,8 @@ import torch
 
 from .common import SamplerRun, check_choice, check_positive_int
 from .ems_data import EMSData
-from .exponential import data_prediction_step, guarded_step
+from .dpmpp import _final_step, _resolve_final_step
+from .exponential import data_prediction_step, extrapolated_denoised, guarded_step
 
 logger = logging.getLogger("dpm_solver_nodes")
 
@@ -466,7 +467,7 @@ def _check_v3_options(ems, flags):
 
 def sample_dpm_solver_v3(model, x, sigmas, extra_args=None, callback=None, disable=None, *, ems=None, order=2,
                          p_pseudo=False, use_corrector=None, c_pseudo=True, lower_order_final=True, half=None,
-                         half_sigma=None, model_kind="eps", final_step="denoise", refine=1, snap=False,
+                         half_sigma=None, model_kind="eps", final_step=None, refine=1, snap=False,
                          fallback=True):
     """DPM-Solver-v3 (Algorithm 2): multistep predictor with the EMS-based update and a corrector at no extra NFE.
 
@@ -500,9 +501,14 @@ def sample_dpm_solver_v3(model, x, sigmas, extra_args=None, callback=None, disab
         correctors whose points reach it are DPM-Solver++ steps (l = 1, s = b = 0) with D interpolated in
         rho = -log sigma (``exponential.rho_weights``) and keep their order; the EMS form takes over after them.
         No corrector redoes the step out of sigma = 1.
-      final_step: "denoise" (a trailing 0 returns that step's denoised output, corrected when the corrector ran at
-        that point) or "stop" (drop the trailing 0 and return x at the last positive sigma).  A schedule ending at
-        a positive sigma returns x there, unevaluated (official behaviour).
+      final_step: for a trailing 0: "denoise" returns that step's denoised output (corrected when the corrector ran
+        at that point), "extrapolate" that output extrapolated to sigma = 0 with the previous point's (second order,
+        ``exponential.extrapolated_denoised``, as DPM-Solver++(2M)/(3M) do), "stop" drops the trailing 0 and
+        returns x at the last positive sigma.  None (default): "auto" as DPM-Solver++(2M) (``dpmpp._final_step``):
+        "extrapolate" on flow models whose last positive sigma is coarse (the hosts' shift-3 schedule up to ~24
+        steps), else "denoise"; on shift 3 the final jump is most of the error, and with "denoise" v3 had 1.0-3.6x
+        the 2M's error there (bench/results_ems_schedule_transfer.md).  A schedule ending at a positive sigma
+        returns x there, unevaluated (official behaviour).
       refine: split every EMS grid cell into this many trapezoid cells (l, s, b interpolated linearly), cutting
         the O(dlambda^2) quadrature error of the coefficients by refine^2 at refine times the (small) setup cost.
       fallback: where the EMS carry a decision (``ems.decisions``, from the EMS job's tuning or check) that sends the
@@ -524,6 +530,7 @@ def sample_dpm_solver_v3(model, x, sigmas, extra_args=None, callback=None, disab
     check_positive_int("order", order, maximum=3)
     check_choice("half", half, HALF_CHOICES)
     check_positive_int("refine", refine, maximum=64)
+    final_step = _final_step(final_step)  # None -> "auto"
     if ems is None and fallback and use_corrector is False and order >= 2 and not snap:
         # v3 with l = 1, s = b = 0 and no corrector is DPM-Solver++ with Taylor weights: run the paper's form instead
         from .dpmpp import sample_dpmpp_2m, sample_dpmpp_3m
@@ -534,7 +541,8 @@ def sample_dpm_solver_v3(model, x, sigmas, extra_args=None, callback=None, disab
             logger.info("DPM-Solver-v3 without EMS and without corrector is DPM-Solver++: running %s (logged once)",
                         "DPM-Solver++(3M)" if order == 3 else "DPM-Solver++(2M)")
         return solver(model, x, sigmas, extra_args, callback, disable, model_kind=model_kind,
-                      lower_order_final=bool(lower_order_final), final_step=final_step)
+                      lower_order_final=bool(lower_order_final),
+                      final_step=None if final_step == "auto" else final_step)
     if ems is None:
         if not _warned_without_ems:
             _warned_without_ems = True
@@ -570,8 +578,10 @@ def sample_dpm_solver_v3(model, x, sigmas, extra_args=None, callback=None, disab
                     "running order 3 instead of %d at this %d-step run", decision.nfe, decision.ratio, order,
                     len(sigmas) - 1)
         order = 3
-    run = SamplerRun(model, x, sigmas, extra_args, callback, disable, model_kind=model_kind, final_step=final_step)
+    run = SamplerRun(model, x, sigmas, extra_args, callback, disable, model_kind=model_kind,
+                     final_step="stop" if final_step == "stop" else "denoise")
     t = run.table
+    final_step = _resolve_final_step(final_step, t, model_kind)
     x = run.start(x)
     options = {"order": order, "p_pseudo": bool(p_pseudo), "use_corrector": bool(use_corrector),
                "c_pseudo": bool(c_pseudo), "lower_order_final": bool(lower_order_final), "half": half,
@@ -579,9 +589,11 @@ def sample_dpm_solver_v3(model, x, sigmas, extra_args=None, callback=None, disab
     plan = _cached_plan(ems, t, x.shape, x.dtype, x.device, options)
     history = {}  # point index -> f (the model output in the v3 parameterization)
     outputs = {}  # a flow start: point index -> D for the steps in rho (points 0 .. order)
+    previous = None  # (lambda, D) of the point before the last, for final_step="extrapolate"
     for i in run.range():
         denoised = run.denoise(x, i)
         final = t.sigmas[i + 1] == 0
+        before_final = final_step == "extrapolate" and i + 2 < len(t.sigmas) and t.sigmas[i + 2] == 0
         if plan.rho_predictor and i <= order:
             outputs[i] = denoised
         if i in plan.a:
@@ -595,12 +607,16 @@ def sample_dpm_solver_v3(model, x, sigmas, extra_args=None, callback=None, disab
                     corrected = _combine(A, K, W, x_previous, history)
                 else:
                     corrected = _step_in_rho(x_previous, t, i - 1, i, plan.rho_corrector[i], outputs)
-                if final or run.callback is not None:
+                if final or before_final or run.callback is not None:
                     denoised = torch.addcmul(denoised, a, corrected - x)
                 x = corrected
         run.report(x, i, denoised)
         if final:
+            if final_step == "extrapolate" and previous is not None:
+                denoised = extrapolated_denoised([t.lam[i], previous[0]], [denoised, previous[1]])
             return run.finish(denoised)
+        if before_final:
+            previous = (t.lam[i], denoised)
         x_previous = x
         if i in plan.predictor:
             A, K, W = plan.predictor[i]
