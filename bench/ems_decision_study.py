@@ -14,16 +14,17 @@ exact ODE solution cheap) the default-path EMS (``estimate_ems``, K = 32: its fi
 per-sample errors against the exact ODE solution (DOP853, rtol 1e-12) of every decision candidate (v3 of that fit,
 with / without corrector, order 2 and (unguided) 3, ``fallback=False``; our 2M, 3M (guarded default), UniPC bh2) at
 5-20 NFE on ``POOL`` samples of tuning-like noise (seed 9001) and on the study's evaluation noise (seed 4242, 64).
-The tuning's own reference (3M Taylor, 100 steps) is 0.01-0.3 % of the candidates' errors away from the exact
-solution on the violating cells (bench/results_ems_decision.md), so exact references stand in for it here.
+The tuning's own reference (3M Taylor, 100 steps) moves the candidates' errors against the exact solution by at
+most 1 % at 5-10 NFE on the violating cells (``reference``; bench/results_ems_decision.md), so exact references
+stand in for it here.
 
 ``replay``: draws ``DRAWS`` disjoint (selection, report) pairs of S samples from the pool for S = 7, 14, 28, 56, applies
 a decision rule (``decide``: the code's, stats.tuning, and variants) and scores its decision on the evaluation noise:
 mean over draws of the issue 12 criterion violations at 5-10 NFE (a v3 cell above 0.9 at guidance 1, any decided cell
 above 1.00 of the best of 2M / 3M / UniPC, both as rounded to two digits) and of the mean log ratio over all cells.
 The fit is not re-chosen per draw (it is the default path's, chosen on its own 6-7 samples).
-Sets: ``study`` (bench/ems_tuning_study.MIXTURES: the rules were compared there) and ``held`` (mixtures with seeds
-5151-5656 that no earlier study used; looked at after the comparison on ``study``).
+Sets: ``study`` (bench/ems_tuning_study.MIXTURES) and ``held`` (mixtures with seeds 5151-5656 that no earlier study
+used).  The pooled rule was fixed before this study (guided12-archive, chosen on ``study``); ``held`` checks it.
 """
 from __future__ import annotations
 
