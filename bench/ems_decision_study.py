@@ -3,6 +3,7 @@
     python -m dpm_solver_nodes.bench.ems_decision_study collect SET [--out DIR]   # SET: study | held
     python -m dpm_solver_nodes.bench.ems_decision_study replay SET [SET ...] [--out DIR] [--eval 512]
     python -m dpm_solver_nodes.bench.ems_decision_study reference
+    python -m dpm_solver_nodes.bench.ems_decision_study defaults study held   # after collect --eval 512 [--N 200]
 
 ``reference``: the tuning's reference (our 3M Taylor at 100 steps on ``sampling_sigmas``, as
 ``stats.tuning.reference_jobs``) against the exact ODE solution (mixtures) or 3M at 500 steps (embedded eps) on 20
@@ -17,6 +18,9 @@ with / without corrector, order 2 and (unguided) 3, ``fallback=False``; our 2M, 
 The tuning's own reference (3M Taylor, 100 steps) moves the candidates' errors against the exact solution by at
 most 1 % at 5-10 NFE on the violating cells (``reference``; bench/results_ems_decision.md), so exact references
 stand in for it here.
+
+``defaults``: both rules at the default S per model of N = 100 and N = 200 (``collect --N 200``: the estimation,
+its fit choice and its EMS at that N), 512 evaluation samples.
 
 ``replay``: draws ``DRAWS`` disjoint (selection, report) pairs of S samples from the pool for S = 7, 14, 28, 56, applies
 a decision rule (``decide``: the code's, stats.tuning, and variants) and scores its decision on the evaluation noise:
@@ -55,7 +59,7 @@ def _per(out, ref):
     return (out.double() - ref.double()).pow(2).flatten(1).mean(1).sqrt()
 
 
-def collect_case(mixture, cfg, evaluation=None):
+def collect_case(mixture, cfg, evaluation=None, N=None):
     from ..samplers.dpmpp import sample_dpmpp_2m, sample_dpmpp_3m
     from ..samplers.unipc import sample_unipc
     from ..samplers.v3 import sample_dpm_solver_v3
@@ -68,7 +72,7 @@ def collect_case(mixture, cfg, evaluation=None):
         x0 = generate_x0(model, shape, 32, case["sigma_max"], case["sigma_min"], kind, steps=100, seed=0,
                          batch_size=32, dtype=dtype)
     ems = estimate_ems(model, x0, case["sigma_min"], case["sigma_max"], model_kind=kind, K=32,
-                       metadata={"cfg": repr(cfg)})
+                       metadata={"cfg": repr(cfg)}, **({} if N is None else {"N": N}))
     pool = torch.randn((POOL,) + shape, generator=torch.Generator().manual_seed(9001), dtype=dtype)
     held = torch.randn((evaluation or st.EVAL,) + shape, generator=torch.Generator().manual_seed(4242), dtype=dtype)
     noise = torch.cat([pool, held])
@@ -93,13 +97,13 @@ def collect_case(mixture, cfg, evaluation=None):
                 decisions={n: (d.solver, d.corrector, d.order) for n, d in decisions.items()})
 
 
-def collect(which, out_dir, evaluation=None):
+def collect(which, out_dir, evaluation=None, N=None):
     out = []
     for mixture, cfg in cases_of(which):
         started = time.process_time()
-        out.append(collect_case(mixture, cfg, evaluation))
+        out.append(collect_case(mixture, cfg, evaluation, N))
         print(out[-1]["name"], cfg, f"{time.process_time() - started:.0f} s", flush=True)
-        pickle.dump(out, open(pathlib.Path(out_dir) / f"decision_{which}{evaluation or ''}.pkl", "wb"))
+        pickle.dump(out, open(pathlib.Path(out_dir) / f"decision_{which}{evaluation or ''}{f'_N{N}' if N else ''}.pkl", "wb"))
 
 
 def _logs(a, b):
@@ -200,6 +204,34 @@ def replay(sets, out_dir, sizes=(7, 14, 28, 56), evaluation=None):
     return lines
 
 
+def replay_defaults(sets, out_dir, evaluation=512):
+    """Both rules at each N's default S per model (``tuning.tuning_plan`` of that N's estimation rows: 6 / 7 at
+    N = 100, 12 / 15 at N = 200), on the records of ``collect --eval 512`` and ``collect --eval 512 --N 200``."""
+    rules = {"code before": {}, "pooled (the code now)": {"pooled": True}}
+    lines = ["| N | default S (unguided / guided) | rule | " + " | ".join(sets) + " |", "|---|---|---|" + "---|" * len(sets)]
+    for N, sizes in ((100, (6, 7)), (200, (12, 15))):
+        for name, rule in rules.items():
+            cells = []
+            for which in sets:
+                path = pathlib.Path(out_dir) / f"decision_{which}{evaluation}{'' if N == 100 else f'_N{N}'}.pkl"
+                records = pickle.load(open(path, "rb"))
+                g = torch.Generator().manual_seed(1)
+                violations, logsum, count = 0.0, 0.0, 0
+                for _ in range(DRAWS):
+                    perm = torch.randperm(POOL, generator=g)
+                    for r in records:
+                        size = sizes[1] if r["guided"] else sizes[0]
+                        for nfe in NFES:
+                            ratio, bad = score(r, nfe, decide(r, nfe, perm[:size], perm[size:2 * size], rule))
+                            violations += bad
+                            logsum += math.log(min(ratio, 1e6))
+                            count += 1
+                cells.append(f"{violations / DRAWS:.2f} / {logsum / count:+.3f}")
+            lines.append(f"| {N} | {sizes[0]} / {sizes[1]} | {name} | " + " | ".join(cells) + " |")
+            print(lines[-1], flush=True)
+    return lines
+
+
 def reference_check():
     from ..samplers.dpmpp import sample_dpmpp_2m, sample_dpmpp_3m
     from ..samplers.unipc import sample_unipc
@@ -240,18 +272,21 @@ def reference_check():
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=("collect", "replay", "reference"))
+    parser.add_argument("command", choices=("collect", "replay", "reference", "defaults"))
     parser.add_argument("sets", nargs="*", choices=("study", "held"))
     parser.add_argument("--out", default="/tmp")
+    parser.add_argument("--N", type=int, default=None, help="estimate_ems's N (default its own)")
     parser.add_argument("--eval", type=int, default=None,
                         help="evaluation samples (seed 4242; default the study's 64, whose first rows they extend)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     if args.command == "reference":
         reference_check()
+    elif args.command == "defaults":
+        print("\n".join(replay_defaults(args.sets, args.out)))
     elif args.command == "collect":
         for which in args.sets:
-            collect(which, args.out, args.eval)
+            collect(which, args.out, args.eval, args.N)
     else:
         print("\n".join(replay(args.sets, args.out, evaluation=args.eval)))
 
