@@ -295,3 +295,24 @@ def test_the_pack_candidates_and_what_each_tuning_stored():
             if decision.solver != "v3":
                 assert decision.solver in tuning.pack_solvers(metadata, case[3], decision.nfe), (case, decision)
     assert "UniPC at 10 steps" in summarize_decisions([(5, "v3", 0.5), (10, "unipc", 0.8)])
+
+
+def test_v3_decision_pools_both_sets_up_to_10_nfe_and_the_report_mean_vetoes():
+    """``tuning.v3_clearly_better``: up to POOLED_UP_TO NFE the paired log ratios of both sets decide (one standard
+    error), above it the selection set alone; the report set's mean error vetoes v3 at every NFE."""
+    t = lambda *v: torch.tensor(v, dtype=torch.float64)
+    ones = t(1.0, 1.0, 1.0)
+    # selection alone: log ratios -0.69, -0.69, +0.69 (mean -0.23, one SE 0.46): not clearly better
+    sel, rep = t(0.5, 0.5, 2.0), t(0.5, 0.5, 0.5)
+    assert not tuning.clearly_better(sel, ones)
+    assert tuning.POOLED_UP_TO == 10
+    assert tuning.v3_clearly_better(10, sel, ones, rep, ones)  # six pooled samples: mean -0.46, SE 0.23
+    assert not tuning.v3_clearly_better(15, sel, ones, rep, ones)  # above 10 NFE the selection set alone
+    assert tuning.v3_clearly_better(15, t(0.5, 0.5, 0.5), ones, rep, ones)
+    # a heavy tail on the report set: the pooled logs still favour v3 (8 of 9 at 0.1x), the report mean (1.73) vetoes
+    strong = t(0.1, 0.1, 0.1)
+    assert tuning.clearly_better(torch.cat([strong, t(0.1, 0.1, 5.0)]), torch.cat([ones, ones]))
+    assert not tuning.v3_clearly_better(8, strong, ones, t(0.1, 0.1, 5.0), ones)
+    # a diverging v3 run on either set never wins
+    assert not tuning.v3_clearly_better(8, t(0.1, math.inf, 0.1), ones, strong, ones)
+    assert not tuning.v3_clearly_better(8, strong, ones, t(0.1, math.inf, 0.1), ones)
