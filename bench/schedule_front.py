@@ -1,0 +1,146 @@
+"""Issue 13, flow: the ratio / order front of our 2M's schedules against the issue's target.  Writes
+bench/results_schedule_front.md.
+
+    python -m dpm_solver_nodes.bench.schedule_front
+
+The target: our 2M (``sample_dpmpp_2m``, model_kind="flow") on a schedule <= 0.5x k-diffusion's 2M on the hosts'
+shift-3 schedule at 10, 15, 20 and 40 steps, and our 2M's order log2(err20 / err40) >= 1.8, on every model.
+Models and metric as in ``schedule_study`` (median over 64 samples of the per-sample RMS error of x0): its
+``SELECTION`` and ``HELD_OUT`` mixtures, a third set ``FRESH`` (seeds 40-59, d and component count drawn at random
+in 2..128 and 2..20 by ``random.Random(4059)``; never used to choose anything), and the embedded flow model with
+both noise seeds.  Candidates (all 1, then lambdas, then 0; ``flow_shift_mix`` is the recommended rule's mix of
+the shift-3 lambdas and uniform-lambda points):
+  recommended                  ``recommended_sigmas`` (w_k = 0.38 (1 - (k - 1) / (n - 2))^0.12, last point at
+                               lambda_L = 0.58 + 1.2 log n)
+  constant w                   the same mix with w_k = 0.38 to the end (taper 0): no long last step, so the last
+                               point sits below lambda_L
+  constant w, last w 0.19      constant w, the last point alone mixed with w = 0.19 (between the two above)
+  constant-w mix to a + b log n  w_k = w for every point, the uniform part stretched so that the last point is
+                               lambda = a + b log n, e^{lambda_1} = c h
+Not a test and not part of ``schedule_study``'s tables; about a minute at one thread.
+"""
+from __future__ import annotations
+
+import math
+import pathlib
+import random
+
+import torch
+
+from .schedule_study import EMBEDDED_NOISE_SEEDS, FLOW_SIGMA_MIN, HELD_OUT, SELECTION, embedded_problem, \
+    mixture_problems
+
+HERE = pathlib.Path(__file__).resolve().parent
+STEPS = (10, 15, 20, 40)
+_rng = random.Random(4059)
+FRESH = tuple((seed, _rng.randint(2, 128), _rng.randint(2, 20)) for seed in range(40, 60))
+
+
+def constant_weight(weight=0.38, last_weight=None, first_step=0.16):
+    """The recommended mix with w_k = weight for every point (the last one: last_weight, default weight)."""
+    from ..samplers import sigmas as S
+
+    lam_end = S.flow_lambda(FLOW_SIGMA_MIN)
+
+    def build(n):
+        lam_last = S.flow_last_lambda(n, lam_end)
+        sigmas = S.flow_shift_mix(n, lam_last, weight=weight, taper=0.0, first_step=first_step)
+        if last_weight is not None:
+            lam = -torch.logit(sigmas[1:-1])
+            host_last = min(float(-torch.logit(S.shifted(n, 3.0)[-2])), lam_last)
+            lam[-1] = last_weight * host_last + (1 - last_weight) * lam_last
+            assert bool((lam[1:] > lam[:-1]).all())
+            sigmas[1:-1] = torch.sigmoid(-lam)
+        return sigmas
+    return build
+
+
+def constant_weight_to(a, b, weight=0.38, first_step=0.16):
+    """w_k = weight for every point; the uniform part ends at U with weight * (shift-3's last lambda) +
+    (1 - weight) U = a + b log n, so the last point is there; e^{lambda_1} = first_step h."""
+    from ..samplers import sigmas as S
+
+    lam_end = S.flow_lambda(FLOW_SIGMA_MIN)
+
+    def build(n):
+        last = min(lam_end, a + b * math.log(n))
+        host = -torch.logit(S.shifted(n, 3.0)[1:-1])
+        end = (last - weight * float(host[-1])) / (1 - weight)
+        uniform = torch.linspace(S.flow_first_lambda(n, end, first_step), end, n - 1, dtype=torch.float64)
+        lam = weight * host.minimum(uniform) + (1 - weight) * uniform
+        return S.with_zero(torch.cat([torch.ones(1, dtype=torch.float64), torch.sigmoid(-lam)]))
+    return build
+
+
+def candidates():
+    from ..samplers.sigmas import recommended_sigmas
+
+    return {"recommended": lambda n: recommended_sigmas(n, FLOW_SIGMA_MIN, 1.0, "flow"),
+            "constant w 0.38": constant_weight(),
+            "constant w 0.38, last w 0.19": constant_weight(last_weight=0.19),
+            "constant w 0.38 to -1 + 1.6 log n": constant_weight_to(-1.0, 1.6),
+            "constant w 0.6 to -0.5 + 1.4 log n, e^lambda_1 = 0.08 h": constant_weight_to(-0.5, 1.4, 0.6, 0.08)}
+
+
+def problems():
+    from ..peers import load_kdiffusion
+    from ..samplers.sigmas import shifted
+
+    kd = load_kdiffusion()
+    out = list(mixture_problems("flow", SELECTION, "selection mixtures"))
+    out += list(mixture_problems("flow", HELD_OUT, "held-out mixtures"))
+    out += list(mixture_problems("flow", FRESH, "fresh mixtures"))
+    for group, seed in EMBEDDED_NOISE_SEEDS.items():
+        out.append(embedded_problem("flow", f"embedded ({group} noise)", seed))
+    for p in out:
+        p.peer = [p.error(lambda m, x, s, **kw: kd.sample_dpmpp_2m(m, x, s, **kw), shifted(n, 3.0)) for n in STEPS]
+    return out
+
+
+def measure(problem, build):
+    from ..samplers import sample_dpmpp_2m
+
+    errors = [problem.error(lambda m, x, s, **kw: sample_dpmpp_2m(m, x, s, model_kind="flow", **kw), build(n))
+              for n in STEPS]
+    return [e / b for e, b in zip(errors, problem.peer)], math.log2(errors[2] / errors[3])
+
+
+def _median(values):
+    values = sorted(values)
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+
+
+def run():
+    torch.set_num_threads(1)
+    models = problems()
+    groups = list(dict.fromkeys(p.group for p in models))
+    lines = ["# Flow schedules: the ratio / order front (issue 13)", "",
+             "Generated by `python -m dpm_solver_nodes.bench.schedule_front` (see its docstring).  Our 2M on the "
+             "candidate / k-diffusion's 2M on shift 3, worst / median over the set at 10, 15, 20, 40 steps; our "
+             "2M's order log2(err20 / err40), min / median; fails: models missing <= 0.5x at some step count or "
+             "order >= 1.8.", "",
+             "| candidate | set | models | 10 | 15 | 20 | 40 | order | fails |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, build in candidates().items():
+        results = {g: [] for g in groups}
+        for p in models:
+            results[p.group].append(measure(p, build))
+        for g in groups:
+            rows = results[g]
+            cells = [f"{max(r[0][i] for r in rows):.2f} / {_median([r[0][i] for r in rows]):.2f}"
+                     for i in range(len(STEPS))]
+            orders = [r[1] for r in rows]
+            fails = sum(max(r[0]) > 0.5 or r[1] < 1.8 for r in rows)
+            lines.append(f"| {name} | {g} | {len(rows)} | " + " | ".join(cells) +
+                         f" | {min(orders):.2f} / {_median(orders):.2f} | {fails} |")
+            print(lines[-1], flush=True)
+    return lines
+
+
+def main():
+    lines = run()
+    (HERE / "results_schedule_front.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
