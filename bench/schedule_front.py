@@ -17,7 +17,11 @@ the shift-3 lambdas and uniform-lambda points):
   constant w, last w 0.19      constant w, the last point alone mixed with w = 0.19 (between the two above)
   constant-w mix to a + b log n  w_k = w for every point, the uniform part stretched so that the last point is
                                lambda = a + b log n, e^{lambda_1} = c h
-Not a test and not part of ``schedule_study``'s tables; about a minute at one thread.
+Then ``order_ceiling``: over a grid of 108 schedules (``grid``: the recommended mix with other weights, tapers,
+first steps and lambda_L slopes, and constant-w mixes to a + b log n with several w, first steps and ends), per
+model the least error at 20 steps and the least at 40 steps (each schedule free to differ between the two) and
+log2(least err20 / least err40): the order a rule would measure if it were the grid's best at both step counts.
+Not a test and not part of ``schedule_study``'s tables; about five minutes at one thread.
 """
 from __future__ import annotations
 
@@ -82,6 +86,55 @@ def candidates():
             "constant w 0.6 to -0.5 + 1.4 log n, e^lambda_1 = 0.08 h": constant_weight_to(-0.5, 1.4, 0.6, 0.08)}
 
 
+def grid():
+    """name -> schedule: the 108 schedules ``order_ceiling`` takes the best of."""
+    import itertools
+
+    from ..samplers import sigmas as S
+
+    lam_end = S.flow_lambda(FLOW_SIGMA_MIN)
+    out = {}
+    for weight, taper, first, slope in itertools.product((0.25, 0.38, 0.5), (0.0, 0.06, 0.12, 0.25), (0.16, 0.32),
+                                                         (1.0, 1.2)):
+        out[f"mix w {weight} taper {taper} c {first} lambda_L 0.58 + {slope} log n"] = (
+            lambda n, w=weight, t=taper, c=first, b=slope:
+            S.flow_shift_mix(n, S.flow_last_lambda(n, lam_end, last=(0.58, b)), weight=w, taper=t, first_step=c))
+    for weight, first, (a, b) in itertools.product((0.38, 0.5, 0.6, 0.7, 0.8), (0.04, 0.08, 0.16),
+                                                   ((-1.0, 1.6), (-0.5, 1.4), (0.58, 1.2), (0.0, 1.5))):
+        out[f"constant w {weight} to {a} + {b} log n, c {first}"] = constant_weight_to(a, b, weight, first)
+    return out
+
+
+def order_ceiling(models):
+    from ..samplers import sample_dpmpp_2m
+
+    schedules = grid()
+    best = {p.name: [math.inf, math.inf] for p in models}
+    for build in schedules.values():
+        for i, n in enumerate((20, 40)):
+            sigmas = build(n)
+            for p in models:
+                e = p.error(lambda m, x, s, **kw: sample_dpmpp_2m(m, x, s, model_kind="flow", **kw), sigmas)
+                best[p.name][i] = min(best[p.name][i], e)
+    lines = ["", "## The order ceiling of the grid", "",
+             f"`order_ceiling`: per model, the least error of our 2M over {len(schedules)} schedules at 20 and at 40 "
+             "steps (the schedule may differ between the two), as ratios to k-diffusion's 2M on shift 3, and "
+             "log2(least err20 / least err40).", "",
+             "| set | model | least 20 | least 40 | log2(least20 / least40) |", "|---|---|---|---|---|"]
+    for p in models:
+        e20, e40 = best[p.name]
+        lines.append(f"| {p.group} | {p.name} | {e20 / p.peer[2]:.2f} | {e40 / p.peer[3]:.2f} | "
+                     f"{math.log2(e20 / e40):.2f} |")
+    groups = list(dict.fromkeys(p.group for p in models))
+    lines += ["", "| set | models | log2(least20 / least40) min / median | models below 1.8 |", "|---|---|---|---|"]
+    for g in groups:
+        values = [math.log2(best[p.name][0] / best[p.name][1]) for p in models if p.group == g]
+        lines.append(f"| {g} | {len(values)} | {min(values):.2f} / {_median(values):.2f} | "
+                     f"{sum(v < 1.8 for v in values)} |")
+    print("\n".join(lines[-len(groups) - 2:]), flush=True)
+    return lines
+
+
 def problems():
     from ..peers import load_kdiffusion
     from ..samplers.sigmas import shifted
@@ -134,7 +187,7 @@ def run():
             lines.append(f"| {name} | {g} | {len(rows)} | " + " | ".join(cells) +
                          f" | {min(orders):.2f} / {_median(orders):.2f} | {fails} |")
             print(lines[-1], flush=True)
-    return lines
+    return lines + order_ceiling(models)
 
 
 def main():
