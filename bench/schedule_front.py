@@ -17,7 +17,8 @@ the shift-3 lambdas and uniform-lambda points):
   constant w, last w 0.19      constant w, the last point alone mixed with w = 0.19 (between the two above)
   constant-w mix to a + b log n  w_k = w for every point, the uniform part stretched so that the last point is
                                lambda = a + b log n, e^{lambda_1} = c h
-Then ``order_ceiling``: over a grid of 108 schedules (``grid``: the recommended mix with other weights, tapers,
+Then ``bisection_check``: the recommended 20-step schedule refined to 38 steps by bisecting its lambda steps
+(ends kept) against ``recommended_sigmas(38)``.  Then ``order_ceiling``: over a grid of 108 schedules (``grid``: the recommended mix with other weights, tapers,
 first steps and lambda_L slopes, and constant-w mixes to a + b log n with several w, first steps and ends), per
 model the least error at 20 steps and the least at 40 steps (each schedule free to differ between the two) and
 log2(least err20 / least err40): the order a rule would measure if it were the grid's best at both step counts.
@@ -135,6 +136,31 @@ def order_ceiling(models):
     return lines
 
 
+def bisection_check(models, n=20):
+    """Our 2M on ``recommended_sigmas(n)`` refined two ways to 2n - 2 steps: ``recommended_sigmas(2n - 2)`` (its
+    ends move out: lambda_1 down, lambda_L up) and the n-step lambdas bisected (ends kept), as orders from n steps."""
+    from ..samplers import sample_dpmpp_2m
+    from ..samplers.sigmas import recommended_sigmas, with_zero
+
+    coarse = recommended_sigmas(n, FLOW_SIGMA_MIN, 1.0, "flow")
+    lam = -torch.logit(coarse[1:-1])
+    fine = torch.cat([torch.stack([lam[:-1], (lam[1:] + lam[:-1]) / 2], 1).flatten(), lam[-1:]])
+    bisected = with_zero(torch.cat([torch.ones(1, dtype=torch.float64), torch.sigmoid(-fine)]))
+    m = len(bisected) - 1
+    lines = ["", "## Refining by bisection", "",
+             f"`bisection_check`: our 2M's order from `recommended_sigmas({n})` to {m} steps, log(err{n} / err{m}) / "
+             f"log({m} / {n}), with `recommended_sigmas({m})` and with the {n}-step lambdas bisected (the first "
+             "and last lambda kept), and the bisected schedule's error / the recommended one's.", "",
+             "| set | model | order, recommended | order, bisected | bisected / recommended |", "|---|---|---|---|---|"]
+    for p in models:
+        def error(sigmas):
+            return p.error(lambda md, x, s, **kw: sample_dpmpp_2m(md, x, s, model_kind="flow", **kw), sigmas)
+        e_n, e_rec, e_bis = error(coarse), error(recommended_sigmas(m, FLOW_SIGMA_MIN, 1.0, "flow")), error(bisected)
+        lines.append(f"| {p.group} | {p.name} | {math.log(e_n / e_rec) / math.log(m / n):.2f} | "
+                     f"{math.log(e_n / e_bis) / math.log(m / n):.2f} | {e_bis / e_rec:.2f} |")
+    return lines
+
+
 def problems():
     from ..peers import load_kdiffusion
     from ..samplers.sigmas import shifted
@@ -187,7 +213,7 @@ def run():
             lines.append(f"| {name} | {g} | {len(rows)} | " + " | ".join(cells) +
                          f" | {min(orders):.2f} / {_median(orders):.2f} | {fails} |")
             print(lines[-1], flush=True)
-    return lines + order_ceiling(models)
+    return lines + bisection_check(models) + order_ceiling(models)
 
 
 def main():
