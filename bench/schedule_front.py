@@ -18,7 +18,8 @@ the shift-3 lambdas and uniform-lambda points):
   constant-w mix to a + b log n  w_k = w for every point, the uniform part stretched so that the last point is
                                lambda = a + b log n, e^{lambda_1} = c h
 Then ``bisection_check``: the recommended 20-step schedule refined to 38 steps by bisecting its lambda steps
-(ends kept) against ``recommended_sigmas(38)``.  Then ``order_ceiling``: over a grid of 108 schedules (``grid``: the recommended mix with other weights, tapers,
+(ends kept) against ``recommended_sigmas(38)``.  Then ``order_ceiling``: over a grid of 108 schedules (``grid``:
+the recommended mix with other weights, tapers,
 first steps and lambda_L slopes, and constant-w mixes to a + b log n with several w, first steps and ends), per
 model the least error at 20 steps and the least at 40 steps (each schedule free to differ between the two) and
 log2(least err20 / least err40): the order a rule would measure if it were the grid's best at both step counts.
@@ -211,7 +212,8 @@ def run():
              "candidate / k-diffusion's 2M on shift 3, worst / median over the set at 10, 15, 20, 40 steps; our "
              "2M's order log2(err20 / err40), min / median; fails: models missing <= 0.5x at some step count or "
              "order >= 1.8.", "",
-             "| candidate | set | models | 10 | 15 | 20 | 40 | order | fails |", "|---|---|---|---|---|---|---|---|---|"]
+             "| candidate | set | models | 10 | 15 | 20 | 40 | order | fails |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, build in candidates().items():
         results = {g: [] for g in groups}
         for p in models:
