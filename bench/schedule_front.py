@@ -25,17 +25,7 @@ model the least error at 20 steps and the least at 40 steps (each schedule free 
 log2(least err20 / least err40): the order a rule would measure if it were the grid's best at both step counts.
 Not a test and not part of ``schedule_study``'s tables; about three minutes at one thread.
 
-Findings (bench/results_schedule_front.md): no candidate meets the target on every set.  The recommended rule
-fails it on 4 of 9 selection, 5 of 12 held-out and 11 of 20 fresh mixtures (worst 0.67x at 20 steps, order down
-to 1.66 on the fresh set, whose high dimensions put the modes' separation at low lambda).  Keeping w constant to
-the end (no long last step) cuts the mixtures' errors at every step count (held-out worst 0.28 / 0.31 / 0.46 /
-0.32, fresh 0.22 / 0.38 / 0.54 / 0.38) but its order falls (min 1.14, medians 1.53-1.62) and the embedded model
-loses (0.36x at 10, 0.23x at 40, order 1.15).  Over the grid, the least error at 20 steps and the least at 40
-(each schedule chosen per model and step count) imply an order below 1.8 on 37 of 41 mixtures: on these models
-order >= 1.8 between 20 and 40 steps is reached by schedules that are not the best at 20 steps.  Bisecting the
-20-step schedule (ends kept) is worse than ``recommended_sigmas(38)`` on 33 of 41 mixtures and on the embedded
-model: the end steps (out of sigma = 1, into sigma = 0) must move out with n; the longer lambda range this costs
-probably keeps the measured order below 2 (not isolated here).
+Findings: bench/results_schedule_front.md (the measured numbers live there, not here).
 """
 from __future__ import annotations
 
