@@ -176,6 +176,23 @@ RULES = {
 }
 
 
+def replay_cell(records, rule, size_of, seed):
+    """"violations / mean log ratio" of ``rule`` over ``DRAWS`` disjoint (selection, report) draws of ``size_of(record)``
+    samples each from the pool: mean count per draw of criterion violations at 5-10 NFE, mean log(decided / best)."""
+    g = torch.Generator().manual_seed(seed)
+    violations, logsum, count = 0.0, 0.0, 0
+    for _ in range(DRAWS):
+        perm = torch.randperm(POOL, generator=g)
+        for r in records:
+            size = size_of(r)
+            for nfe in NFES:
+                ratio, bad = score(r, nfe, decide(r, nfe, perm[:size], perm[size:2 * size], rule))
+                violations += bad
+                logsum += math.log(min(ratio, 1e6))
+                count += 1
+    return f"{violations / DRAWS:.2f} / {logsum / count:+.3f}"
+
+
 def replay(sets, out_dir, sizes=(7, 14, 28, 56), evaluation=None):
     lines = []
     for which in sets:
@@ -186,18 +203,7 @@ def replay(sets, out_dir, sizes=(7, 14, 28, 56), evaluation=None):
         for name, rule in RULES.items():
             cells = []
             for size in sizes:
-                g = torch.Generator().manual_seed(size)
-                violations, logsum, count = 0.0, 0.0, 0
-                for _ in range(DRAWS):
-                    perm = torch.randperm(POOL, generator=g)
-                    sel, rep = perm[:size], perm[size:2 * size]
-                    for r in records:
-                        for nfe in NFES:
-                            ratio, bad = score(r, nfe, decide(r, nfe, sel, rep, rule))
-                            violations += bad
-                            logsum += math.log(min(ratio, 1e6))
-                            count += 1
-                cells.append(f"{violations / DRAWS:.2f} / {logsum / count:+.3f}")
+                cells.append(replay_cell(records, rule, lambda r, size=size: size, seed=size))
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
             print(lines[-1], flush=True)
         lines.append("")
@@ -215,18 +221,8 @@ def replay_defaults(sets, out_dir, evaluation=512):
             for which in sets:
                 path = pathlib.Path(out_dir) / f"decision_{which}{evaluation}{'' if N == 100 else f'_N{N}'}.pkl"
                 records = pickle.load(open(path, "rb"))
-                g = torch.Generator().manual_seed(1)
-                violations, logsum, count = 0.0, 0.0, 0
-                for _ in range(DRAWS):
-                    perm = torch.randperm(POOL, generator=g)
-                    for r in records:
-                        size = sizes[1] if r["guided"] else sizes[0]
-                        for nfe in NFES:
-                            ratio, bad = score(r, nfe, decide(r, nfe, perm[:size], perm[size:2 * size], rule))
-                            violations += bad
-                            logsum += math.log(min(ratio, 1e6))
-                            count += 1
-                cells.append(f"{violations / DRAWS:.2f} / {logsum / count:+.3f}")
+                cells.append(replay_cell(records, rule, lambda r, sizes=sizes: sizes[1] if r["guided"] else sizes[0],
+                                         seed=1))
             lines.append(f"| {N} | {sizes[0]} / {sizes[1]} | {name} | " + " | ".join(cells) + " |")
             print(lines[-1], flush=True)
     return lines
