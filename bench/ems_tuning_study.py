@@ -264,6 +264,9 @@ def main(argv=None):
     parser.add_argument("--cache", default=os.path.expanduser("~/.cache/dpm_solver_nodes/ems_tuning_study"),
                         help="where the conv net's weights are kept after its one minute of training")
     parser.add_argument("--only-conv", action="store_true", help="the conv net only (appends to the JSON)")
+    parser.add_argument("--eval", type=int, default=None,
+                        help="held-out evaluation samples per model (default 64 for mixtures, 50 for networks); "
+                             "the EMS and their decisions do not depend on it")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     started = time.perf_counter()
@@ -282,7 +285,10 @@ def main(argv=None):
             row["nfes"] = {int(n): v for n, v in row["nfes"].items()}
         results = [r for r in previous if not r.get("sweep") and not r["name"].startswith("tiny conv")]
     for make, cfg in cases:
-        result = run_case(make())
+        case = make()
+        if args.eval:
+            case["eval"] = args.eval
+        result = run_case(case)
         result["cfg"] = cfg
         results.append(result)
         print(json.dumps({k: v for k, v in result.items() if k != "nfes"}),
@@ -297,6 +303,9 @@ def main(argv=None):
                 print("K", K, result["name"], result["fit"],
                       {n: round(v["vs_pack"], 2) for n, v in result["nfes"].items()}, flush=True)
     lines = markdown(results, args.k_sweep or args.only_conv, time.perf_counter() - started)
+    if args.eval:
+        lines[2] = lines[2].replace("ems_tuning_study", f"ems_tuning_study --eval {args.eval}", 1)
+        lines.insert(3, f"\nHeld-out evaluation on {args.eval} samples per model (the default table uses 64 / 50).")
     if args.only_conv:
         lines[2] = lines[2].replace("--k-sweep`", "--k-sweep` and `--only-conv` (the conv net rows, appended)")
     if sweep:
