@@ -109,8 +109,8 @@ def what_v3_runs(ems, steps, fallback=True, sigmas=None, model_kind=None):
     if decision is not None and decision.solver != "v3":
         return (f"DPM-Solver-v3 ran {SOLVER_NAMES[decision.solver]} at {steps} steps: the EMS tuning measured it "
                 f"better than v3 at {decision.nfe} steps (EMS: {ems.decision_summary()}){note}", True)
-    measured = f" (measured at {decision.nfe} steps: {decision.ratio:.2f}x the error of the best other solver measured)" \
-        if decision is not None else ""
+    measured = (f" (measured at {decision.nfe} steps: {decision.ratio:.2f}x the error of the best other solver "
+                f"measured)" if decision is not None else "")
     return f"DPM-Solver-v3 with EMS at {steps} steps{measured}{note}", bool(note)
 
 

@@ -231,8 +231,8 @@ class EMSData:
 
     def decision_summary(self) -> str:
         """One line for people: which solver DPM-Solver-v3 runs at which step count, from ``decisions``, e.g.
-        "v3 at 6, 8, 10 steps (0.61-0.77x the error of the best other solver measured); DPM-Solver++(2M) at 5 steps; other step counts
-        follow the nearest".  Without decisions: v3 runs at every step count."""
+        "v3 at 6, 8, 10 steps (0.61-0.77x the error of the best other solver measured); DPM-Solver++(2M) at 5
+        steps; other step counts follow the nearest".  Without decisions: v3 runs at every step count."""
         return summarize_decisions(self.decisions)
 
     def for_latent(self, shape):

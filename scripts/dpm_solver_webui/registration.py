@@ -138,8 +138,8 @@ DEFAULT_HOST = Host()   # the WebUI's; the entry script points its find_ems at t
 
 def v3_options(model, x, model_kind, p, host, steps=None, sigmas=None):
     """DPM-Solver-v3 keyword options from the settings and the EMS, and the infotext fields that reproduce them and
-    say what ran (``v3_outcome``; ``steps``: the run's step count, ``sigmas``: its schedule).  Corrector "Automatic" follows the EMS's
-    per-NFE decision where the EMS carry one, else the official rule (on below CFG 5)."""
+    say what ran (``v3_outcome``; ``steps``: the run's step count, ``sigmas``: its schedule).  Corrector
+    "Automatic" follows the EMS's per-NFE decision where the EMS carry one, else the official rule (on below CFG 5)."""
     opts = host.opts
     order = settings.get(opts, "dpm_solver_v3_order")
     corrector = settings.get(opts, "dpm_solver_v3_corrector")
