@@ -24,8 +24,8 @@ import time
 
 import torch
 
-from .ems_tuning_study import (GUIDANCES, MIXTURES, NFES, Counted, _error, conv_case, embedded_case,
-                               mixture_case)
+from .ems_tuning_study import (GUIDANCES, MIXTURES, NFES, _error, conv_case, default_path_ems, embedded_case,
+                               mixture_case, model_samples)
 
 HERE = pathlib.Path(__file__).resolve().parent
 WRONG = 1.05
@@ -63,14 +63,9 @@ def run_case(case, K=32, nfes=NFES):
     from ..samplers.dpmpp import sample_dpmpp_2m, sample_dpmpp_3m
     from ..samplers.unipc import sample_unipc
     from ..samplers.v3 import sample_dpm_solver_v3
-    from ..stats.estimate import estimate_ems, generate_x0
 
     model, kind, shape, dtype = case["model"], case["kind"], case["shape"], case["dtype"]
-    with torch.no_grad():
-        x0 = generate_x0(Counted(model), shape, K, case["sigma_max"], case["sigma_min"], kind, steps=100, seed=0,
-                         batch_size=case["x0_batch"], dtype=dtype)
-    ems = estimate_ems(model, x0, case["sigma_min"], case["sigma_max"], model_kind=kind, K=K,
-                       metadata={"cfg": repr(case["cfg"])})
+    ems = default_path_ems(case, model, model_samples(case, model, K), K)
     noise = torch.randn((case["eval"],) + shape, generator=torch.Generator().manual_seed(4242), dtype=dtype)
     reference = case["reference"](noise)
     out = {}

@@ -173,25 +173,38 @@ def unipc_bh2(model, x, sigmas):
     return diffusers_run(diffusers.UniPCMultistepScheduler(**SD_V1_CONFIG, solver_type="bh2"), model, x, sigmas, None)
 
 
+def model_samples(case, model, K):
+    """The study's x0: K of the model's own samples (100 steps, seed 0)."""
+    from ..stats.estimate import generate_x0
+
+    with torch.no_grad():
+        return generate_x0(model, case["shape"], K, case["sigma_max"], case["sigma_min"], case["kind"], steps=100,
+                           seed=0, batch_size=case["x0_batch"], dtype=case["dtype"])
+
+
+def default_path_ems(case, model, x0, K):
+    """``estimate_ems`` with no other argument than K (and the cfg as the EMS job records it: a guided model's
+    tuning differs)."""
+    from ..stats.estimate import estimate_ems
+
+    return estimate_ems(model, x0, case["sigma_min"], case["sigma_max"], model_kind=case["kind"], K=K,
+                        metadata={"cfg": repr(case["cfg"])})
+
+
 def run_case(case, K=32, nfes=NFES):
     from ..samplers.dpmpp import sample_dpmpp_2m, sample_dpmpp_3m
     from ..samplers.unipc import sample_unipc
     from ..samplers.v3 import sample_dpm_solver_v3
-    from ..stats.estimate import estimate_ems, generate_x0
     from ..stats.tuning import sampling_sigmas
 
     model, kind, shape, dtype = case["model"], case["kind"], case["shape"], case["dtype"]
     counted = Counted(model)
     started = time.process_time()
-    with torch.no_grad():
-        x0 = generate_x0(counted, shape, K, case["sigma_max"], case["sigma_min"], kind, steps=100, seed=0,
-                         batch_size=case["x0_batch"], dtype=dtype)
+    x0 = model_samples(case, counted, K)
     x0_rows, x0_seconds = counted.rows, time.process_time() - started
     counted.rows = 0
     started = time.process_time()
-    # the cfg as the EMS job records it (the tuning's fallback for a guided model is 2M only)
-    ems = estimate_ems(counted, x0, case["sigma_min"], case["sigma_max"], model_kind=kind, K=K,
-                       metadata={"cfg": repr(case["cfg"])})
+    ems = default_path_ems(case, counted, x0, K)
     ems_seconds = time.process_time() - started
     summary = json.loads(ems.metadata.get("tuning", "{}"))
     estimation_rows = int(ems.metadata["forward_rows"]) + int(ems.metadata["jvp_rows"])
